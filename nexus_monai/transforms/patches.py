@@ -1,0 +1,164 @@
+"""Paired random patches: one HR patch and, per modality, the LR patch covering the same world box.
+
+Example (paper protocol): HR ``40^3`` <-> T1 LR (z x 2) ``40 x 40 x 20`` <-> T2 LR (y x 4)
+``40 x 10 x 40``. The HR start along each axis is drawn from the positions where every LR grid
+has a voxel edge on the HR patch edge, so the boxes coincide exactly for integer factors; for
+non-integer factors the LR crop is the nearest voxel-aligned box (within half an LR voxel).
+All LR grids must be axis-aligned with the HR grid (same orientation, any scaling/offset).
+
+One draw (start, flips, rot90) is shared by every key; flips and rotations go through MONAI's
+``Flip`` / ``Rotate90``, which update each MetaTensor's affine, so after augmentation every
+patch still maps its voxels to the same world box (coordinates stay consistent with the arrays).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import Flip, MapTransform, Randomizable, Rotate90, SpatialCrop
+
+from nexus_monai.geometry import as_affine
+
+__all__ = ["RandPairedPatchd", "hr_to_lr_index_map"]
+
+
+def hr_to_lr_index_map(hr_affine, lr_affine, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale (3,), offset (3,))`` with ``lr_index = scale * hr_index + offset`` per axis.
+
+    Raises ``ValueError`` when the LR grid is rotated or permuted relative to the HR grid.
+    """
+    t = (torch.linalg.inv(as_affine(lr_affine)) @ as_affine(hr_affine)).numpy()
+    off_diag = t[:3, :3] - np.diag(np.diag(t[:3, :3]))
+    if np.abs(off_diag).max() > tol or np.any(np.diag(t[:3, :3]) <= 0):
+        raise ValueError("LR grid is not axis-aligned with the HR grid (rotated, flipped or permuted); paired patches need aligned grids")
+    return np.diag(t[:3, :3]).copy(), t[:3, 3].copy()
+
+
+class RandPairedPatchd(Randomizable, MapTransform):
+    """Crop one HR patch from ``hr_keys`` and matching LR patches from ``lr_keys``.
+
+    Args:
+        hr_keys: volumes on the HR grid ``(C, X, Y, Z)`` (images, label, mask), all one grid.
+        lr_keys: LR volumes ``(C, x, y, z)`` whose affines are axis-aligned with the HR grid.
+        patch_size: HR patch size in voxels, e.g. ``(40, 40, 40)``.
+        mask_key: HR-grid key whose non-zero voxels count as foreground (default: first HR key).
+        min_foreground: minimum foreground fraction of a patch; up to ``max_tries`` draws, then
+            the draw with the most foreground is used.
+        flip_prob: probability of flipping along each spatial axis (independently).
+        rot90_prob: probability of a rot90 (k in 1..3) in one random plane.
+    """
+
+    def __init__(
+        self,
+        hr_keys: KeysCollection,
+        lr_keys: KeysCollection,
+        patch_size: Sequence[int],
+        mask_key: str | None = None,
+        min_foreground: float = 0.25,
+        max_tries: int = 20,
+        flip_prob: float = 0.0,
+        rot90_prob: float = 0.0,
+        allow_missing_keys: bool = False,
+    ):
+        hr = [hr_keys] if isinstance(hr_keys, str) else list(hr_keys)
+        lr = [lr_keys] if isinstance(lr_keys, str) else list(lr_keys)
+        super().__init__(hr + lr, allow_missing_keys)
+        self.hr_keys, self.lr_keys = hr, lr
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
+        self.mask_key = mask_key or hr[0]
+        self.min_foreground = float(min_foreground)
+        self.max_tries = int(max_tries)
+        self.flip_prob, self.rot90_prob = float(flip_prob), float(rot90_prob)
+        self._start: np.ndarray | None = None
+        self._flips: tuple[int, ...] = ()
+        self._rot: tuple[int, tuple[int, int]] | None = None
+
+    def _lr_windows(self, d: Mapping, start: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        p = np.asarray(self.patch_size, dtype=np.float64)
+        for key in self.lr_keys:
+            if key not in d:
+                continue
+            scale, offset = self.maps[key]
+            lo_edge = scale * (start - 0.5) + offset  # LR continuous coordinate of the HR patch edge
+            lo = np.rint(lo_edge + 0.5).astype(int)
+            size = np.maximum(np.rint(p * scale).astype(int), 1)
+            out[key] = (lo, lo + size)
+        return out
+
+    def _candidates(self, d: Mapping, hr_shape: np.ndarray) -> list[np.ndarray]:
+        """Per-axis HR start positions where every LR crop is voxel-aligned and inside its volume."""
+        cands = []
+        for ax in range(3):
+            starts = np.arange(0, hr_shape[ax] - self.patch_size[ax] + 1)
+            if starts.size == 0:
+                raise ValueError(f"patch size {self.patch_size} exceeds HR volume {tuple(hr_shape)}")
+            aligned = np.ones(starts.size, bool)
+            inside = np.ones(starts.size, bool)
+            for key in self.lr_keys:
+                if key not in d:
+                    continue
+                scale, offset = self.maps[key]
+                edge = scale[ax] * (starts - 0.5) + offset[ax] + 0.5
+                aligned &= np.abs(edge - np.rint(edge)) < 1e-4
+                lo = np.rint(edge).astype(int)
+                hi = lo + max(int(np.rint(self.patch_size[ax] * scale[ax])), 1)
+                inside &= (lo >= 0) & (hi <= d[key].shape[ax + 1])
+            good = starts[aligned & inside]
+            if good.size == 0:  # non-integer factors: no exact alignment, nearest box instead
+                good = starts[inside]
+            if good.size == 0:
+                raise ValueError(f"no patch position of size {self.patch_size} fits inside every LR volume along axis {ax}")
+            cands.append(good)
+        return cands
+
+    def randomize(self, data: Mapping) -> None:
+        hr_shape = np.asarray(data[self.hr_keys[0]].shape[1:])
+        cands = self._candidates(data, hr_shape)
+        mask = data.get(self.mask_key)
+        best, best_fg = None, -1.0
+        for _ in range(max(self.max_tries, 1)):
+            start = np.array([c[self.R.randint(len(c))] for c in cands])
+            if mask is None:
+                best = start
+                break
+            sl = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))
+            fg = float((mask[(slice(None),) + sl] != 0).float().mean())
+            if fg > best_fg:
+                best, best_fg = start, fg
+            if fg >= self.min_foreground:
+                break
+        self._start = best
+        self._flips = tuple(ax for ax in range(3) if self.R.rand() < self.flip_prob)
+        self._rot = None
+        if self.R.rand() < self.rot90_prob:
+            planes = ((0, 1), (0, 2), (1, 2))
+            self._rot = (int(self.R.randint(1, 4)), planes[self.R.randint(3)])
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        hr_ref = d[self.hr_keys[0]]
+        for key in self.hr_keys[1:]:
+            if key in d and (d[key].shape[1:] != hr_ref.shape[1:] or not torch.allclose(as_affine(d[key]), as_affine(hr_ref), atol=1e-4)):
+                raise ValueError(f"HR key {key!r} is not on the grid of {self.hr_keys[0]!r}")
+        self.maps = {k: hr_to_lr_index_map(hr_ref.affine, d[k].affine) for k in self.lr_keys if k in d}
+        self.randomize(d)
+        start = self._start
+        windows = self._lr_windows(d, start)
+        for key in self.hr_keys:
+            if key in d:
+                d[key] = SpatialCrop(roi_start=start.tolist(), roi_end=(start + self.patch_size).tolist())(d[key])
+        for key, (lo, hi) in windows.items():
+            d[key] = SpatialCrop(roi_start=lo.tolist(), roi_end=hi.tolist())(d[key])
+        for key in self.key_iterator(d):
+            if self._flips:
+                d[key] = Flip(spatial_axis=self._flips)(d[key])
+            if self._rot is not None:
+                d[key] = Rotate90(k=self._rot[0], spatial_axes=self._rot[1])(d[key])
+        d["patch_start"] = torch.as_tensor(start)
+        return d
