@@ -16,3 +16,14 @@ class NexusInputError(ValueError):
         self.source = None if source is None else str(source)
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(self.problem if self.source is None else f"{self.source}: {self.problem}")
+
+
+def find_input_error(err: BaseException) -> NexusInputError | None:
+    """The :class:`NexusInputError` behind ``err`` (MONAI's ``Compose`` wraps transform errors)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, NexusInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

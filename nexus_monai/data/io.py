@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 
 from nexus_monai.errors import NexusInputError
 
-__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path"]
+__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -115,6 +115,23 @@ def save_volume(data: torch.Tensor | np.ndarray, path: str | os.PathLike, affine
     tmp = atomic_path(path)
     try:
         nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write a text (or bytes) file via a temporary sibling and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

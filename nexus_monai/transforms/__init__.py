@@ -1,1 +1,27 @@
-"""transforms."""
+"""MONAI transforms of nexus_monai (array classes and their dictionary twins)."""
+
+from nexus_monai.transforms.acquisition import (
+    PROFILES,
+    SimulateAnisotropicAcquisition,
+    SimulateAnisotropicAcquisitiond,
+    slice_profile_matrix,
+)
+from nexus_monai.transforms.frame import PadToFramed, frame_shape
+from nexus_monai.transforms.intensity import ScaleByMaskPercentiled, ZScoreLikeReferenced
+from nexus_monai.transforms.patches import RandPairedPatchd
+from nexus_monai.transforms.query import ComputeWorldNormalizerd, SampleQueryPointsd, iter_query_chunks
+
+__all__ = [
+    "PROFILES",
+    "SimulateAnisotropicAcquisition",
+    "SimulateAnisotropicAcquisitiond",
+    "slice_profile_matrix",
+    "PadToFramed",
+    "frame_shape",
+    "ScaleByMaskPercentiled",
+    "ZScoreLikeReferenced",
+    "RandPairedPatchd",
+    "ComputeWorldNormalizerd",
+    "SampleQueryPointsd",
+    "iter_query_chunks",
+]

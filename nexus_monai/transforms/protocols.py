@@ -1,0 +1,68 @@
+"""Acquisition protocols as data: the YAML fragments in the repository's top-level ``transforms/``.
+
+``load_protocol("nexus")`` reads ``transforms/brats_t1axial_t2coronal.yaml``;
+``load_protocol("ssmcsr")`` reads ``transforms/ssmcsr_x4.yaml`` on top of the file it
+``extends``. A path to any YAML with the same keys works too. Parsing is MONAI's
+``ConfigParser``, exactly as a bundle including the same files would do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+from nexus_monai.errors import NexusInputError
+
+__all__ = ["PROTOCOLS", "protocols_dir", "Protocol", "load_protocol"]
+
+PROTOCOLS = {"nexus": "brats_t1axial_t2coronal.yaml", "ssmcsr": "ssmcsr_x4.yaml"}
+
+
+def protocols_dir() -> Path:
+    """The top-level ``transforms/`` folder (``NEXUS_MONAI_TRANSFORMS`` overrides it)."""
+    env = os.environ.get("NEXUS_MONAI_TRANSFORMS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "transforms"
+
+
+@dataclass
+class Protocol:
+    """A parsed protocol: its ``protocol`` dict and the transforms built from the YAML."""
+
+    name: str
+    files: list[Path]
+    config: dict
+    parser: ConfigParser
+
+    def contrast(self, key: str) -> dict:
+        return dict(self.config["contrasts"][key])
+
+    def simulation(self) -> Compose:
+        """HR subject dict (t1, t2[, seg]) -> framed HR plus simulated ``t1_lr`` / ``t2_lr``."""
+        return Compose([self.parser.get_parsed_content("frame", instantiate=True), *self.parser.get_parsed_content("acquisition", instantiate=True)])
+
+
+def _chain(path: Path, seen: tuple = ()) -> list[Path]:
+    if not path.exists():
+        raise NexusInputError(path, "protocol file not found")
+    if path in seen:
+        raise NexusInputError(path, "protocol 'extends' loop")
+    raw = ConfigParser.load_config_file(str(path))
+    base = raw.get("extends")
+    return (_chain(path.parent / base, seen + (path,)) if base else []) + [path]
+
+
+def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
+    """Parse a protocol by name (``nexus``, ``ssmcsr``) or YAML path."""
+    key = str(name_or_path)
+    path = protocols_dir() / PROTOCOLS[key] if key in PROTOCOLS else Path(key)
+    if key not in PROTOCOLS and not path.exists():
+        raise NexusInputError(path, f"unknown protocol (use one of {sorted(PROTOCOLS)} or a YAML path)")
+    files = _chain(path)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    config = parser.get_parsed_content("protocol")
+    return Protocol(name=str(config.get("name", path.stem)), files=files, config=config, parser=parser)
