@@ -60,7 +60,7 @@ class ZScoreLikeReferenced(MapTransform, InvertibleTransform):
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        for key in self.key_iterator(d):
+        for key in [k for k in self.keys if k in d]:  # Invertd passes only the key it inverts
             info = self.pop_transform(d[key])["extra_info"]
             img = d[key]
             out = img * info["std"] + info["mean"]

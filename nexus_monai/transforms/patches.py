@@ -45,8 +45,9 @@ class RandPairedPatchd(Randomizable, MapTransform):
         lr_keys: LR volumes ``(C, x, y, z)`` whose affines are axis-aligned with the HR grid.
         patch_size: HR patch size in voxels, e.g. ``(40, 40, 40)``.
         mask_key: HR-grid key whose non-zero voxels count as foreground (default: first HR key).
-        min_foreground: minimum foreground fraction of a patch; up to ``max_tries`` draws, then
-            the draw with the most foreground is used.
+        min_foreground: minimum foreground fraction of a patch. Each draw is centred on a random
+            foreground voxel (the patch contains it up to slab alignment); up to ``max_tries``
+            draws, then the draw with the most foreground is used.
         flip_prob: probability of flipping along each spatial axis (independently).
         rot90_prob: probability of a rot90 (k in 1..3) in one random plane.
     """
@@ -121,9 +122,16 @@ class RandPairedPatchd(Randomizable, MapTransform):
         hr_shape = np.asarray(data[self.hr_keys[0]].shape[1:])
         cands = self._candidates(data, hr_shape)
         mask = data.get(self.mask_key)
+        fg_idx = torch.nonzero(mask[0] != 0) if mask is not None else None
         best, best_fg = None, -1.0
         for _ in range(max(self.max_tries, 1)):
-            start = np.array([c[self.R.randint(len(c))] for c in cands])
+            if fg_idx is not None and len(fg_idx):
+                # centre the draw on a random foreground voxel: the patch contains it where alignment allows
+                voxel = fg_idx[self.R.randint(len(fg_idx))].numpy()
+                target = voxel - np.array([self.R.randint(p) for p in self.patch_size])
+                start = np.array([c[np.argmin(np.abs(c - t))] for c, t in zip(cands, target)])
+            else:
+                start = np.array([c[self.R.randint(len(c))] for c in cands])
             if mask is None:
                 best = start
                 break
