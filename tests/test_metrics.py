@@ -18,7 +18,7 @@ from nexus_monai.metrics import (
     intensity_scale,
     mi_errors,
     mutual_information,
-    protocol_statement,
+    metric_protocol_text,
     psnr,
     ssim3d,
     subject_metric_row,
@@ -204,7 +204,8 @@ def test_mi_errors_definitions():
     rng = np.random.default_rng(9)
     mi_gt = mutual_info_score(_binned(gt1[mask]), _binned(gt2[mask]))
     # perfect predictions: every error is 0
-    assert mi_errors(gt1, gt2, gt1, gt2, mask) == pytest.approx({"eps_mi_1": 0, "eps_mi_2": 0, "eps_mi_joint": 0}, abs=1e-12)
+    zero = {"eps_mi_1": 0, "eps_mi_2": 0, "eps_mi_joint": 0}
+    assert mi_errors(gt1, gt2, gt1, gt2, mask) == pytest.approx(zero, abs=1e-12)
     # constant pred1 shares no information: eps_1 = eps_joint = MI(gt1, gt2)
     pred2 = gt2 + 2 * rng.standard_normal(gt2.shape)
     err = mi_errors(gt1, gt2, np.ones_like(gt1), pred2, mask)
@@ -268,9 +269,9 @@ def test_subject_row_other_contrast_names():
     assert {"psnr_dir", "psnr_flair", "eps_mi_dir", "eps_mi_flair", "eps_mi_joint"} <= set(row)
 
 
-def test_protocol_statement_names_every_choice():
+def test_metric_protocol_text_names_every_choice():
     for needle in ("99.5th percentile", "eroded by 3", "11x11x11", "sigma 1.5", "v0.1", "three axes",
                    "32x32", "[-1, 1]"):
         assert needle in PROTOCOL
-    assert protocol_statement().startswith(PROTOCOL)
+    assert metric_protocol_text().startswith(PROTOCOL)
     assert "\n" not in PROTOCOL

@@ -32,7 +32,7 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt headers
-        raise NexusInputError(path, f"cannot read NIfTI header ({type(err).__name__}: {err})") from err
+        raise NexusInputError(path, f"corrupt or truncated NIfTI: cannot read its header ({type(err).__name__})") from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise NexusInputError(path, f"not a NIfTI image ({type(img).__name__})")
     return img
