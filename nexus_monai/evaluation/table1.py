@@ -89,7 +89,6 @@ def evaluate_methods(
         data = prepare_subject(subject, protocol)
         grid = TargetGrid.like(data["t1"])
         gt = {c: data[c][0].as_subclass(torch.Tensor) for c in CONTRASTS}
-        mask = (gt["t1"] > 0) | (gt["t2"] > 0)
         preds = {}
         for m, fn in fns.items():
             bar.set_postfix_str(f"{subject['subject']} {m}")
@@ -102,7 +101,7 @@ def evaluate_methods(
                     if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(), grid.affine, atol=1e-4):
                         raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
-                row.update(subject_metric_row(gt, pv, mask, lpips=lpips))
+                row.update(subject_metric_row(gt, pv, None, lpips=lpips))  # mask: the metric code's own default
                 row["seconds"] = seconds
                 row["error"] = ""
                 preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
@@ -137,6 +136,8 @@ def summarise(frame: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
         part = frame[frame["method"] == m]
         ok = part[part["error"].fillna("") == ""] if "error" in part else part
         row = {"method": m, "n": len(ok), "failed": len(part) - len(ok)}
+        if "lpips_status" in ok and len(ok):
+            row["lpips_statuses"] = "; ".join(sorted(set(ok["lpips_status"].astype(str))))
         if len(part) - len(ok):
             row["first_error"] = part.loc[part["error"].fillna("") != "", "error"].iloc[0]
         for c in numeric:
@@ -177,9 +178,10 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
         cells += [_pm(r, "seconds", 2), str(int(r["failed"])) + (f" ({r['first_error']})" if r.get("failed", 0) and isinstance(r.get("first_error"), str) else "")]
         lines.append("| " + " | ".join(cells) + " |")
     c = protocol.config["contrasts"]
+    statuses = sorted({p for s in table.get("lpips_statuses", []) if isinstance(s, str) for p in s.split("; ")})
     notes = [
         f"Protocol `{protocol.name}`: {protocol.config.get('description', '')}; T1w {c['t1']['axis']}×{c['t1']['factor']}, T2w {c['t2']['axis']}×{c['t2']['factor']}.",
         f"{n_subjects} subjects; mean ± std over subjects (population std).",
         metric_protocol_text(),
-    ]
+    ] + [f"LPIPS not computed for some runs: {s}" for s in statuses if s != "ok"]
     return f"# Table 1 ({protocol.name} protocol)\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"

@@ -1,0 +1,90 @@
+"""`nexus-sr evaluate` end to end on tiny BraTS-format subjects (6 mm voxels -> 40x40x27 frame)."""
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from nexus_monai.cli import main
+from nexus_monai.data.brats import discover_brats, make_datalist, write_datalist
+from nexus_monai.evaluation.methods import METHODS, register_method
+from nexus_monai.geometry import make_affine
+
+
+def _brain(shape, seed):
+    rng = np.random.default_rng(seed)
+    c = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
+    mask = (c**2).sum(-1) < 0.8
+    tissue = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    return mask, tissue
+
+
+def make_tiny_dataset(root, n=3):
+    affine = make_affine((6.0, 6.0, 6.0), (-105, -105, -75)).numpy()
+    shape = (36, 36, 24)
+    for i in range(n):
+        sid = f"BraTS20_Training_{i:03d}"
+        mask, tissue = _brain(shape, i)
+        t1 = np.where(mask, 100 + 400 * tissue, 0).astype(np.float32)
+        t2 = np.where(mask, 900 - 500 * tissue, 0).astype(np.float32)
+        seg = np.zeros(shape, np.uint8)
+        seg[15:19, 15:19, 10:13] = 2
+        seg[16:18, 16:18, 11] = 4
+        for mod, data in (("t1", t1), ("t1ce", t1), ("t2", t2), ("flair", t2), ("seg", seg)):
+            (root / sid).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, affine), str(root / sid / f"{sid}_{mod}.nii.gz"))
+    subjects = discover_brats(root)
+    write_datalist(root / "dataset.json", make_datalist(subjects, seed=0, proportions=(0, 0, 1), base_dir=root))
+    return root
+
+
+if "broken_for_test" not in METHODS:
+
+    @register_method("broken_for_test")
+    def _broken(inputs, grid, **_):
+        raise RuntimeError("this method always fails")
+
+
+def test_evaluate_interpolation_table(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "res"
+    code = main(["evaluate", "--data", str(data), "--methods", "trilinear,cubic,broken_for_test", "--protocol", "nexus", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = pd.read_csv(out / "per_subject.csv")
+    assert len(rows) == 9
+    ok = rows[rows["method"] != "broken_for_test"]
+    for col in ("psnr_t1", "psnr_t2", "ssim_t1", "ssim_t2", "psnr_eroded_t1", "psnr_volume_t2", "eps_mi_joint"):
+        assert np.isfinite(ok[col]).all(), col
+    assert (ok["psnr_t1"] > 15).all() and (ok["ssim_t1"] <= 1).all()
+    broken = rows[rows["method"] == "broken_for_test"]
+    assert broken["error"].str.contains("always fails").all()
+    table = pd.read_csv(out / "table1.csv")
+    assert list(table["method"]) == ["trilinear", "cubic", "broken_for_test"]
+    assert table.loc[table["method"] == "broken_for_test", "failed"].item() == 3
+    md = (out / "table1.md").read_text()
+    assert "| trilinear |" in md and "this method always fails" in md and "99.5th percentile" in md
+    assert list(out.glob("panel_*.png"))
+    # the table mean is the mean of the per-subject rows
+    tri = ok[ok["method"] == "trilinear"]
+    assert math.isclose(table.loc[0, "psnr_t1_mean"], tri["psnr_t1"].mean(), rel_tol=1e-9)
+
+
+def test_evaluate_ssmcsr_protocol_reports_mi_errors(tmp_path):
+    data = make_tiny_dataset(tmp_path / "data", n=1)
+    assert main(["evaluate", "--data", str(data / "dataset.json"), "--methods", "trilinear", "--protocol", "ssmcsr", "--no-lpips", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    md = (tmp_path / "r" / "table1.md").read_text()
+    assert "ε_MI^T1" in md and "z×4" in md
+
+
+def test_evaluate_bad_data_is_one_line(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data", n=1)
+    sid = "BraTS20_Training_000"
+    seg = np.zeros((36, 36, 24), np.uint8)
+    seg[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(seg, make_affine((6.0, 6.0, 6.0), (-105, -105, -75)).numpy()), str(data / sid / f"{sid}_seg.nii.gz"))
+    code = main(["evaluate", "--data", str(data), "--methods", "trilinear", "--out", str(tmp_path / "r"), "--quiet", "--no-lpips"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{sid}_seg.nii.gz" in err[0] and "[3]" in err[0]
