@@ -1,1 +1,26 @@
-"""metrics."""
+"""Image-quality metrics of the evaluation protocol (SPEC §6): PSNR, SSIM, LPIPS, mutual information.
+
+Tables get every number from :func:`subject_metric_row` and print :func:`metric_protocol_text`.
+"""
+
+from nexus_monai.metrics.image_quality import brain_bbox, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.metrics.lpips import AlexNetLPIPS, load_lpips, lpips_status, lpips_volume
+from nexus_monai.metrics.mutual_information import mi_errors, mutual_information
+from nexus_monai.metrics.subject_row import PROTOCOL, metric_protocol_text, subject_metric_row
+
+__all__ = [
+    "AlexNetLPIPS",
+    "PROTOCOL",
+    "brain_bbox",
+    "erode_mask",
+    "intensity_scale",
+    "load_lpips",
+    "lpips_status",
+    "lpips_volume",
+    "mi_errors",
+    "metric_protocol_text",
+    "mutual_information",
+    "psnr",
+    "ssim3d",
+    "subject_metric_row",
+]
