@@ -138,7 +138,7 @@ def split_counts(n: int, proportions: Sequence[float] = DEFAULT_PROPORTIONS) -> 
     if p.shape != (3,) or np.any(p < 0) or p.sum() <= 0:
         raise ValueError(f"proportions must be three non-negative numbers, got {proportions}")
     p = p / p.sum()
-    val, test = int(round(n * p[1])), int(round(n * p[2]))
+    val, test = int(np.floor(n * p[1] + 0.5)), int(np.floor(n * p[2] + 0.5))  # rounded half up
     if n >= 3:
         val, test = max(val, 1 if p[1] > 0 else 0), max(test, 1 if p[2] > 0 else 0)
     val, test = min(val, n), min(test, max(n - val, 0))

@@ -88,6 +88,7 @@ def atomic_path(path: str | os.PathLike) -> Path:
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary shared files
     return Path(tmp)
 
 
