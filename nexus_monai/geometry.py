@@ -44,6 +44,8 @@ __all__ = [
     "thick_slice_affine",
     "TargetGrid",
     "WorldNormalizer",
+    "rotation_matrix",
+    "make_affine",
 ]
 
 AXES = {"x": 0, "y": 1, "z": 2, "i": 0, "j": 1, "k": 2, "0": 0, "1": 1, "2": 2}
@@ -326,5 +328,3 @@ def make_affine(spacing_mm: Sequence[float], origin_mm: Sequence[float] = (0.0, 
     a[:3, 3] = torch.as_tensor(origin_mm, dtype=torch.float64)
     return a
 
-
-__all__ += ["rotation_matrix", "make_affine"]

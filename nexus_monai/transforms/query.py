@@ -18,9 +18,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, voxel_to_world
+from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, voxel_to_world
 
-__all__ = ["ComputeWorldNormalizerd", "SampleQueryPointsd", "iter_query_chunks"]
+__all__ = ["ComputeWorldNormalizerd", "SampleQueryPointsd", "iter_query_chunks", "patch_world_box"]
 
 
 class ComputeWorldNormalizerd(MapTransform):
@@ -108,10 +108,5 @@ def iter_query_chunks(grid: TargetGrid, normalizer: WorldNormalizer, max_points:
 
 def patch_world_box(shape: Sequence[int], affine) -> torch.Tensor:
     """World-space axis-aligned bounds ``(2, 3)`` of a patch's voxel-edge box (for checks/logs)."""
-    from nexus_monai.geometry import field_of_view
-
     c = field_of_view(shape, affine)
     return torch.stack((c.min(0).values, c.max(0).values))
-
-
-__all__.append("patch_world_box")
