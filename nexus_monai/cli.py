@@ -82,9 +82,14 @@ def cmd_evaluate(args) -> int:
 
     protocol = load_protocol(args.protocol)
     subjects = select_subjects(args.data, args.split, seed=args.seed, max_subjects=args.max_subjects)
+    from nexus_monai.evaluation.downstream import load_segmenters
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet)
+    segmenters = load_segmenters([s.strip() for s in (args.downstream or "").split(",") if s.strip()])
+    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet, segmenters=segmenters)
     print((Path(args.out) / "table1.md").read_text())
+    if segmenters:
+        print((Path(args.out) / "table5.md").read_text())
     return 0
 
 
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
     e.add_argument("--max-subjects", type=int, default=None)
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
+    e.add_argument("--downstream", default="", help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in bundles/<name>/models)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_evaluate)

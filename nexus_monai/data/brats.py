@@ -37,6 +37,7 @@ __all__ = [
     "make_datalist",
     "write_datalist",
     "load_datalist",
+    "resolve_datalist",
     "LoadVolumed",
     "RemapBraTSLabelsd",
     "brats_loader",
@@ -188,6 +189,27 @@ def load_datalist(path: str | os.PathLike, split: str = "training") -> list[dict
                 e[k] = str(path.parent / e[k])
         out.append(e)
     return out
+
+
+def resolve_datalist(dataset_dir: str | os.PathLike | None = None, seed: int = 0, embedded_subjects: int = 24) -> Path:
+    """A datalist JSON for bundles: the embedded dataset, a folder's ``dataset.json``, or a BraTS root.
+
+    * ``None`` / ``""`` / ``"embedded"``: the embedded simulated dataset (generated on first use).
+    * a folder containing ``dataset.json``, or a JSON file: used as is.
+    * a BraTS root: discovered, split with ``seed`` (48/10/15) and written (absolute paths) to
+      ``<cache>/datalists/<folder name>_s<seed>.json``.
+    """
+    from nexus_monai.data.synth import default_cache_dir, ensure_embedded_dataset
+
+    if dataset_dir in (None, "", "embedded"):
+        return ensure_embedded_dataset(subjects=embedded_subjects, seed=seed)
+    path = Path(dataset_dir)
+    if path.is_file():
+        return path
+    if (path / "dataset.json").exists():
+        return path / "dataset.json"
+    datalist = make_datalist(discover_brats(path), seed=seed, name=path.name, source=str(path.resolve()))
+    return write_datalist(default_cache_dir() / "datalists" / f"{path.name}_s{seed}.json", datalist)
 
 
 class LoadVolumed(MapTransform):

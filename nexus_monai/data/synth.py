@@ -1000,3 +1000,28 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size:
     write_text_atomic(out_dir / "dataset.json", (json.dumps(datalist, indent=2) + "\n").encode("utf-8"))
     write_text_atomic(out_dir / "montage.png", montage)
     return out_dir
+
+
+def default_cache_dir() -> Path:
+    """Where the embedded dataset is generated on first use (``NEXUS_MONAI_CACHE`` overrides)."""
+    return Path(os.environ.get("NEXUS_MONAI_CACHE", Path.home() / ".cache" / "nexus_monai"))
+
+
+def ensure_embedded_dataset(root: str | os.PathLike | None = None, subjects: int = 24, seed: int = 0, size: str = "small") -> Path:
+    """The ``dataset.json`` of the embedded dataset, generating it on first use.
+
+    ``root`` defaults to ``<cache>/synbrats_<size>_n<subjects>_s<seed>``. An existing complete
+    dataset (its ``dataset.json`` written last, with matching seed/size/count) is reused.
+    """
+    root = Path(root) if root else default_cache_dir() / f"synbrats_{size}_n{subjects}_s{seed}"
+    datalist = root / "dataset.json"
+    if datalist.exists():
+        try:
+            meta = json.loads(datalist.read_text())
+            n = sum(len(meta.get(k, [])) for k in ("training", "validation", "test"))
+            if meta.get("seed") == seed and meta.get("size") == size and n == subjects:
+                return datalist
+        except (json.JSONDecodeError, OSError):
+            pass
+    generate_dataset(root, subjects, seed, size)
+    return datalist

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,8 +20,10 @@ import torch
 from tqdm import tqdm
 
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist
+from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.errors import NexusInputError
+from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
 from nexus_monai.evaluation.methods import get_method
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.geometry import TargetGrid
@@ -78,18 +80,29 @@ def evaluate_methods(
     lpips: bool = True,
     panel_subjects: int = 1,
     progress: bool = True,
+    segmenters: Mapping | None = None,
 ) -> pd.DataFrame:
-    """Run ``methods`` on ``subjects`` under ``protocol``; write the per-subject rows and tables."""
+    """Run ``methods`` on ``subjects`` under ``protocol``; write the per-subject rows and tables.
+
+    With ``segmenters`` (name -> :class:`~nexus_monai.evaluation.downstream.FrozenSegmenter`)
+    also Table 5: each segmenter on "Original LR" (nearest neighbour), every method's output and
+    "Original HR", scored against the subject's labels (``table5_per_subject.csv``,
+    ``table5.csv``, ``table5.md``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fns = {m: get_method(m) for m in methods}
-    rows = []
+    rows, seg_rows = [], []
     bar = tqdm(total=len(subjects) * len(methods), desc="evaluate", disable=not progress, unit="run")
     for s_idx, subject in enumerate(subjects):
         data = prepare_subject(subject, protocol)
         grid = TargetGrid.like(data["t1"])
         gt = {c: data[c][0].as_subclass(torch.Tensor) for c in CONTRASTS}
-        preds = {}
+        preds, seg_inputs = {}, {}
+        if segmenters:
+            if "seg" not in data:
+                raise NexusInputError(subject.get("t1"), "Table 5 needs a segmentation (seg) for every test subject")
+            seg_inputs["Original LR"] = {c: upsample(data[f"{c}_lr"], grid, "nearest") for c in CONTRASTS}
         for m, fn in fns.items():
             bar.set_postfix_str(f"{subject['subject']} {m}")
             t0 = time.perf_counter()
@@ -105,12 +118,17 @@ def evaluate_methods(
                 row["seconds"] = seconds
                 row["error"] = ""
                 preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
+                if segmenters:
+                    seg_inputs[m] = {c: pred[c] for c in CONTRASTS}
             except NexusInputError:
                 raise
             except Exception as err:  # reported in the table, not dropped
                 row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"
             rows.append(row)
             bar.update(1)
+        if segmenters:
+            seg_inputs["Original HR"] = {c: data[c] for c in CONTRASTS}
+            seg_rows += segmentation_rows(subject["subject"], seg_inputs, data["seg"], segmenters)
         if s_idx < panel_subjects and preds:
             axis_for = {c: ("xyz".index(str(protocol.contrast(c)["axis"])) + 1) % 3 for c in CONTRASTS}
             save_panel(
@@ -125,6 +143,12 @@ def evaluate_methods(
     table = summarise(frame, methods)
     write_text_atomic(out / "table1.csv", table.to_csv(index=False))
     write_text_atomic(out / "table1.md", markdown_table(table, protocol, n_subjects=len(subjects)))
+    if segmenters:
+        seg_frame = pd.DataFrame(seg_rows)
+        write_text_atomic(out / "table5_per_subject.csv", seg_frame.to_csv(index=False))
+        t5 = summarise_table5(seg_frame, ["Original LR", *methods, "Original HR"])
+        write_text_atomic(out / "table5.csv", t5.to_csv(index=False))
+        write_text_atomic(out / "table5.md", table5_markdown(t5, n_subjects=len(subjects)))
     return frame
 
 

@@ -1,1 +1,5 @@
 """networks."""
+
+from nexus_monai.networks.transunet import TransUNet
+
+__all__ = ["TransUNet"]

@@ -7,6 +7,7 @@ from nexus_monai.transforms.acquisition import (
     slice_profile_matrix,
 )
 from nexus_monai.transforms.frame import PadToFramed, frame_shape
+from nexus_monai.transforms.labels import BraTSRegionsToLabels, BraTSRegionsToLabelsd
 from nexus_monai.transforms.intensity import ScaleByMaskPercentiled, ZScoreLikeReferenced
 from nexus_monai.transforms.patches import RandPairedPatchd
 from nexus_monai.transforms.query import ComputeWorldNormalizerd, SampleQueryPointsd, iter_query_chunks
@@ -16,6 +17,8 @@ __all__ = [
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
     "slice_profile_matrix",
+    "BraTSRegionsToLabels",
+    "BraTSRegionsToLabelsd",
     "PadToFramed",
     "frame_shape",
     "ScaleByMaskPercentiled",
