@@ -20,6 +20,16 @@ TINY = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tiny networks are overhead-bound: one intra-op thread is several times faster than
+    # two on a shared CPU, and keeps the file well under 20 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _net(seed=0, **overrides):
     torch.manual_seed(seed)
     return TransUNet(**{**TINY, **overrides})
@@ -86,7 +96,7 @@ def test_wrong_input_shape_raises_clear_error(shape):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(img_size=(16, 16, 12)), "divisible by 2\\*\\*depth = 4"),
+        (dict(img_size=(16, 16, 10)), "divisible by 2\\*\\*depth = 4"),
         (dict(img_size=(16, 16)), "must have 3 entries"),
         (dict(hidden_size=15, num_heads=2), "hidden_size \\(15\\) must be divisible by num_heads \\(2\\)"),
         (dict(depth=0), "depth must be a positive int"),
@@ -103,12 +113,12 @@ def test_bad_constructor_args_raise(overrides, match):
 
 
 def test_fits_a_tiny_batch():
-    torch.manual_seed(0)
-    net = _net(seed=1)
+    # One output channel: MONAI's DiceCELoss applies BCE only to single-channel logits (with more
+    # channels its CE term is a softmax cross-entropy even when sigmoid=True).
+    net = _net(seed=1, out_channels=1)
     x = _batch(seed=3)
-    # Targets tied to the input: three overlapping thresholds of a smoothed channel-0 signal.
-    smooth = nn.functional.avg_pool3d(x[:, :1], 5, stride=1, padding=2)
-    target = torch.cat([(smooth > t).float() for t in (-0.1, 0.0, 0.1)], dim=1)
+    # A target that needs spatial context: the sign of a 5x5x5 local mean of channel 0.
+    target = (nn.functional.avg_pool3d(x[:, :1], 5, stride=1, padding=2) > 0).float()
     loss_fn = DiceCELoss(sigmoid=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     with torch.no_grad():
@@ -119,8 +129,10 @@ def test_fits_a_tiny_batch():
         loss.backward()
         opt.step()
     with torch.no_grad():
-        end = float(loss_fn(net(x), target))
-    assert end < 0.6 * start, (start, end)
+        logits = net(x)
+    end = float(loss_fn(logits, target))
+    assert end < 0.7 * start, (start, end)
+    assert float(((logits > 0) == (target > 0)).float().mean()) > 0.8
 
 
 def test_transformer_receives_deepest_features_and_matters():
@@ -152,13 +164,14 @@ def test_transformer_receives_deepest_features_and_matters():
     torch.testing.assert_close(out_zeroed, out_identity)
     assert (out_zeroed - ref).abs().max() > 1e-3
 
-    # The decoder depends on the deepest features only through the tokens: perturbing the
-    # transformer's input at one token changes the output.
+    # The decoder sees the deepest features only through the tokens: perturbing one feature of
+    # one token at the transformer's input changes the output. (A constant shift of a whole token
+    # would not: the pre-norm blocks and the final LayerNorm remove it.)
     bumped = {}
 
     def bump(module, inputs, output):
         output = output.clone()
-        output[:, 0] += 5.0
+        output[:, 0, 0] += 5.0
         bumped["done"] = True
         return output
 

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class FrozenSegmenter:
     """A trained segmentation bundle in eval mode: ``(t1, t2) -> regions (3, X, Y, Z) bool``."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu", overrides: Mapping | None = None):
         bundle = Path(bundle_dir)
         if not bundle.is_dir() and (REPO_ROOT / "bundles" / str(bundle_dir)).is_dir():
             bundle = REPO_ROOT / "bundles" / str(bundle_dir)
@@ -50,6 +50,8 @@ class FrozenSegmenter:
         parser.read_config(str(config))
         parser["bundle_root"] = str(bundle)
         parser["device"] = f"$torch.device('{device}')"
+        for key, value in (overrides or {}).items():  # e.g. the network/roi overrides used in training
+            parser[key] = value
         self.network = parser.get_parsed_content("network")
         state = torch.load(weights, map_location=device, weights_only=True)
         self.network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
