@@ -93,3 +93,33 @@ def test_missing_segmenter_weights_is_one_clear_error(tmp_path):
     shutil.copytree(REPO / "bundles" / "seg_unet" / "configs", tmp_path / "seg_unet" / "configs")
     with pytest.raises(NexusInputError, match="no trained weights"):
         FrozenSegmenter(tmp_path / "seg_unet")
+
+
+def test_inputs_off_the_label_grid_are_resampled_with_a_warning(caplog):
+    import torch
+    from monai.data import MetaTensor
+
+    from nexus_monai.evaluation.downstream import segmentation_rows
+    from nexus_monai.geometry import make_affine, thick_slice_affine
+
+    a = make_affine((2.0, 2.0, 2.0), (0, 0, 0))
+    seg = torch.zeros(1, 16, 16, 16)
+    seg[0, 4:10, 4:10, 4:10] = 2
+    seg[0, 6:8, 6:8, 6:8] = 4
+    seg = MetaTensor(seg, affine=a)
+    img = MetaTensor((seg > 0).float() * 100 + 1, affine=a)
+    coarse = MetaTensor(img[:, :, :, ::2].clone(), affine=thick_slice_affine(a, "z", 2))
+    seen = []
+
+    def oracle(t1, t2):  # "segments" the bright region; records the grid it was given
+        seen.append(tuple(t1.shape[1:]))
+        wt = t1[0] > 50
+        return torch.stack([wt, wt, torch.zeros_like(wt)])
+
+    with caplog.at_level("WARNING"):
+        rows = segmentation_rows("s1", {"HR": {"t1": img, "t2": img}, "LR": {"t1": coarse, "t2": img}}, seg, {"oracle": oracle})
+    assert seen == [(16, 16, 16), (16, 16, 16)]
+    assert [r["resampled"] for r in rows] == [False, True]
+    assert "resampled" in caplog.text
+    assert rows[0]["dice_WT"] == pytest.approx(1.0) and rows[0]["dice_ET"] == 0.0
+    assert rows[0]["empty_cases"] == 1  # ET: prediction empty, GT not -> counted
