@@ -85,14 +85,24 @@ def segmentation_rows(
     inputs: Mapping[str, Mapping[str, MetaTensor]],
     seg: MetaTensor,
     segmenters: Mapping[str, FrozenSegmenter],
+    brain_mask: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Dice/HD95 rows of one subject: every input pair (``{name: {"t1", "t2"}}``) x segmenter."""
+    """Dice/HD95 rows of one subject: every input pair (``{name: {"t1", "t2"}}``) x segmenter.
+
+    With ``brain_mask`` (``(1, X, Y, Z)`` on the labels' grid) every input is zeroed outside the
+    brain first, as BraTS inputs are skull-stripped: interpolation leaves small non-zero values
+    (and B-spline ringing) in the background, which would otherwise enter the segmenter's
+    non-zero-voxel intensity normalisation and change its input statistics for reasons that have
+    nothing to do with the anatomy inside the brain.
+    """
     grid = TargetGrid.like(seg)
     gt = torch.as_tensor(brats_regions(seg)).bool()
     rows = []
     for input_name, pair in inputs.items():
         t1, r1 = _on_grid(pair["t1"], grid, f"{subject} {input_name} T1w")
         t2, r2 = _on_grid(pair["t2"], grid, f"{subject} {input_name} T2w")
+        if brain_mask is not None:
+            t1, t2 = t1 * brain_mask, t2 * brain_mask
         for seg_name, segmenter in segmenters.items():
             pred = segmenter(t1, t2)
             row = {"subject": subject, "input": input_name, "segmenter": seg_name, "resampled": bool(r1 or r2)}
@@ -135,7 +145,8 @@ def table5_markdown(table: pd.DataFrame, n_subjects: int) -> str:
         lines.append("| " + " | ".join(cells + [str(empty)]) + " |")
     notes = [
         f"{n_subjects} subjects; Dice and HD95 are the mean over the BraTS regions {', '.join(REGIONS)} (per region in table5.csv); mean ± std over subjects.",
-        "Original LR: each LR scan put on the HR grid by nearest-neighbour interpolation; Original HR: the ground-truth scans.",
+        "Original LR: each LR scan put on the HR grid by nearest-neighbour interpolation; Original HR: the ground-truth scans. "
+        "Every input is zeroed outside the subject's brain mask (ground-truth T1w > 0) before segmentation, as BraTS inputs are skull-stripped.",
         EMPTY_POLICY,
     ]
     return "# Table 5 (tumour segmentation on super-resolved inputs)\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"

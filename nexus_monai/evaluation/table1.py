@@ -128,7 +128,8 @@ def evaluate_methods(
             bar.update(1)
         if segmenters:
             seg_inputs["Original HR"] = {c: data[c] for c in CONTRASTS}
-            seg_rows += segmentation_rows(subject["subject"], seg_inputs, data["seg"], segmenters)
+            brain = (data["t1"].as_subclass(torch.Tensor) > 0).float()
+            seg_rows += segmentation_rows(subject["subject"], seg_inputs, data["seg"], segmenters, brain_mask=brain)
         if s_idx < panel_subjects and preds:
             axis_for = {c: ("xyz".index(str(protocol.contrast(c)["axis"])) + 1) % 3 for c in CONTRASTS}
             save_panel(
