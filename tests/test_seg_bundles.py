@@ -123,3 +123,21 @@ def test_inputs_off_the_label_grid_are_resampled_with_a_warning(caplog):
     assert "resampled" in caplog.text
     assert rows[0]["dice_WT"] == pytest.approx(1.0) and rows[0]["dice_ET"] == 0.0
     assert rows[0]["empty_cases"] == 1  # ET: prediction empty, GT not -> counted
+
+
+def test_multi_gpu_overlay_runs_two_gloo_processes(tiny_data, tmp_path):
+    """torchrun --nproc_per_node=2 with the DDP overlay (gloo on CPU) trains, validates, saves."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+        "--config_file", "['bundles/seg_unet/configs/train.yaml','bundles/seg_unet/configs/multi_gpu_train.yaml']",
+        "--dataset_dir", str(tiny_data), "--bundle_root", str(tmp_path), "--max_epochs", "2", "--val_interval", "1",
+        "--batch_size", "1", "--num_samples", "1", "--roi_size", "[16,16,16]", "--network_def#channels", "[4,8,16,32]",
+    ]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").exists()
+    assert len(pd.read_csv(tmp_path / "eval" / "validation_cases.csv")) == 3
