@@ -1,7 +1,8 @@
 """``nexus-sr``: the command-line face of nexus_monai (also ``python -m nexus_monai``).
 
 Sub-commands: ``synth`` (embedded dataset), ``degrade`` (HR scan -> simulated thick-slice LR),
-``upsample`` (interpolation baselines onto any grid), ``evaluate`` (Table 1 runner). Errors in
+``upsample`` (interpolation baselines onto any grid), ``baseline`` (per-subject classical SR:
+LRTV), ``evaluate`` (Table 1 / Table 5 runner). Errors in
 the user's input print one line ``error: <file>: <problem>`` and exit with status 2.
 """
 
@@ -76,6 +77,19 @@ def cmd_upsample(args) -> int:
     return 0
 
 
+def cmd_baseline(args) -> int:
+    from nexus_monai.baselines.lrtv import lrtv
+    from nexus_monai.data.io import load_volume, save_volume
+
+    image = load_volume(args.image)
+    grid = _grid_from_args(args, image)
+    methods = {"lrtv": lrtv}
+    out = methods[args.method](image, grid)
+    save_volume(out, args.out)
+    print(f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm ({args.method})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
     from nexus_monai.transforms.protocols import load_protocol
@@ -122,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--like", help="resample onto the grid of this NIfTI (any affine, oblique included)")
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_upsample)
+
+    b = sub.add_parser("baseline", help="per-subject classical super-resolution of one LR scan (lrtv)")
+    b.add_argument("--method", choices=("lrtv",), required=True)
+    b.add_argument("--image", required=True)
+    gb = b.add_mutually_exclusive_group(required=True)
+    gb.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm (1 or 3 values), same field of view")
+    gb.add_argument("--like", help="output on the grid of this NIfTI")
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_baseline)
 
     e = sub.add_parser("evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
     e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, or a BraTS root")

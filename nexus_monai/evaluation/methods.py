@@ -46,3 +46,11 @@ def trilinear(inputs: Mapping, grid: TargetGrid, **_) -> dict:
 def cubic(inputs: Mapping, grid: TargetGrid, **_) -> dict:
     """Cubic B-spline interpolation of each LR scan onto ``grid`` (SimpleITK ``sitkBSpline``)."""
     return {c: upsample(inputs[f"{c}_lr"], grid, "bspline") for c in ("t1", "t2")}
+
+
+@register_method("lrtv")
+def lrtv_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """LRTV (Shi et al., TMI 2015; re-implementation) of each LR scan onto ``grid``, per volume."""
+    from nexus_monai.baselines.lrtv import lrtv
+
+    return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
