@@ -107,6 +107,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _add_grid_args(parser: argparse.ArgumentParser) -> None:
+    """The target-grid options shared by every command that writes onto a chosen grid."""
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm (1 or 3 values), same field of view")
+    g.add_argument("--like", help="output on the grid of this NIfTI (any affine, oblique included)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-sr", description="Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,18 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upsample", help="interpolate a scan onto another grid (trilinear / cubic B-spline)")
     u.add_argument("--image", required=True)
     u.add_argument("--method", choices=("trilinear", "cubic", "bspline", "nearest"), default="trilinear")
-    g = u.add_mutually_exclusive_group(required=True)
-    g.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm (1 or 3 values), same field of view")
-    g.add_argument("--like", help="resample onto the grid of this NIfTI (any affine, oblique included)")
+    _add_grid_args(u)
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_upsample)
 
     b = sub.add_parser("baseline", help="per-subject classical super-resolution of one LR scan (lrtv)")
     b.add_argument("--method", choices=("lrtv",), required=True)
     b.add_argument("--image", required=True)
-    gb = b.add_mutually_exclusive_group(required=True)
-    gb.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm (1 or 3 values), same field of view")
-    gb.add_argument("--like", help="output on the grid of this NIfTI")
+    _add_grid_args(b)
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_baseline)
 
