@@ -42,6 +42,7 @@ __all__ = [
     "sample_at_world",
     "field_of_view",
     "thick_slice_affine",
+    "hr_affine_of_thick_slices",
     "TargetGrid",
     "WorldNormalizer",
     "rotation_matrix",
@@ -189,11 +190,21 @@ def thick_slice_affine(affine, axis: int | str, factor: float) -> torch.Tensor:
     LR voxel ``n`` along ``axis`` is centred on HR index ``n * factor + (factor - 1) / 2`` (the
     centre of its slab), so a world point maps to the same anatomy in both grids.
     """
+    return as_affine(affine) @ _slab_matrix(axis, factor)
+
+
+def hr_affine_of_thick_slices(lr_affine, axis: int | str, factor: float) -> torch.Tensor:
+    """Inverse of :func:`thick_slice_affine`: the HR affine whose slabs give ``lr_affine``."""
+    return as_affine(lr_affine) @ torch.linalg.inv(_slab_matrix(axis, factor))
+
+
+def _slab_matrix(axis: int | str, factor: float) -> torch.Tensor:
+    """HR index of LR index along ``axis``: ``n * factor + (factor - 1) / 2`` (4x4, float64)."""
     a = parse_axis(axis)
     m = torch.eye(4, dtype=torch.float64)
     m[a, a] = float(factor)
     m[a, 3] = (float(factor) - 1.0) / 2.0
-    return as_affine(affine) @ m
+    return m
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from nexus_monai.geometry import (
     WorldNormalizer,
     field_of_view,
     grid_to_voxel,
+    hr_affine_of_thick_slices,
     make_affine,
     parse_axis,
     sample_at_world,
@@ -103,6 +104,7 @@ def test_thick_slice_affine_maps_slab_centres(name, axis, factor):
     n_hr[:, ax] = n[:, ax] * factor + (factor - 1) / 2
     assert torch.allclose(voxel_to_world(n, lr), voxel_to_world(n_hr, a), atol=1e-10)
     assert math.isclose(float(spacing(lr)[ax]), float(spacing(a)[ax]) * factor, rel_tol=1e-12)
+    assert torch.allclose(hr_affine_of_thick_slices(lr, axis, factor), a, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", AFFINES)

@@ -52,8 +52,8 @@ from monai.data import MetaTensor
 
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.errors import NexusInputError
-from nexus_monai.geometry import TargetGrid, as_affine, parse_axis, spacing, thick_slice_affine
-from nexus_monai.transforms.acquisition import num_thick_slices, slice_profile_matrix
+from nexus_monai.geometry import TargetGrid, as_affine, hr_affine_of_thick_slices, parse_axis, spacing, thick_slice_affine
+from nexus_monai.transforms.acquisition import apply_along_axis, num_thick_slices, slice_profile_matrix
 
 __all__ = ["lrtv", "detect_thick_axis", "natural_hr_grid"]
 
@@ -80,10 +80,7 @@ def natural_hr_grid(lr_shape, lr_affine, axis: int, factor: float) -> TargetGrid
     """The HR grid whose thick-slice acquisition (axis, factor) is exactly the LR grid."""
     k = float(factor)
     shape = [int(s) for s in lr_shape[-3:]]
-    m = torch.eye(4, dtype=torch.float64)
-    m[axis, axis] = k
-    m[axis, 3] = (k - 1.0) / 2.0
-    hr_affine = as_affine(lr_affine) @ torch.linalg.inv(m)
+    hr_affine = hr_affine_of_thick_slices(lr_affine, axis, k)
     n_hr = int(math.ceil(shape[axis] * k - 1e-6))
     if num_thick_slices(n_hr, k) != shape[axis]:  # pragma: no cover - guarded by the ceil above
         n_hr += 1
@@ -91,11 +88,6 @@ def natural_hr_grid(lr_shape, lr_affine, axis: int, factor: float) -> TargetGrid
     grid = TargetGrid(tuple(shape), hr_affine)
     assert torch.allclose(thick_slice_affine(grid.affine, axis, k), as_affine(lr_affine), atol=1e-6)
     return grid
-
-
-def _apply_axis(x: torch.Tensor, mat: torch.Tensor, axis: int) -> torch.Tensor:
-    """``mat`` (m, n) applied along spatial ``axis`` of an (X, Y, Z) tensor."""
-    return (x.movedim(axis, -1) @ mat.T).movedim(-1, axis)
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +193,7 @@ def lrtv(
     alpha = 1.0 / 3.0
 
     def objective(v: torch.Tensor) -> float:
-        r = _apply_axis(v, dmat, a) - y
+        r = apply_along_axis(v, dmat, a) - y
         return 0.5 * float((r.double() ** 2).sum()) + lambda_tv * _tv(v, eps)[0] + lambda_rank * _nuclear(v)
 
     history = [objective(x)] if return_history else []
@@ -212,7 +204,7 @@ def lrtv(
             ms[i] = _svt(x + us[i], i, lambda_rank * alpha / rho)
         target = sum(ms[i] - us[i] for i in range(3))
         for _ in range(int(inner_steps)):
-            g = _apply_axis(_apply_axis(x, dmat, a) - y, dmat.T, a)
+            g = apply_along_axis(apply_along_axis(x, dmat, a) - y, dmat.T, a)
             if lambda_tv > 0:
                 g = g + lambda_tv * _tv(x, eps)[1]
             x = (inv_tau * x - g + rho * target) / (inv_tau + 3.0 * rho)

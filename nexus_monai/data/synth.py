@@ -124,6 +124,8 @@ from nexus_monai import __version__ as _PACKAGE_VERSION
 from nexus_monai.data.brats import DEFAULT_PROPORTIONS, split_counts
 from nexus_monai.data.io import save_volume, write_text_atomic
 from nexus_monai.errors import NexusInputError
+from nexus_monai.evaluation.panels import to_uint8
+from nexus_monai.metrics.image_quality import intensity_scale
 
 __all__ = [
     "generate_dataset",
@@ -809,9 +811,8 @@ def _montage_png(subject: SimulatedSubject, spacing: float) -> bytes:
         out[r0 : r0 + img2d.shape[0], c0 : c0 + img2d.shape[1]] = img2d
         return out
 
-    def grey(vol):
-        scale = np.percentile(vol[subject.brain], 99.5) if subject.brain.any() else 1.0
-        return (np.clip(vol / max(scale, 1e-12), 0, 1) * 255).astype(np.uint8)
+    def grey(vol):  # the evaluation's display scale: 99.5th brain percentile -> white
+        return to_uint8(vol, intensity_scale(vol, subject.brain) if subject.brain.any() else 1.0)
 
     rows = []
     for modality in MODALITIES:

@@ -38,6 +38,7 @@ __all__ = [
     "PROFILES",
     "slice_profile_matrix",
     "num_thick_slices",
+    "apply_along_axis",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
 ]
@@ -81,6 +82,14 @@ def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian") ->
     return w / w.sum(dim=1, keepdim=True)
 
 
+def apply_along_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """``matrix`` ``(m, n)`` applied to dimension ``dim`` (length n -> m) of ``x``.
+
+    With :func:`slice_profile_matrix` this is the acquisition operator D; with its transpose, D^T.
+    """
+    return (x.movedim(dim, -1) @ matrix.to(x.dtype).T).movedim(-1, dim)
+
+
 class SimulateAnisotropicAcquisition(Randomizable, Transform):
     """Thick-slice acquisition of a ``(C, X, Y, Z)`` MetaTensor -> LR MetaTensor with LR affine.
 
@@ -119,8 +128,7 @@ class SimulateAnisotropicAcquisition(Randomizable, Transform):
         x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else torch.as_tensor(img)
         dim = self.axis + 1
         w = slice_profile_matrix(x.shape[dim], self.factor, self.profile)
-        moved = x.movedim(dim, -1)
-        out = (moved.to(torch.float64) @ w.T).to(x.dtype if x.is_floating_point() else torch.float32).movedim(-1, dim)
+        out = apply_along_axis(x.to(torch.float64), w, dim).to(x.dtype if x.is_floating_point() else torch.float32)
         if self.noise_std > 0:
             if randomize or self._noise is None:
                 self.randomize(out.shape)
