@@ -44,7 +44,7 @@ def cmd_synth(args) -> int:
 
 def cmd_degrade(args) -> int:
     from nexus_monai.data.io import load_volume, save_volume
-    from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition, num_thick_slices
+    from nexus_monai.transforms.acquisition import AcquisitionRicianNoise, SimulateAnisotropicAcquisition, num_thick_slices
     from nexus_monai.geometry import parse_axis
 
     image = load_volume(args.image)
@@ -56,9 +56,8 @@ def cmd_degrade(args) -> int:
         raise NexusInputError(None, f"--factor must be >= 1, got {args.factor}")
     if num_thick_slices(image.shape[axis + 1], args.factor) < 1:
         raise NexusInputError(args.image, f"axis {args.axis} has {image.shape[axis + 1]} voxels, fewer than one slab of factor {args.factor}")
-    acquire = SimulateAnisotropicAcquisition(axis, args.factor, args.profile, args.noise)
-    acquire.set_random_state(args.seed)
-    lr = acquire(image)
+    lr = SimulateAnisotropicAcquisition(axis, args.factor, args.profile)(image)
+    lr = AcquisitionRicianNoise(args.noise).set_random_state(args.seed)(lr)
     save_volume(lr, args.out)
     sp = [round(float(v), 4) for v in lr.affine[:3, :3].norm(dim=0)]
     print(f"wrote {args.out}: shape {tuple(lr.shape[1:])}, spacing {sp} mm")

@@ -40,6 +40,7 @@ __all__ = [
     "voxel_to_voxel",
     "voxel_centres",
     "sample_at_world",
+    "sample_at_voxel",
     "field_of_view",
     "thick_slice_affine",
     "hr_affine_of_thick_slices",
@@ -171,6 +172,16 @@ def sample_at_world(
     out = F.grid_sample(vol, grid[:, :, None, None, :], mode=mode, padding_mode=padding_mode, align_corners=False)
     out = out[:, :, :, 0, 0]
     return out if batched else out[0]
+
+
+def sample_at_voxel(volume: torch.Tensor, indices: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """Sample a batched volume ``(B, C, X, Y, Z)`` at continuous voxel indices ``(B, N, 3)`` -> ``(B, C, N)``.
+
+    The index-space twin of :func:`sample_at_world` (same ``grid_sample`` convention).
+    """
+    grid = voxel_to_grid(indices, volume.shape[-3:]).to(device=volume.device, dtype=volume.dtype)
+    out = F.grid_sample(volume, grid[:, :, None, None, :], mode=mode, padding_mode=padding_mode, align_corners=False)
+    return out[:, :, :, 0, 0]
 
 
 def field_of_view(shape: Sequence[int], affine) -> torch.Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Invertd
+from monai.transforms import Compose, Invertd, Randomizable
 
 from nexus_monai.geometry import (
     field_of_view,
@@ -16,6 +16,7 @@ from nexus_monai.geometry import (
     world_to_voxel,
 )
 from nexus_monai.transforms import (
+    AcquisitionRicianNoised,
     ComputeWorldNormalizerd,
     PadToFramed,
     RandPairedPatchd,
@@ -98,11 +99,12 @@ def test_profile_matrix_properties():
 
 def test_rician_noise_is_seeded_and_positive():
     hr = _hr(dtype=torch.float32, fn=lambda w: 2.0 + torch.sin(w[..., 0] / 4))  # magnitude images are >= 0
-    t = SimulateAnisotropicAcquisitiond("img", "z", 2, noise_std=0.05, output_keys="lr")
+    t = Compose([SimulateAnisotropicAcquisitiond("img", "z", 2, output_keys="lr"), AcquisitionRicianNoised("lr", noise_std=0.05)])
     a = t.set_random_state(3)({"img": hr})["lr"]
     b = t.set_random_state(3)({"img": hr})["lr"]
     c = t.set_random_state(4)({"img": hr})["lr"]
     clean = SimulateAnisotropicAcquisition("z", 2)(hr)
+    assert not isinstance(SimulateAnisotropicAcquisitiond("img", "z", 2), Randomizable)  # cacheable
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.all(a >= 0)
     assert 0.001 < float((a - clean).abs().mean()) < 0.5

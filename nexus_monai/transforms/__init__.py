@@ -2,6 +2,8 @@
 
 from nexus_monai.transforms.acquisition import (
     PROFILES,
+    AcquisitionRicianNoise,
+    AcquisitionRicianNoised,
     SimulateAnisotropicAcquisition,
     SimulateAnisotropicAcquisitiond,
     slice_profile_matrix,
@@ -14,6 +16,8 @@ from nexus_monai.transforms.query import ComputeWorldNormalizerd, SampleQueryPoi
 
 __all__ = [
     "PROFILES",
+    "AcquisitionRicianNoise",
+    "AcquisitionRicianNoised",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
     "slice_profile_matrix",

@@ -41,6 +41,8 @@ __all__ = [
     "apply_along_axis",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
+    "AcquisitionRicianNoise",
+    "AcquisitionRicianNoised",
 ]
 
 PROFILES = ("gaussian", "boxcar", "none")
@@ -90,38 +92,28 @@ def apply_along_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.T
     return (x.movedim(dim, -1) @ matrix.to(x.dtype).T).movedim(-1, dim)
 
 
-class SimulateAnisotropicAcquisition(Randomizable, Transform):
+class SimulateAnisotropicAcquisition(Transform):
     """Thick-slice acquisition of a ``(C, X, Y, Z)`` MetaTensor -> LR MetaTensor with LR affine.
+
+    Deterministic (so MONAI's ``CacheDataset`` caches it); add scanner noise after it with
+    :class:`AcquisitionRicianNoise`.
 
     Args:
         axis: thick axis, ``"x"/"y"/"z"`` or ``0/1/2`` (array axes i/j/k).
         factor: slab thickness in HR voxels (int or float >= 1).
         profile: ``"gaussian"`` (FWHM = factor voxels), ``"boxcar"`` or ``"none"``.
-        noise_std: Rician noise sigma as a fraction of the 99.5th percentile of the non-zero
-            input intensities (0 = no noise). Drawn from ``self.R``.
 
     Output shape along ``axis``: ``floor(n / factor)``; other axes unchanged.
     """
 
-    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian", noise_std: float = 0.0):
+    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian"):
         self.axis = parse_axis(axis)
         self.factor = float(factor)
         if profile not in PROFILES:
             raise ValueError(f"slice profile must be one of {PROFILES}, got {profile!r}")
         self.profile = profile
-        if noise_std < 0:
-            raise ValueError("noise_std must be >= 0")
-        self.noise_std = float(noise_std)
-        self._noise: tuple[np.ndarray, np.ndarray] | None = None
 
-    def randomize(self, shape: Sequence[int]) -> None:
-        if self.noise_std > 0:
-            self._noise = (
-                self.R.standard_normal(size=tuple(shape)).astype(np.float32),
-                self.R.standard_normal(size=tuple(shape)).astype(np.float32),
-            )
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> MetaTensor:
+    def __call__(self, img: torch.Tensor) -> MetaTensor:
         if img.ndim != 4:
             raise ValueError(f"expected a channel-first (C, X, Y, Z) volume, got shape {tuple(img.shape)}")
         affine = img.affine if isinstance(img, MetaTensor) else torch.eye(4, dtype=torch.float64)
@@ -129,21 +121,68 @@ class SimulateAnisotropicAcquisition(Randomizable, Transform):
         dim = self.axis + 1
         w = slice_profile_matrix(x.shape[dim], self.factor, self.profile)
         out = apply_along_axis(x.to(torch.float64), w, dim).to(x.dtype if x.is_floating_point() else torch.float32)
-        if self.noise_std > 0:
-            if randomize or self._noise is None:
-                self.randomize(out.shape)
-            nz = x[x != 0]
-            ref = float(torch.quantile(nz.float().flatten()[:16_000_000], 0.995)) if nz.numel() else 1.0
-            sigma = self.noise_std * ref
-            n1, n2 = (torch.as_tensor(a, dtype=out.dtype) for a in self._noise)
-            out = torch.sqrt((out + sigma * n1) ** 2 + (sigma * n2) ** 2)
         meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
         meta.pop("affine", None)
-        meta["acquisition"] = {"axis": self.axis, "factor": self.factor, "profile": self.profile, "noise_std": self.noise_std}
+        meta["acquisition"] = {"axis": self.axis, "factor": self.factor, "profile": self.profile}
         return MetaTensor(out.contiguous(), affine=thick_slice_affine(affine, self.axis, self.factor), meta=meta)
 
 
-class SimulateAnisotropicAcquisitiond(Randomizable, MapTransform):
+class AcquisitionRicianNoise(Randomizable, Transform):
+    """Rician noise ``sqrt((x + s n1)^2 + (s n2)^2)`` with ``s = noise_std * p99.5(non-zero x)``.
+
+    ``n1, n2 ~ N(0, 1)`` are drawn from ``self.R`` (``set_random_state`` makes it reproducible).
+    The affine and metadata are kept.
+    """
+
+    def __init__(self, noise_std: float = 0.0):
+        if noise_std < 0:
+            raise ValueError("noise_std must be >= 0")
+        self.noise_std = float(noise_std)
+        self._noise: tuple[np.ndarray, np.ndarray] | None = None
+
+    def randomize(self, shape: Sequence[int]) -> None:
+        self._noise = (
+            self.R.standard_normal(size=tuple(shape)).astype(np.float32),
+            self.R.standard_normal(size=tuple(shape)).astype(np.float32),
+        )
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if self.noise_std == 0:
+            return img
+        x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        if randomize or self._noise is None:
+            self.randomize(x.shape)
+        nz = x[x != 0]
+        ref = float(torch.quantile(nz.float().flatten()[:16_000_000], 0.995)) if nz.numel() else 1.0
+        sigma = self.noise_std * ref
+        n1, n2 = (torch.as_tensor(a, dtype=x.dtype) for a in self._noise)
+        out = torch.sqrt((x + sigma * n1) ** 2 + (sigma * n2) ** 2)
+        return MetaTensor(out, affine=img.affine, meta=dict(img.meta)) if isinstance(img, MetaTensor) else out
+
+
+class AcquisitionRicianNoised(Randomizable, MapTransform):
+    """Dictionary twin of :class:`AcquisitionRicianNoise` (one draw per key)."""
+
+    def __init__(self, keys: KeysCollection, noise_std: float = 0.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.noise = AcquisitionRicianNoise(noise_std)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.noise.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass  # drawn per key by the array transform from its own state
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.noise(d[key])
+        return d
+
+
+class SimulateAnisotropicAcquisitiond(MapTransform):
     """Dictionary twin of :class:`SimulateAnisotropicAcquisition`.
 
     ``output_keys`` (default: the same keys, overwritten) receive the LR volumes, so an HR key
@@ -157,7 +196,6 @@ class SimulateAnisotropicAcquisitiond(Randomizable, MapTransform):
         axis: int | str,
         factor: float,
         profile: str = "gaussian",
-        noise_std: float = 0.0,
         output_keys: KeysCollection | None = None,
         allow_missing_keys: bool = False,
     ):
@@ -165,15 +203,7 @@ class SimulateAnisotropicAcquisitiond(Randomizable, MapTransform):
         self.output_keys = tuple(self.keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
         if len(self.output_keys) != len(self.keys):
             raise ValueError("output_keys must have one entry per key")
-        self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile, noise_std)
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.acquire.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:
-        pass  # noise is drawn per key by the array transform from its own state
+        self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)

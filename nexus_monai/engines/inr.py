@@ -1,0 +1,193 @@
+"""Ignite/MONAI engine pieces for implicit multi-contrast SR networks (Nexus-INR and peers).
+
+* :func:`inr_inputs` -- a collated training batch -> the network's keyword inputs (LR volumes,
+  their ``(B, 4, 4)`` affines, query points) and targets.
+* :class:`INRTrainStep` -- ``iteration_update`` for MONAI's ``SupervisedTrainer``: forward,
+  every loss term, backward, step. ``engine.state.output`` is ``{"loss": float, "loss_<term>": float}``.
+* :class:`ImplicitGridInferer` -- a MONAI ``Inferer``: both LR scans of ONE subject -> both
+  contrasts on any :class:`~nexus_monai.geometry.TargetGrid`, encoding once and decoding in
+  chunks of ``chunk_size`` points (peak memory bounded whatever the output size).
+* :class:`INRValidationStep` -- ``iteration_update`` for ``SupervisedEvaluator``: predicts each
+  validation subject on its HR grid and puts prediction, trilinear and ground truth in the output.
+* :class:`SubjectImageMetric` -- ignite metric: mean over subjects of one column of
+  :func:`~nexus_monai.metrics.subject_metric_row` (the same metric code as the tables).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from ignite.metrics import Metric
+from monai.inferers import Inferer
+from tqdm.auto import tqdm
+
+from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, sample_at_world
+from nexus_monai.metrics.image_quality import _as_mask, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
+from nexus_monai.transforms.query import iter_query_chunks
+
+__all__ = ["inr_inputs", "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS"]
+
+CONTRASTS = ("t1", "t2")
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def _batched_affine(image, batch: int) -> torch.Tensor:
+    a = as_affine(image.affine)
+    return a.expand(batch, 4, 4) if a.ndim == 2 else a
+
+
+def inr_inputs(batch: Mapping, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """``(network kwargs, targets)`` from a collated batch of paired patches and query points."""
+    b = batch["t1_lr"].shape[0]
+    kwargs = {
+        "t1": _plain(batch["t1_lr"]).float().to(device),
+        "t2": _plain(batch["t2_lr"]).float().to(device),
+        "t1_affine": _batched_affine(batch["t1_lr"], b).to(device),
+        "t2_affine": _batched_affine(batch["t2_lr"], b).to(device),
+        "query_world": _plain(batch["query_world"]).float().to(device),
+        "query_norm": _plain(batch["query_norm"]).float().to(device),
+    }
+    targets = {"target_t1": _plain(batch["query_t1"])[..., 0].float().to(device),
+               "target_t2": _plain(batch["query_t2"])[..., 0].float().to(device)}
+    if "query_label" in batch:
+        targets["label"] = _plain(batch["query_label"]).to(device)
+    return kwargs, targets
+
+
+class INRTrainStep:
+    """``SupervisedTrainer(iteration_update=INRTrainStep())``: one optimisation step on a batch."""
+
+    def __init__(self, grad_clip: float | None = None):
+        self.grad_clip = grad_clip
+
+    def __call__(self, engine, batch: Mapping) -> dict:
+        engine.network.train()
+        kwargs, targets = inr_inputs(batch, engine.state.device if hasattr(engine.state, "device") else engine.device)
+        engine.optimizer.zero_grad(set_to_none=True)
+        out = engine.network(**kwargs, aux=True)
+        terms = engine.loss_function(out, **targets)
+        terms["loss"].backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+        engine.optimizer.step()
+        return {"loss": float(terms["loss"].detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}
+
+
+class ImplicitGridInferer(Inferer):
+    """Both contrasts of one subject on a target grid, decoded in bounded chunks.
+
+    ``inferer(t1_lr, t2_lr, network, grid, normalizer=None)``:
+        ``t1_lr`` / ``t2_lr``: ``(1, x, y, z)`` or ``(1, 1, x, y, z)`` MetaTensors in the network's
+        intensity space, each with its own affine. ``grid``: a ``TargetGrid``. ``normalizer``:
+        the subject's ``WorldNormalizer`` (default: from the two LR grids, as in training).
+        Returns ``{"t1": (X, Y, Z), "t2": (X, Y, Z)}`` float32 CPU tensors.
+
+    With ``skip_empty`` (default) points where BOTH LR scans interpolate to exactly 0 (no signal
+    within one LR voxel: the zero background of skull-stripped data) are not decoded and are 0
+    in the output; data with a non-zero background is decoded everywhere.
+    """
+
+    def __init__(self, chunk_size: int = 32768, progress: bool = False, skip_empty: bool = True):
+        super().__init__()
+        self.chunk_size = int(chunk_size)
+        self.progress = progress
+        self.skip_empty = bool(skip_empty)
+
+    @torch.no_grad()
+    def __call__(self, t1_lr, t2_lr, network, grid: TargetGrid, normalizer: WorldNormalizer | None = None) -> dict:
+        net = network.module if hasattr(network, "module") else network
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        vols = {}
+        for c, img in (("t1", t1_lr), ("t2", t2_lr)):
+            v = _plain(img).float()
+            vols[c] = (v[None] if v.ndim == 4 else v).to(device)
+        affines = {c: as_affine(img.affine).reshape(-1, 4, 4)[:1].to(device) for c, img in (("t1", t1_lr), ("t2", t2_lr))}
+        if normalizer is None:
+            normalizer = WorldNormalizer.from_grids([(vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS])
+        maps = net.encode(vols["t1"], vols["t2"])
+        out = {c: torch.zeros(grid.num_voxels, dtype=torch.float32) for c in CONTRASTS}
+        bar = tqdm(total=grid.num_voxels, unit="vox", unit_scale=True, desc="decode", disable=not self.progress)
+        for start, stop, world, norm in iter_query_chunks(grid, normalizer, self.chunk_size):
+            world, norm = world.to(device), norm.to(device)
+            keep = None
+            if self.skip_empty:
+                signal = sum(sample_at_world(vols[c], affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
+                keep = torch.nonzero(signal > 0)[:, 0]
+                if keep.numel() == 0:
+                    bar.update(stop - start)
+                    continue
+                world, norm = world[keep], norm[keep]
+            pred = net.decode(maps, vols["t1"], vols["t2"], affines["t1"], affines["t2"], world[None], norm[None])
+            for c in CONTRASTS:
+                values = pred[c][0].float().cpu()
+                if keep is None:
+                    out[c][start:stop] = values
+                else:
+                    out[c][start:stop][keep.cpu()] = values
+            bar.update(stop - start)
+        bar.close()
+        net.train(was_training)
+        return {c: out[c].reshape(grid.shape) for c in CONTRASTS}
+
+
+class INRValidationStep:
+    """``SupervisedEvaluator(iteration_update=INRValidationStep())`` over whole subjects (batch size 1).
+
+    Output: ``{"pred": {c: (X, Y, Z)}, "gt": {c: ...}, "lr": {c: MetaTensor}, "subject": str}``.
+    """
+
+    def __call__(self, engine, batch: Mapping) -> dict:
+        t1 = batch["t1"]
+        grid = TargetGrid(tuple(t1.shape[-3:]), as_affine(t1.affine).reshape(-1, 4, 4)[0])
+        lr = {c: batch[f"{c}_lr"][0] for c in CONTRASTS}
+        for c in CONTRASTS:
+            lr[c].affine = as_affine(batch[f"{c}_lr"].affine).reshape(-1, 4, 4)[0]
+        pred = engine.inferer(lr["t1"], lr["t2"], engine.network, grid)
+        gt = {c: _plain(batch[c])[0, 0].float() for c in CONTRASTS}
+        subject = batch.get("subject", ["?"])
+        return {"pred": pred, "gt": gt, "lr": lr, "grid": grid, "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
+
+
+def subject_scores(gt: Mapping, pred: Mapping) -> dict:
+    """PSNR (brain mask, eroded) and SSIM per contrast with the table protocol (SPEC §6), mask = GT T1 > 0."""
+    g0 = gt["t1"].numpy()
+    mask = _as_mask(g0 > 0, g0.shape)
+    eroded = erode_mask(mask, ERODE_VOXELS)
+    row = {}
+    for c in CONTRASTS:
+        g, p = gt[c].numpy().astype("float64"), pred[c].numpy().astype("float64")
+        s = intensity_scale(g, mask, SCALE_PERCENTILE)
+        row[f"psnr_{c}"] = psnr(g / s, p / s, mask)
+        row[f"psnr_eroded_{c}"] = psnr(g / s, p / s, eroded) if eroded.any() else float("nan")
+        row[f"ssim_{c}"] = ssim3d(g / s, p / s, mask, win_size=SSIM_WIN_SIZE, sigma=SSIM_SIGMA)
+    row["psnr_avg"] = (row["psnr_t1"] + row["psnr_t2"]) / 2
+    row["ssim_avg"] = (row["ssim_t1"] + row["ssim_t2"]) / 2
+    return row
+
+
+class SubjectImageMetric(Metric):
+    """Mean over validation subjects of ``subject_scores(...)[column]`` (e.g. ``psnr_avg``)."""
+
+    def __init__(self, column: str = "psnr_avg", output_transform=lambda x: x, device="cpu"):
+        self.column = column
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def update(self, output) -> None:
+        scores = output.get("scores") if isinstance(output, dict) else None
+        if scores is None:
+            scores = subject_scores(output["gt"], output["pred"])
+            output["scores"] = scores
+        self._values.append(float(scores[self.column]))
+
+    def compute(self) -> float:
+        return float(sum(self._values) / max(len(self._values), 1))
