@@ -2,7 +2,8 @@
 
 Sub-commands: ``synth`` (embedded dataset), ``degrade`` (HR scan -> simulated thick-slice LR),
 ``upsample`` (interpolation baselines onto any grid), ``baseline`` (per-subject classical SR:
-LRTV), ``evaluate`` (Table 1 / Table 5 runner). Errors in
+LRTV), ``predict`` (a trained bundle on a subject's two LR scans, any output grid),
+``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of inference/training). Errors in
 the user's input print one line ``error: <file>: <problem>`` and exit with status 2.
 """
 
@@ -106,6 +107,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    import torch
+
+    from nexus_monai.engines.predict import load_bundle, predict_files
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for c, path in (("t1", args.t1), ("t2", args.t2)):
+        if not Path(path).is_file():
+            raise NexusInputError(path, f"{c} input scan not found")
+    network, inferer, _ = load_bundle(args.bundle, args.config or (), weights=args.weights, device=args.device)
+    inferer.chunk_size = args.chunk_size
+    inferer.progress = not args.quiet
+    spacing = None
+    if args.spacing:
+        if len(args.spacing) not in (1, 3):
+            raise NexusInputError(None, "--spacing takes one value (isotropic) or three (mm)")
+        spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
+    result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer)
+    print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    """Speed and memory of Nexus-INR vs trilinear on one whole volume, and training steps/s.
+
+    The hidden ``--size X Y Z`` (tests) sets the output volume in voxels instead of 240 x 240 x 160;
+    see :mod:`nexus_monai.benchmark` for what is measured and how.
+    """
+    import json
+
+    from nexus_monai.benchmark import format_report, run_benchmark
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"benchmark: {msg}", file=sys.stderr, flush=True))
+    result = run_benchmark(bundle=args.bundle, overlays=args.config or (), weights=args.weights, random_weights=args.random_weights,
+                           size=args.size,
+                           chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
+                           skip_train=args.skip_train, log=log)
+    print(format_report(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def _add_grid_args(parser: argparse.ArgumentParser) -> None:
     """The target-grid options shared by every command that writes onto a chosen grid."""
     g = parser.add_mutually_exclusive_group(required=True)
@@ -148,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_baseline)
 
+    pr = sub.add_parser("predict", help="super-resolve a subject's T1w + T2w LR scans with a trained bundle (Nexus-INR)")
+    pr.add_argument("--bundle", default="bundles/nexus_inr", help="bundle folder (configs/inference.yaml, models/model.pt)")
+    pr.add_argument("--config", action="append", help="config overlay the checkpoint was trained with (e.g. configs/paper.yaml); repeatable")
+    pr.add_argument("--weights", help="checkpoint path (default <bundle>/models/model.pt)")
+    pr.add_argument("--t1", required=True, help="T1w LR NIfTI")
+    pr.add_argument("--t2", required=True, help="T2w LR NIfTI")
+    _add_grid_args(pr)
+    pr.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz")
+    pr.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: cuda if available)")
+    pr.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
+    pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
     e = sub.add_parser("evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
     e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, or a BraTS root")
     e.add_argument("--methods", default="trilinear,cubic")
@@ -160,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_evaluate)
+
+    bm = sub.add_parser("benchmark", help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training steps/s")
+    bm.add_argument("--bundle", default="bundles/nexus_inr", help="bundle folder (network_def, loss and training setting of configs/train.yaml)")
+    bm.add_argument("--config", action="append", help="config overlay over train.yaml (e.g. bundles/nexus_inr/configs/paper.yaml); repeatable")
+    bm.add_argument("--weights", help="checkpoint (default <bundle>/models/model.pt if present, else random weights: same cost)")
+    bm.add_argument("--random-weights", action="store_true", help="ignore any checkpoint: seeded random weights (same cost)")
+    bm.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once")
+    bm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    bm.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 2 warm-up steps)")
+    bm.add_argument("--skip-train", action="store_true", help="skip the training measurement")
+    bm.add_argument("--json", help="also write every number to this JSON file")
+    bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"), help=argparse.SUPPRESS)  # tests: a tiny volume
+    bm.set_defaults(func=cmd_benchmark)
     return p
 
 

@@ -54,3 +54,26 @@ def lrtv_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     from nexus_monai.baselines.lrtv import lrtv
 
     return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+
+
+_BUNDLE_MODELS: dict = {}
+
+
+def bundle_model(bundle: str = "bundles/nexus_inr", overlays: tuple = ()):
+    """A trained bundle's ``(network, inferer)``, loaded once per process (cohort models)."""
+    key = (str(bundle), tuple(overlays))
+    if key not in _BUNDLE_MODELS:
+        from nexus_monai.engines.predict import load_bundle
+
+        network, inferer, _ = load_bundle(bundle, overlays, device="cpu")
+        _BUNDLE_MODELS[key] = (network, inferer)
+    return _BUNDLE_MODELS[key]
+
+
+@register_method("nexus_inr")
+def nexus_inr_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr", **_) -> dict:
+    """Nexus-INR from ``bundles/nexus_inr/models/model.pt`` (train the bundle first)."""
+    from nexus_monai.engines.predict import predict_volumes
+
+    network, inferer = bundle_model(bundle)
+    return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)

@@ -29,7 +29,7 @@ def brats_label_to_class(label: torch.Tensor) -> torch.Tensor:
     """BraTS labels 0/1/2/4 -> classes 0/1/2/3 (any other value raises)."""
     label = label.long()
     out = torch.where(label == 4, torch.full_like(label, 3), label)
-    if bool(((out < 0) | (out > 3)).any()):
+    if bool(~((label == 0) | (label == 1) | (label == 2) | (label == 4)).all()):
         raise ValueError(f"labels outside {{0, 1, 2, 4}}: {sorted(set(torch.unique(label).tolist()) - {0, 1, 2, 4})}")
     return out
 

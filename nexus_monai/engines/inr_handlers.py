@@ -1,0 +1,175 @@
+"""Ignite handlers for implicit SR training: loss terms per epoch, validation report, resume.
+
+* :class:`LossTermsHandler` -- epoch means of every ``loss_<term>`` of the trainer's output go
+  to ``engine.state.metrics["train_<term>"]`` (so StatsHandler prints and MLFlowHandler logs
+  each term separately).
+* :class:`SRValidationReport` -- after each validation: per-subject CSV of Nexus-INR and
+  trilinear PSNR/SSIM (``<prefix>_subjects.csv``), a JSON summary, trilinear reference metrics
+  into ``state.metrics`` (``trilinear_psnr_t1``...), and a PNG panel (LR / trilinear / model / GT
+  for T1w and T2w) written to ``output_dir`` and logged to the run of an attached MLFlowHandler.
+* :class:`ResumeFromLatest` -- on start, load the newest ``CheckpointSaver`` file in a folder
+  (network, optimizer, scheduler and trainer state), so a killed run continues.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from nexus_monai.baselines.interpolation import upsample
+from nexus_monai.data.io import write_text_atomic
+from nexus_monai.engines.inr import CONTRASTS, subject_scores
+from nexus_monai.evaluation.panels import save_panel, to_uint8
+from nexus_monai.metrics.image_quality import intensity_scale
+
+__all__ = ["LossTermsHandler", "SRValidationReport", "ResumeFromLatest", "find_mlflow_handler"]
+
+
+class LossTermsHandler:
+    """Average each ``loss_*`` entry of ``engine.state.output`` over the epoch into ``state.metrics``."""
+
+    def __init__(self, prefix: str = "train_"):
+        self.prefix = prefix
+        self._sums: dict[str, float] = defaultdict(float)
+        self._n = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._n = defaultdict(float), 0
+
+    def _update(self, engine: Engine) -> None:
+        out = engine.state.output or {}
+        for k, v in out.items():
+            if k.startswith("loss"):
+                self._sums[k] += float(v)
+        self._n += 1
+
+    def _complete(self, engine: Engine) -> None:
+        for k, v in self._sums.items():
+            engine.state.metrics[self.prefix + k] = v / max(self._n, 1)
+
+
+def find_mlflow_handler(engine: Engine):
+    """The MLFlowHandler attached to ``engine`` (by ``--tracking mlflow``), or None."""
+    for handlers in engine._event_handlers.values():
+        for func, *_ in handlers:
+            owner = getattr(func, "__self__", None)
+            if owner is not None and type(owner).__name__ == "MLFlowHandler":
+                return owner
+    return None
+
+
+class SRValidationReport:
+    """Per-subject CSV, JSON summary, trilinear reference metrics and a PNG panel after each validation.
+
+    Args:
+        output_dir: folder for ``<prefix>_subjects.csv``, ``<prefix>_summary.json`` and
+            ``<prefix>_panel_epochNNN.png`` (None: nothing written, e.g. on non-zero DDP ranks).
+        prefix: file name prefix.
+        trainer: the trainer (for the epoch number in file names and MLflow steps), optional.
+    """
+
+    def __init__(self, output_dir: str | None, prefix: str = "validation", trainer: Engine | None = None):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.prefix = prefix
+        self.trainer = trainer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self.panel = [], None
+
+    def _update(self, engine: Engine) -> None:
+        out = engine.state.output
+        tri = {c: upsample(out["lr"][c], out["grid"], "trilinear")[0].as_subclass(torch.Tensor) for c in CONTRASTS}
+        scores = out.get("scores") or subject_scores(out["gt"], out["pred"])
+        ref = subject_scores(out["gt"], tri)
+        row = {"subject": out["subject"], **{f"model_{k}": v for k, v in scores.items()}, **{f"trilinear_{k}": v for k, v in ref.items()}}
+        self.rows.append(row)
+        if self.panel is None:
+            self.panel = self._tiles(out, tri)
+
+    @staticmethod
+    def _tiles(out: dict, tri: dict) -> list[list[np.ndarray]]:
+        rows = []
+        for c in CONTRASTS:
+            gt = out["gt"][c].numpy()
+            thick = int(np.argmax(out["lr"][c].affine[:3, :3].norm(dim=0).numpy()))  # LR thick axis
+            view = (thick + 1) % 3  # a slice plane that contains the thick axis
+            mid = int(np.argmax((gt > 0).sum(axis=tuple(a for a in range(3) if a != view))))
+            vmax = intensity_scale(gt, gt > 0) if (gt > 0).any() else 1.0
+            nearest = upsample(out["lr"][c], out["grid"], "nearest")[0].as_subclass(torch.Tensor).numpy()
+            vols = [nearest, tri[c].numpy(), out["pred"][c].numpy(), gt]
+            rows.append([to_uint8(np.take(v, mid, axis=view), vmax) for v in vols])
+        return rows
+
+    def _complete(self, engine: Engine) -> None:
+        if not self.rows:
+            return
+        keys = [k for k in self.rows[0] if k != "subject"]
+        means = {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
+        for k, v in means.items():
+            if k.startswith("trilinear_"):
+                engine.state.metrics[k] = v
+        epoch = self.trainer.state.epoch if self.trainer is not None else engine.state.epoch
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        header = ["subject"] + keys
+        lines = [",".join(header)] + [",".join([str(r["subject"])] + [f"{r[k]:.6f}" for k in keys]) for r in self.rows]
+        write_text_atomic(self.output_dir / f"{self.prefix}_subjects.csv", "\n".join(lines) + "\n")
+        gain = {c: means[f"model_psnr_{c}"] - means[f"trilinear_psnr_{c}"] for c in CONTRASTS}
+        summary = {"epoch": epoch, "subjects": len(self.rows), "mean": means, "psnr_gain_over_trilinear_db": gain}
+        write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
+        panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
+        save_panel(self.panel, panel, row_labels=["T1w", "T2w"], col_labels=["LR (nearest)", "trilinear", "model", "GT HR"])
+        mlflow_handler = find_mlflow_handler(engine)
+        if mlflow_handler is not None and getattr(mlflow_handler, "cur_run", None) is not None:
+            mlflow_handler.client.log_artifact(mlflow_handler.cur_run.info.run_id, str(panel), artifact_path="panels")
+
+
+class ResumeFromLatest:
+    """Load the newest checkpoint in ``ckpt_dir`` matching ``pattern`` when the engine starts.
+
+    ``load_dict`` maps names to objects with ``load_state_dict`` (network, optimizer,
+    lr_scheduler, trainer), as saved by ``CheckpointSaver(save_dict=...)``. No file: no-op.
+    """
+
+    def __init__(self, ckpt_dir: str, load_dict: dict, pattern: str = r"checkpoint_epoch=(\d+)\.pt$", map_location="cpu"):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.load_dict = load_dict
+        self.pattern = re.compile(pattern)
+        self.map_location = map_location
+        self.loaded: Path | None = None
+
+    def latest(self) -> Path | None:
+        if not self.ckpt_dir.is_dir():
+            return None
+        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := self.pattern.search(p.name))]
+        return max(found)[1] if found else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._load)
+
+    def _load(self, engine: Engine) -> None:
+        path = self.latest()
+        if path is None:
+            return
+        from monai.handlers import CheckpointLoader
+
+        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+        self.loaded = path
+        engine.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")

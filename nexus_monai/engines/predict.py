@@ -1,0 +1,163 @@
+"""Whole-volume prediction of both contrasts from two LR scans on files (``nexus-sr predict``,
+the bundle's ``inference`` and the evaluation method ``nexus_inr`` all go through here).
+
+Intensities: each LR scan is divided by its own 99.5th percentile of non-zero voxels (as in
+training); the outputs are multiplied back, so they are in the input's units.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from monai.data import MetaTensor
+
+from nexus_monai.data.io import load_volume, save_volume
+from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer
+from nexus_monai.errors import NexusInputError
+from nexus_monai.geometry import TargetGrid, field_of_view, spacing
+from nexus_monai.metrics.image_quality import intensity_scale
+
+__all__ = ["predict_volumes", "predict_files", "target_grid", "OUTPUT_NAMES"]
+
+OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
+
+
+def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None) -> TargetGrid:
+    """The output grid: the field of view of ``reference`` at ``spacing_mm``, or the grid of the ``like`` file."""
+    if like is not None:
+        import nibabel as nib
+
+        try:
+            return TargetGrid.like(nib.load(str(like)))
+        except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
+            raise NexusInputError(like, f"cannot read the reference grid ({type(err).__name__})") from err
+    if spacing_mm is None:
+        raise NexusInputError(None, "give a target spacing (mm) or a reference image for the output grid")
+    sp = [float(s) for s in (spacing_mm if isinstance(spacing_mm, (list, tuple)) else [spacing_mm] * 3)]
+    if len(sp) != 3 or min(sp) <= 0:
+        raise NexusInputError(None, f"target spacing must be 3 positive numbers in mm, got {spacing_mm}")
+    return TargetGrid.from_spacing(reference.shape[-3:], reference.affine, sp)
+
+
+def _check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Mapping[str, str], max_voxels: float) -> None:
+    if grid.num_voxels > max_voxels:
+        raise NexusInputError(None, f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of {int(max_voxels):,}")
+    out_box = field_of_view(grid.shape, grid.affine)
+    lo_o, hi_o = out_box.min(0).values, out_box.max(0).values
+    for c, img in lr.items():
+        box = field_of_view(img.shape[-3:], img.affine)
+        lo, hi = box.min(0).values, box.max(0).values
+        if bool(torch.any(hi_o < lo)) or bool(torch.any(lo_o > hi)):
+            raise NexusInputError(sources.get(c), "the target grid does not overlap this scan's field of view (unreachable target grid)")
+
+
+def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid, inferer: ImplicitGridInferer | None = None) -> dict:
+    """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units."""
+    inferer = inferer or ImplicitGridInferer()
+    scaled, scales = {}, {}
+    for c, img in (("t1", t1_lr), ("t2", t2_lr)):
+        x = img.as_subclass(torch.Tensor).float()
+        x = x[None] if x.ndim == 3 else x
+        scales[c] = intensity_scale(x, x != 0) if bool((x != 0).any()) else 1.0
+        scaled[c] = MetaTensor(x / scales[c], affine=img.affine)
+    pred = inferer(scaled["t1"], scaled["t2"], network, grid)
+    return {c: MetaTensor((pred[c] * scales[c])[None], affine=grid.affine.clone()) for c in CONTRASTS}
+
+
+def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
+                  spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None,
+                  inferer: ImplicitGridInferer | None = None, max_voxels: float = 2e9) -> dict[str, Path]:
+    """Read both LR scans, predict on the requested grid, write ``t1w_sr.nii.gz`` / ``t2w_sr.nii.gz``.
+
+    Every input is checked before any work (one-line :class:`NexusInputError`); both outputs are
+    written to temporary names and renamed only after both succeeded (no partial outputs).
+    """
+    sources = {"t1": str(t1), "t2": str(t2)}
+    for c, path in sources.items():
+        if path in ("", "None") or not Path(path).exists():
+            raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+    lr = {c: load_volume(p) for c, p in sources.items()}
+    grid = target_grid(lr["t1"], spacing_mm, like)
+    _check_reachable(grid, lr, sources, max_voxels)
+    pred = predict_volumes(network, lr["t1"], lr["t2"], grid, inferer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for c in CONTRASTS:  # each file is atomic; if the second fails the first is removed too
+            written.append(save_volume(pred[c], out / OUTPUT_NAMES[c]))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    sp = [round(float(v), 4) for v in spacing(grid.affine)]
+    return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / OUTPUT_NAMES[c] for c in CONTRASTS}}
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a ``CheckpointSaver`` file (``{"model": state}``, ``{"network": state}`` or a bare state dict).
+
+    A missing file or a checkpoint whose tensors do not match the network raises a one-line
+    :class:`NexusInputError` before any prediction.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NexusInputError(path, "checkpoint not found (train the bundle first or pass the weights path)")
+    try:
+        state = torch.load(str(path), map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise NexusInputError(path, f"cannot read checkpoint ({type(err).__name__})") from err
+    for key in ("model", "network"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    target = network.module if hasattr(network, "module") else network
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(first[1:3]).strip() if len(first) > 1 else first[0]
+        raise NexusInputError(path, f"checkpoint does not match the network_def ({detail[:300]})") from err
+    return network
+
+
+def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,
+                device: str | torch.device | None = None, overrides: Mapping | None = None):
+    """``(network with weights, ImplicitGridInferer, parser)`` from ``<bundle>/configs/inference.yaml``.
+
+    ``overlays``: extra config files merged over it (e.g. the ``paper.yaml`` the checkpoint was
+    trained with, whose ``network_def#...`` keys then apply). Bundle configs use paths relative to
+    the repository root (``bundles/...``, ``transforms/...``), so parsing happens from there.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle).resolve()
+    config = root / "configs" / "inference.yaml"
+    if not config.is_file():
+        raise NexusInputError(root, "not a bundle folder (configs/inference.yaml missing)")
+    files = [str(config)] + [str(Path(o).resolve()) for o in overlays]
+    for f in files[1:]:
+        if not Path(f).is_file():
+            raise NexusInputError(f, "config overlay not found")
+    cwd = os.getcwd()
+    os.chdir(root.parent.parent)
+    try:
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser["bundle_root"] = str(root)
+        if device is not None:
+            parser["device"] = f"$torch.device('{device}')"
+        for k, v in (overrides or {}).items():
+            parser[k] = v
+        if weights is not None:
+            parser["ckpt_path"] = str(weights)
+        network = parser.get_parsed_content("network")
+        load_weights(network, parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("device"))
+        inferer = parser.get_parsed_content("inferer")
+    finally:
+        os.chdir(cwd)
+    network.eval()
+    return network, inferer, parser
