@@ -77,3 +77,27 @@ def nexus_inr_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/n
 
     network, inferer = bundle_model(bundle)
     return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+
+
+@register_method("smore")
+def smore_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """SMORE (Zhao et al., TMI 2021; re-implementation): self-supervised 2D SR per LR scan, no training data."""
+    from nexus_monai.baselines.smore import smore
+
+    return {c: smore(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+
+
+@register_method("saint")
+def saint_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt`` (train the bundle first)."""
+    from nexus_monai.baselines.saint import saint
+
+    return {c: saint(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+
+
+@register_method("i3net")
+def i3net_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt`` (train the bundle first)."""
+    from nexus_monai.baselines.i3net import i3net
+
+    return {c: i3net(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
