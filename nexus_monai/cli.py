@@ -3,7 +3,8 @@
 Sub-commands: ``synth`` (embedded dataset), ``degrade`` (HR scan -> simulated thick-slice LR),
 ``upsample`` (interpolation baselines onto any grid), ``baseline`` (per-subject classical SR:
 LRTV), ``predict`` (a trained bundle on a subject's two LR scans, any output grid),
-``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of inference/training). Errors in
+``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of inference/training),
+``serve`` (MONAI-Label-style REST service). Errors in
 the user's input print one line ``error: <file>: <problem>`` and exit with status 2.
 """
 
@@ -154,6 +155,30 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """MONAI-Label-style REST service (``GET /info/``, ``POST /infer/{model}``); see :mod:`nexus_monai.serving`."""
+    import logging
+
+    import torch
+
+    from nexus_monai.serving.app import create_app
+    from nexus_monai.serving.models import load_models
+    from nexus_monai.serving.server import run_server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workers < 1 or args.max_queue < args.workers or args.max_upload_mb <= 0:
+        raise NexusInputError(None, "--workers must be >= 1, --max-queue >= --workers and --max-upload-mb > 0")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = load_models(args.bundle or ["bundles/nexus_inr"], args.config, args.weights, device=args.device,
+                         chunk_size=args.chunk_size, max_output_voxels=args.max_output_voxels)
+    app = create_app(models, max_upload_bytes=int(args.max_upload_mb * 2**20), workers=args.workers, max_queue=args.max_queue,
+                     workdir=args.workdir)
+    print(f"models: {', '.join(f'{n} ({m.version}, {m.device})' for n, m in models.items())}", flush=True)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_grid_args(parser: argparse.ArgumentParser) -> None:
     """The target-grid options shared by every command that writes onto a chosen grid."""
     g = parser.add_mutually_exclusive_group(required=True)
@@ -236,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"), help=argparse.SUPPRESS)  # tests: a tiny volume
     bm.set_defaults(func=cmd_benchmark)
+
+    sv = sub.add_parser("serve", help="MONAI-Label-style REST service: GET /info/, POST /infer/{model} with NIfTI uploads")
+    sv.add_argument("--bundle", action="append", help="bundle folder to serve, named by its folder (default bundles/nexus_inr); repeatable")
+    sv.add_argument("--config", action="append", help="config overlay the checkpoint was trained with; [MODEL=]PATH, repeatable")
+    sv.add_argument("--weights", action="append", help="checkpoint; [MODEL=]PATH (default <bundle>/models/model.pt)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed on the first line)")
+    sv.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: the bundle's device)")
+    sv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    sv.add_argument("--workers", type=int, default=1, help="inference threads (requests run at once)")
+    sv.add_argument("--max-queue", type=int, default=16, help="requests waiting or running before 503 busy")
+    sv.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body in MiB (413 above)")
+    sv.add_argument("--max-output-voxels", type=float, default=1.5e8, help="largest target grid in voxels (422 above)")
+    sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
+    sv.add_argument("--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
