@@ -53,9 +53,13 @@ def _error_response(err: ServingError) -> JSONResponse:
     return JSONResponse({"detail": str(err), "status": err.status, "source": err.source, "problem": err.problem}, status_code=err.status)
 
 
-def _input_error(err: NexusInputError, labels: Mapping[str, str]) -> ServingError:
-    """A :class:`NexusInputError` about a stored upload, re-worded with the upload's name (never the server path)."""
-    return ServingError(422, err.problem, labels.get(err.source or "", "request"))
+def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) -> ServingError:
+    """A :class:`NexusInputError` about a stored upload, re-worded with the upload's name (server paths never leave)."""
+    problem = err.problem
+    for path, label in labels.items():
+        problem = problem.replace(path, label)
+    problem = problem.replace(str(folder), "<request>")
+    return ServingError(422, problem, labels.get(err.source or "", "request"))
 
 
 def _header_info(path: Path) -> dict:
@@ -196,7 +200,7 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
                 found = find_input_error(err)
                 if found is None:
                     raise
-                raise _input_error(found, labels) from None
+                raise _input_error(found, labels, folder) from None
             result = job["result"]
             files = {c: Path(result[c]) for c in params.contrasts}
             meta = {
