@@ -424,3 +424,102 @@ def test_cli_serve_bad_bundle_is_one_line(tmp_path, capsys):
     rc = main(["serve", "--bundle", str(tmp_path / "nope"), "--port", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "not a bundle folder" in err
+
+
+# --- the MONAI Label app: its plain-Python request handling (monailabel itself is not installable here) ---
+
+APP_DIR = REPO / "nexus_monai" / "serving" / "monailabel_app"
+
+
+@pytest.mark.parametrize("name,contrast", [("BraTS20_Training_001_t1.nii.gz", "t1"), ("BraTS20_Training_001_t2.nii.gz", "t2"),
+                                           ("BraTS-GLI-00001-000-t1n.nii.gz", "t1"), ("BraTS-GLI-00001-000-t2w.nii.gz", "t2"),
+                                           ("sub-01_T1w.nii", "t1"), ("subj_t1_lr.nii.gz", "t1"), ("BraTS20_001_t1ce.nii.gz", None),
+                                           ("BraTS20_001_flair.nii.gz", None), ("t1_registered_to_t2.nii.gz", "t2")])
+def test_scan_contrast(name, contrast):
+    from nexus_monai.serving.monailabel_app.lib.infers.sr_request import scan_contrast
+
+    assert scan_contrast(name) == contrast
+
+
+@pytest.mark.parametrize("image,other,expected", [("s01_t1_lr.nii.gz", "t2", "s01_t2_lr.nii.gz"), ("sub-01_T1w.nii.gz", "t2", "sub-01_T2w.nii.gz"),
+                                                  ("X-001-t2w.nii.gz", "t1", "X-001-t1n.nii.gz"), ("s02_t1.nii.gz", "t2", None)])
+def test_companion_scan(tmp_path, image, other, expected):
+    from nexus_monai.serving.monailabel_app.lib.infers.sr_request import companion_scan
+
+    for name in ("s01_t1_lr.nii.gz", "s01_t2_lr.nii.gz", "sub-01_T1w.nii.gz", "sub-01_T2w.nii.gz", "X-001-t1n.nii.gz", "X-001-t2w.nii.gz",
+                 "s02_t1.nii.gz", "s02_t2.nii"):  # s02: different suffix is not the same subject's scan
+        (tmp_path / name).write_bytes(b"")
+    found = companion_scan(tmp_path / image, other)
+    assert (found.name if found else None) == expected
+
+
+@pytest.fixture(scope="module")
+def bundle_model(pair):
+    from nexus_monai.serving.models import BundleModel
+
+    torch.set_num_threads(1)
+    return BundleModel(BUNDLE, [str(pair["overlay"])], pair["weights"], device="cpu")
+
+
+@pytest.mark.parametrize("image,request_params,grid,contrast", [
+    ("subj_t1.nii.gz", {"spacing": [0.8, 1.0, 1.6]}, "aniso", "t1"),
+    ("subj_t2.nii.gz", {"device": "cuda", "spacing": "", "like": ""}, "default", "t2"),  # MONAI Label's empty config values
+    ("subj_t1.nii.gz", {"contrast": "t2"}, "default", "t2"),
+])
+def test_monailabel_request_steps_match_predict(pair, predicted, bundle_model, tmp_path, image, request_params, grid, contrast):
+    from nexus_monai.serving.monailabel_app.lib.infers.sr_request import PrepareSRRequest, predict_request, write_result
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for c in ("t1", "t2"):
+        (studies / f"subj_{c}.nii.gz").write_bytes(pair[c].read_bytes())
+    data = PrepareSRRequest()({"model": "nexus_inr", "image": str(studies / image), **request_params})
+    assert {c: p.name for c, p in data["sr_scans"].items()} == {"t1": "subj_t1.nii.gz", "t2": "subj_t2.nii.gz"}
+    data = predict_request(bundle_model, data, workdir=tmp_path)
+    path, result = write_result(data, "nexus_inr")
+    try:
+        _same(nib.load(path), predicted[grid][contrast])
+        assert result["contrast"] == contrast and result["grid_shape"] == list(predicted[grid][contrast].shape)
+        assert not data["sr_folder"].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["studies"]
+    finally:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("files,request_params,source", [
+    (["subj_t1.nii.gz"], {}, "t2"),                                    # no T2 beside the T1
+    (["subj_flair.nii.gz", "subj_t2.nii.gz"], {}, "image"),           # contrast not in the name
+    (["subj_t1.nii.gz", "subj_t2.nii.gz"], {"contrasts": ["t1", "t2"]}, "params"),  # MONAI Label returns one image
+    (["subj_t1.nii.gz", "subj_t2.nii.gz"], {"like": "../x.nii.gz"}, "params"),
+])
+def test_monailabel_request_refusals(tmp_path, files, request_params, source):
+    from nexus_monai.serving.monailabel_app.lib.infers.sr_request import prepare_request
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ServingError) as err:
+        prepare_request({"image": str(tmp_path / files[0]), **request_params})
+    assert err.value.status == 400 and err.value.source == source
+
+
+def test_monailabel_app_files_compile_and_guard_the_import():
+    import py_compile
+
+    for rel in ("main.py", "lib/infers/nexus_sr.py", "lib/infers/sr_request.py"):
+        py_compile.compile(str(APP_DIR / rel), doraise=True)
+    try:
+        import monailabel  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs monailabel"):
+            import nexus_monai.serving.monailabel_app.lib.infers.nexus_sr  # noqa: F401
+
+
+def test_monailabel_task_end_to_end(pair, predicted, bundle_model, tmp_path):
+    """Only where monailabel is installed: the real BasicInferTask pipeline returns predict's volume."""
+    pytest.importorskip("monailabel")
+    from nexus_monai.serving.monailabel_app.lib.infers.nexus_sr import NexusSRInfer
+
+    for c in ("t1", "t2"):
+        (tmp_path / f"subj_{c}.nii.gz").write_bytes(pair[c].read_bytes())
+    path, result = NexusSRInfer(bundle_model)({"model": "nexus_inr", "image": str(tmp_path / "subj_t2.nii.gz"), "device": "cpu"})
+    _same(nib.load(path), predicted["default"]["t2"])
+    os.unlink(path)

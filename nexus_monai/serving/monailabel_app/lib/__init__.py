@@ -1,0 +1,1 @@
+"""MONAI Label app library (tasks of the nexus_monai app)."""
