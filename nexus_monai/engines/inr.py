@@ -3,7 +3,7 @@
 * :func:`inr_inputs` -- a collated training batch -> the network's keyword inputs (LR volumes,
   their ``(B, 4, 4)`` affines, query points) and targets.
 * :class:`INRTrainStep` -- ``iteration_update`` for MONAI's ``SupervisedTrainer``: forward,
-  every loss term, backward, step. ``engine.state.output`` is ``{"loss": float, "loss_<term>": float}``.
+  every loss term, backward, step. ``engine.state.output``: ``{"subject", "loss", "loss_<term>"}``.
 * :class:`ImplicitGridInferer` -- a MONAI ``Inferer``: both LR scans of ONE subject -> both
   contrasts on any :class:`~nexus_monai.geometry.TargetGrid`, encoding once and decoding in
   chunks of ``chunk_size`` points (peak memory bounded whatever the output size).
@@ -75,7 +75,12 @@ class INRTrainStep:
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
         engine.optimizer.step()
-        return {"loss": float(terms["loss"].detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}
+        b = kwargs["t1"].shape[0]
+        subject = batch.get("subject", list(range(b)))
+        # A per-item key makes MONAI's decollation turn the output into one dict per item with the
+        # scalar losses replicated (its usual shape), so from_engine(["loss"], first=True) works.
+        return {"subject": list(subject) if isinstance(subject, (list, tuple)) else [subject] * b,
+                "loss": float(terms["loss"].detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}
 
 
 class ImplicitGridInferer(Inferer):
@@ -175,7 +180,8 @@ def subject_scores(gt: Mapping, pred: Mapping) -> dict:
 class SubjectImageMetric(Metric):
     """Mean over validation subjects of ``subject_scores(...)[column]`` (e.g. ``psnr_avg``)."""
 
-    def __init__(self, column: str = "psnr_avg", output_transform=lambda x: x, device="cpu"):
+    def __init__(self, column: str = "psnr_avg", output_transform=lambda x: (x,), device="cpu"):
+        # ignite turns a dict output into (y_pred, y); wrapped in a tuple the whole dict reaches update()
         self.column = column
         super().__init__(output_transform=output_transform, device=device)
 
@@ -183,6 +189,7 @@ class SubjectImageMetric(Metric):
         self._values: list[float] = []
 
     def update(self, output) -> None:
+        output = output[0] if isinstance(output, (tuple, list)) else output
         scores = output.get("scores") if isinstance(output, dict) else None
         if scores is None:
             scores = subject_scores(output["gt"], output["pred"])
