@@ -91,20 +91,54 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _method_options(pairs, what: str) -> dict:
+    """``["cycleinr=PATH", ...]`` -> ``{"cycleinr": {what: "PATH"}}`` (one-line error on a malformed pair)."""
+    out: dict = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise NexusInputError(None, f"--{what} takes METHOD=PATH, got {pair!r}")
+        out.setdefault(name.strip(), {})[what] = value.strip()
+    return out
+
+
 def cmd_evaluate(args) -> int:
-    from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
+    from nexus_monai.evaluation.downstream import load_segmenters
+    from nexus_monai.evaluation.methods import check_methods
+    from nexus_monai.evaluation.table1 import check_subject_files, evaluate_methods, select_subjects
     from nexus_monai.transforms.protocols import load_protocol
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise NexusInputError(None, "--methods is empty")
+    options = _method_options(args.weights, "weights")
+    for name, opts in _method_options(args.bundle, "bundle").items():
+        options.setdefault(name, {}).update(opts)
     protocol = load_protocol(args.protocol)
     subjects = select_subjects(args.data, args.split, seed=args.seed, max_subjects=args.max_subjects)
-    from nexus_monai.evaluation.downstream import load_segmenters
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    segmenters = load_segmenters([s.strip() for s in (args.downstream or "").split(",") if s.strip()])
-    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet, segmenters=segmenters)
+    downstream = [s.strip() for s in (args.downstream or "").split(",") if s.strip()]
+    # every check before any work: method names, checkpoints, datalist files, segmenters
+    check_methods(methods, options)
+    check_subject_files(subjects, ("t1", "t2", "seg") if downstream else ("t1", "t2"))
+    segmenters = load_segmenters(downstream)
+    mlflow = None
+    if not args.no_mlflow:
+        mlflow = {
+            "tracking_uri": args.tracking_uri,
+            "run_name": args.run_name or f"evaluate_{protocol.name}_{args.split}",
+            "experiment": args.experiment,
+            "params": {"data": args.data, "split": args.split, "protocol": protocol.name, "methods": ",".join(methods),
+                       "n_subjects": len(subjects), "lpips": not args.no_lpips, "downstream": ",".join(downstream) or "none",
+                       **{f"{m}.{k}": v for m, o in options.items() for k, v in o.items()}},
+        }
+    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet, segmenters=segmenters,
+                     method_options=options, mlflow=mlflow)
     print((Path(args.out) / "table1.md").read_text())
     if segmenters:
         print((Path(args.out) / "table5.md").read_text())
+    if mlflow is not None:
+        uri = args.tracking_uri or f"sqlite:///{(Path(args.out) / 'mlruns.db').resolve()}"
+        print(f"MLflow run {mlflow['run_name']!r} logged to {uri} (mlflow ui --backend-store-uri {uri})")
     return 0
 
 
@@ -237,13 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
     e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, or a BraTS root")
-    e.add_argument("--methods", default="trilinear,cubic")
+    e.add_argument("--methods", default="trilinear,cubic", help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", help="datalist split to evaluate (training, validation, test)")
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
     e.add_argument("--max-subjects", type=int, default=None)
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
     e.add_argument("--downstream", default="", help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in bundles/<name>/models)")
+    e.add_argument("--weights", action="append", metavar="METHOD=CKPT", help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable")
+    e.add_argument("--bundle", action="append", metavar="METHOD=FOLDER", help="bundle folder of a cohort method instead of bundles/<method>; repeatable")
+    e.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlruns.db)")
+    e.add_argument("--experiment", default="nexus_monai_evaluate", help="MLflow experiment name")
+    e.add_argument("--run-name", default=None, help="MLflow run name (default evaluate_<protocol>_<split>)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_evaluate)

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from nexus_monai.cli import main
@@ -51,7 +52,7 @@ if "broken_for_test" not in METHODS:
 def test_evaluate_interpolation_table(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "data")
     out = tmp_path / "res"
-    code = main(["evaluate", "--data", str(data), "--methods", "trilinear,cubic,broken_for_test", "--protocol", "nexus", "--out", str(out), "--quiet"])
+    code = main(["evaluate", "--data", str(data), "--methods", "trilinear,cubic,broken_for_test", "--protocol", "nexus", "--out", str(out), "--quiet", "--no-mlflow"])
     assert code == 0
     rows = pd.read_csv(out / "per_subject.csv")
     assert len(rows) == 9
@@ -66,7 +67,10 @@ def test_evaluate_interpolation_table(tmp_path, capsys):
     assert table.loc[table["method"] == "broken_for_test", "failed"].item() == 3
     md = (out / "table1.md").read_text()
     assert "| trilinear |" in md and "this method always fails" in md and "99.5th percentile" in md
-    assert list(out.glob("panel_*.png"))
+    panels = list(out.glob("panel_*.png"))
+    assert len(panels) == 1  # one subject, every method: GT + 3 columns of 80 px (40 voxels x zoom 2) + 4 px gaps, labels 90 px
+    assert Image.open(panels[0]).size[0] == 90 + 4 * (80 + 4)
+    assert not (out / "mlruns.db").exists()
     # the table mean is the mean of the per-subject rows
     tri = ok[ok["method"] == "trilinear"]
     assert math.isclose(table.loc[0, "psnr_t1_mean"], tri["psnr_t1"].mean(), rel_tol=1e-9)
@@ -74,7 +78,7 @@ def test_evaluate_interpolation_table(tmp_path, capsys):
 
 def test_evaluate_ssmcsr_protocol_reports_mi_errors(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", n=1)
-    assert main(["evaluate", "--data", str(data / "dataset.json"), "--methods", "trilinear", "--protocol", "ssmcsr", "--no-lpips", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["evaluate", "--data", str(data / "dataset.json"), "--methods", "trilinear", "--protocol", "ssmcsr", "--no-lpips", "--out", str(tmp_path / "r"), "--quiet", "--no-mlflow"]) == 0
     md = (tmp_path / "r" / "table1.md").read_text()
     assert "ε_MI^T1" in md and "z×4" in md
 
@@ -85,6 +89,41 @@ def test_evaluate_bad_data_is_one_line(tmp_path, capsys):
     seg = np.zeros((36, 36, 24), np.uint8)
     seg[0, 0, 0] = 3
     nib.save(nib.Nifti1Image(seg, make_affine((6.0, 6.0, 6.0), (-105, -105, -75)).numpy()), str(data / sid / f"{sid}_seg.nii.gz"))
-    code = main(["evaluate", "--data", str(data), "--methods", "trilinear", "--out", str(tmp_path / "r"), "--quiet", "--no-lpips"])
+    code = main(["evaluate", "--data", str(data), "--methods", "trilinear", "--out", str(tmp_path / "r"), "--quiet", "--no-lpips", "--no-mlflow"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{sid}_seg.nii.gz" in err[0] and "[3]" in err[0]
+
+
+def test_unknown_method_and_missing_datalist_file_fail_before_any_work(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "r"
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear,nope", "--out", str(out), "--quiet", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0] and "available:" in err[0] and "cycleinr" in err[0]
+    missing = data / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii.gz"
+    missing.unlink()
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear", "--out", str(out), "--quiet", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "file not found" in err[0]
+    assert not out.exists()  # the first subject is fine, yet nothing ran: every check comes first
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear", "--weights", "trilinear=x.pt", "--out", str(out), "--quiet", "--no-mlflow"]) == 2
+    assert "not a cohort bundle" in capsys.readouterr().err
+
+
+def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "res"
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear,broken_for_test", "--no-lpips", "--quiet", "--run-name", "tiny_eval", "--out", str(out)]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("nexus_monai_evaluate")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "tiny_eval" and run.info.status == "FINISHED"
+    assert run.data.params["protocol"] == "nexus" and run.data.params["split"] == "test" and run.data.params["n_subjects"] == "2"
+    table = pd.read_csv(out / "table1.csv")
+    assert math.isclose(run.data.metrics["trilinear/psnr_t1_mean"], table.loc[0, "psnr_t1_mean"], rel_tol=1e-9)
+    assert run.data.metrics["broken_for_test/failed"] == 2 and "always fails" in run.data.tags["failed/broken_for_test"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "panels")}
+    assert {"per_subject.csv", "table1.csv", "table1.md"} <= names and any(n.endswith(".png") for n in names)

@@ -8,22 +8,30 @@ to predict both contrasts on. Later issues register cohort and subject-specific 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.geometry import TargetGrid
 
-__all__ = ["METHODS", "register_method", "get_method"]
+__all__ = ["METHODS", "register_method", "get_method", "register_cohort_bundle", "bundle_model", "check_methods"]
 
 METHODS: dict[str, Callable] = {}
 
 
-def register_method(name: str):
-    """Decorator adding a method to :data:`METHODS` under ``name``."""
+def register_method(name: str, bundle: str | None = None):
+    """Decorator adding a method to :data:`METHODS` under ``name``.
+
+    ``bundle``: the bundle folder whose ``models/model.pt`` the method predicts with (cohort
+    models); :func:`check_methods` then loads and checks it before any work starts.
+    """
 
     def wrap(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
+        if bundle is not None:
+            fn.bundle = bundle
         METHODS[name] = fn
         return fn
 
@@ -56,27 +64,86 @@ def lrtv_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
 
 
+# --- cohort models: trained bundles, loaded once per process from bundles/<name>/models/model.pt ---
 _BUNDLE_MODELS: dict = {}
 
 
-def bundle_model(bundle: str = "bundles/nexus_inr", overlays: tuple = ()):
-    """A trained bundle's ``(network, inferer)``, loaded once per process (cohort models)."""
-    key = (str(bundle), tuple(overlays))
+def _bundle_folder(bundle: str | os.PathLike) -> Path:
+    """``bundle`` as given, or relative to the repository root when the working directory lacks it."""
+    path = Path(bundle)
+    if not path.is_absolute() and not path.exists():
+        in_repo = Path(__file__).resolve().parents[2] / path
+        if in_repo.exists():
+            return in_repo
+    return path
+
+
+def bundle_model(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: tuple = (), weights: str | os.PathLike | None = None):
+    """A trained bundle's ``(network, inferer)``, loaded once per process (cohort models).
+
+    Goes through :func:`nexus_monai.engines.predict.load_bundle`: a missing checkpoint
+    (``<bundle>/models/model.pt``, or ``weights``) or one that does not match the bundle's
+    ``network_def`` is a one-line ``NexusInputError``.
+    """
+    folder = _bundle_folder(bundle)
+    key = (str(folder.resolve()), tuple(overlays), None if weights is None else str(Path(weights).resolve()))
     if key not in _BUNDLE_MODELS:
         from nexus_monai.engines.predict import load_bundle
 
-        network, inferer, _ = load_bundle(bundle, overlays, device="cpu")
+        network, inferer, _ = load_bundle(folder, overlays, weights=weights, device="cpu")
         _BUNDLE_MODELS[key] = (network, inferer)
     return _BUNDLE_MODELS[key]
 
 
-@register_method("nexus_inr")
-def nexus_inr_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr", **_) -> dict:
-    """Nexus-INR from ``bundles/nexus_inr/models/model.pt`` (train the bundle first)."""
-    from nexus_monai.engines.predict import predict_volumes
+def register_cohort_bundle(name: str, bundle: str | None = None, description: str = "") -> Callable:
+    """Register method ``name``: the bundle ``bundle`` (default ``bundles/<name>``) predicting both contrasts.
 
-    network, inferer = bundle_model(bundle)
-    return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+    The bundle's ``configs/inference.yaml`` provides ``network`` (with the two-contrast
+    ``encode`` / ``decode`` interface) and ``inferer`` (``inferer(t1_lr, t2_lr, network, grid)``);
+    prediction is :func:`nexus_monai.engines.predict.predict_volumes` (each LR scan scaled by its
+    own 99.5th percentile, outputs scaled back). Options ``bundle=`` / ``weights=`` override the
+    folder / checkpoint per call (``nexus-sr evaluate --weights NAME=CKPT``).
+    """
+    folder = bundle or f"bundles/{name}"
+
+    def method(inputs: Mapping, grid: TargetGrid, bundle: str = folder, weights: str | None = None, **_) -> dict:
+        from nexus_monai.engines.predict import predict_volumes
+
+        network, inferer = bundle_model(bundle, weights=weights)
+        return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+
+    method.__name__ = f"{name}_method"
+    method.__doc__ = f"{description or name} from ``{folder}/models/model.pt`` (train the bundle first)."
+    return register_method(name, bundle=folder)(method)
+
+
+def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> None:
+    """Fail before any work: unknown names and cohort bundles whose checkpoint is missing or mismatching.
+
+    ``options``: per-method keyword options (``{"cycleinr": {"weights": path}}``). Raises a
+    one-line :class:`~nexus_monai.errors.NexusInputError`; loading the bundles here also warms
+    :func:`bundle_model`'s cache for the run.
+    """
+    from nexus_monai.errors import NexusInputError
+
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise NexusInputError(None, f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(METHODS))}")
+    if len(set(names)) != len(names):
+        raise NexusInputError(None, f"a method is listed twice in {','.join(names)}")
+    options = options or {}
+    for extra in set(options) - set(names):
+        raise NexusInputError(None, f"options given for {extra!r}, which is not among the methods {','.join(names)}")
+    for n in names:
+        opts = dict(options.get(n, {}))
+        if getattr(METHODS[n], "bundle", None):
+            bundle_model(opts.get("bundle", METHODS[n].bundle), weights=opts.get("weights"))
+        elif "weights" in opts:
+            raise NexusInputError(opts["weights"], f"method {n!r} is not a cohort bundle; it takes no checkpoint")
+
+
+nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
+cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
 
 
 @register_method("smore")

@@ -2,8 +2,15 @@
 
 Same subjects, same simulated inputs and the same metric code (:func:`subject_metric_row`) for
 every method. Outputs in ``out_dir``: ``per_subject.csv``, ``table1.csv``, ``table1.md`` and
-``panel_<subject>.png``. A method that fails on a subject gets a row with its error and is
-counted as failed in the table, never dropped silently.
+``panel_<subject>.png`` (every method, failed ones as a black tile), and optionally an MLflow run
+with the parameters, every table mean/std and those files as artifacts. A method that fails on a
+subject gets a row with its error and is counted as failed in the table, never dropped silently.
+``seconds`` is each method's wall-clock time per subject: fitting + inference for subject-specific
+methods (SSMCSR, LRTV), inference only for cohort models (their bundle training is not counted).
+
+Checked before any work starts (one-line :class:`NexusInputError`): unknown method names, cohort
+bundles whose checkpoint is missing or does not match the network, and datalist entries whose
+files are missing.
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
-from nexus_monai.evaluation.methods import get_method
+from nexus_monai.evaluation.methods import check_methods, get_method
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_metric_row
 from nexus_monai.transforms.protocols import Protocol
 
-__all__ = ["select_subjects", "prepare_subject", "evaluate_methods", "summarise", "markdown_table"]
+__all__ = ["select_subjects", "check_subject_files", "prepare_subject", "evaluate_methods", "summarise", "markdown_table", "log_mlflow"]
 
 CONTRASTS = ("t1", "t2")
 
@@ -51,6 +58,18 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
     if not subjects:
         raise NexusInputError(data, f"split {split!r} has no subjects")
     return subjects[:max_subjects] if max_subjects else subjects
+
+
+def check_subject_files(subjects: Sequence[dict], keys: Sequence[str] = ("t1", "t2")) -> None:
+    """Every subject lists every modality in ``keys`` and each file exists (else one-line error)."""
+    for subject in subjects:
+        sid = subject.get("subject", "?")
+        for key in keys:
+            path = subject.get(key)
+            if not path:
+                raise NexusInputError(subject.get("t1"), f"subject {sid} has no {key!r} entry in the datalist")
+            if not Path(path).is_file():
+                raise NexusInputError(path, f"file not found ({key} of subject {sid} in the datalist)")
 
 
 def prepare_subject(subject: dict, protocol: Protocol) -> dict:
@@ -81,18 +100,27 @@ def evaluate_methods(
     panel_subjects: int = 1,
     progress: bool = True,
     segmenters: Mapping | None = None,
+    method_options: Mapping[str, Mapping] | None = None,
+    mlflow: Mapping | None = None,
 ) -> pd.DataFrame:
     """Run ``methods`` on ``subjects`` under ``protocol``; write the per-subject rows and tables.
+
+    ``method_options``: keyword options per method (e.g. ``{"cycleinr": {"weights": path}}``).
+    ``mlflow``: ``{"tracking_uri", "run_name", "experiment", "params"}`` to log the run (see
+    :func:`log_mlflow`); None: no MLflow.
 
     With ``segmenters`` (name -> :class:`~nexus_monai.evaluation.downstream.FrozenSegmenter`)
     also Table 5: each segmenter on "Original LR" (nearest neighbour), every method's output and
     "Original HR", scored against the subject's labels (``table5_per_subject.csv``,
     ``table5.csv``, ``table5.md``).
     """
+    method_options = {k: dict(v) for k, v in (method_options or {}).items()}
+    check_methods(list(methods), method_options)  # unknown names, missing/mismatching checkpoints
+    check_subject_files(subjects, ("t1", "t2", "seg") if segmenters else ("t1", "t2"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fns = {m: get_method(m) for m in methods}
-    rows, seg_rows = [], []
+    rows, seg_rows, panels = [], [], []
     bar = tqdm(total=len(subjects) * len(methods), desc="evaluate", disable=not progress, unit="run")
     for s_idx, subject in enumerate(subjects):
         data = prepare_subject(subject, protocol)
@@ -108,7 +136,7 @@ def evaluate_methods(
             t0 = time.perf_counter()
             row = {"subject": subject["subject"], "method": m}
             try:
-                pred = fn(data, grid)
+                pred = fn(data, grid, **method_options.get(m, {}))
                 seconds = time.perf_counter() - t0
                 for c in CONTRASTS:
                     if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(), grid.affine, atol=1e-4):
@@ -130,14 +158,17 @@ def evaluate_methods(
             seg_inputs["Original HR"] = {c: data[c] for c in CONTRASTS}
             brain = (data["t1"].as_subclass(torch.Tensor) > 0).float()
             seg_rows += segmentation_rows(subject["subject"], seg_inputs, data["seg"], segmenters, brain_mask=brain)
-        if s_idx < panel_subjects and preds:
+        if s_idx < panel_subjects:  # every method, a failed one as a black tile
             axis_for = {c: ("xyz".index(str(protocol.contrast(c)["axis"])) + 1) % 3 for c in CONTRASTS}
+            shown = {m: preds.get(m, {c: np.zeros(grid.shape, np.float32) for c in CONTRASTS}) for m in methods}
+            panel = out / f"panel_{subject['subject']}.png"
             save_panel(
-                _slice_tiles(preds, {c: gt[c] for c in CONTRASTS}, axis_for),
-                out / f"panel_{subject['subject']}.png",
+                _slice_tiles(shown, {c: gt[c] for c in CONTRASTS}, axis_for),
+                panel,
                 row_labels=["T1w", "T2w"],
-                col_labels=["GT HR"] + list(preds),
+                col_labels=["GT HR"] + [m if m in preds else f"{m} (failed)" for m in methods],
             )
+            panels.append(panel)
     bar.close()
     frame = pd.DataFrame(rows)
     write_text_atomic(out / "per_subject.csv", frame.to_csv(index=False))
@@ -150,7 +181,47 @@ def evaluate_methods(
         t5 = summarise_table5(seg_frame, ["Original LR", *methods, "Original HR"])
         write_text_atomic(out / "table5.csv", t5.to_csv(index=False))
         write_text_atomic(out / "table5.md", table5_markdown(t5, n_subjects=len(subjects)))
+    if mlflow is not None:
+        files = [out / n for n in ("per_subject.csv", "table1.csv", "table1.md", "table5_per_subject.csv", "table5.csv", "table5.md")]
+        log_mlflow(table, [f for f in files if f.exists()] + panels, out_dir=out, **mlflow)
     return frame
+
+
+def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os.PathLike, tracking_uri: str | None = None,
+               run_name: str = "evaluate", experiment: str = "nexus_monai_evaluate", params: Mapping | None = None) -> str:
+    """One MLflow run: ``params``, every numeric table column as ``<method>/<column>``, the files as artifacts.
+
+    ``tracking_uri`` default: ``sqlite:///<out_dir>/mlruns.db``; a new experiment keeps its
+    artifacts in ``<out_dir>/mlartifacts``. NaN values (e.g. LPIPS unavailable) are not logged.
+    Returns the run id.
+    """
+    from mlflow.tracking import MlflowClient
+
+    out = Path(out_dir).resolve()
+    uri = tracking_uri or f"sqlite:///{out / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment, artifact_location=(out / "mlartifacts").as_uri())
+    run = client.create_run(exp_id, run_name=run_name)
+    run_id = run.info.run_id
+    try:
+        for k, v in (params or {}).items():
+            client.log_param(run_id, k, str(v)[:6000])
+        for _, r in table.iterrows():
+            for col, v in r.items():
+                if col in ("method",) or not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v, bool):
+                    continue
+                if math.isfinite(float(v)):
+                    client.log_metric(run_id, f"{r['method']}/{col}", float(v))
+            if isinstance(r.get("first_error"), str):
+                client.set_tag(run_id, f"failed/{r['method']}", r["first_error"][:4000])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="panels" if str(path).endswith(".png") else None)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
 
 
 def summarise(frame: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
@@ -192,7 +263,7 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
     if protocol.name == "ssmcsr":
         extra = [("ε_MI^T1", "eps_mi_t1"), ("ε_MI^T2", "eps_mi_t2"), ("ε̂_MI", "eps_mi_joint")]
         head += [e[0] for e in extra]
-    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w", "s / subject", "failed"]
+    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w", "s / subject (fit + inference)", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["method"])]
