@@ -1,8 +1,8 @@
 """``nexus-sr``: the command-line face of nexus_monai (also ``python -m nexus_monai``).
 
 Sub-commands: ``synth`` (embedded dataset), ``degrade`` (HR scan -> simulated thick-slice LR),
-``upsample`` (interpolation baselines onto any grid), ``baseline`` (per-subject classical SR:
-LRTV), ``predict`` (a trained bundle on a subject's two LR scans, any output grid),
+``upsample`` (interpolation baselines onto any grid), ``baseline`` (one thick-slice scan:
+LRTV, SMORE per scan; SAINT, I3Net from their trained bundles), ``predict`` (a trained bundle on a subject's two LR scans, any output grid),
 ``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of inference/training),
 ``serve`` (MONAI-Label-style REST service). Errors in
 the user's input print one line ``error: <file>: <problem>`` and exit with status 2.
@@ -79,13 +79,19 @@ def cmd_upsample(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from nexus_monai.baselines.lrtv import lrtv
     from nexus_monai.data.io import load_volume, save_volume
 
     image = load_volume(args.image)
     grid = _grid_from_args(args, image)
-    methods = {"lrtv": lrtv}
-    out = methods[args.method](image, grid)
+    if args.method == "lrtv":
+        from nexus_monai.baselines.lrtv import lrtv as method
+    elif args.method == "smore":
+        from nexus_monai.baselines.smore import smore as method
+    elif args.method == "saint":
+        from nexus_monai.baselines.saint import saint as method
+    else:
+        from nexus_monai.baselines.i3net import i3net as method
+    out = method(image, grid, source=args.image)
     save_volume(out, args.out)
     print(f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm ({args.method})")
     return 0
@@ -248,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_upsample)
 
-    b = sub.add_parser("baseline", help="per-subject classical super-resolution of one LR scan (lrtv)")
-    b.add_argument("--method", choices=("lrtv",), required=True)
+    b = sub.add_parser("baseline", help="super-resolve one thick-slice LR scan: lrtv, smore (per scan), saint, i3net (trained bundles)")
+    b.add_argument("--method", choices=("lrtv", "smore", "saint", "i3net"), required=True)
     b.add_argument("--image", required=True)
     _add_grid_args(b)
     b.add_argument("--out", required=True)

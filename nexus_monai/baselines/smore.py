@@ -58,12 +58,13 @@ def smore_training_pairs(lr_canonical: torch.Tensor, factor: float, profile: str
 
 def _random_patches(pairs, patch: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` random (input, target) patches ``(batch, 1, p, p)``, preferring foreground."""
+    p = min([patch] + [d for _, hr in pairs for d in hr.shape[1:]])  # square patches fitting every plane
     xs, ys = [], []
     for _ in range(batch):
         for attempt in range(8):  # a few tries to land on tissue
             base, hr = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
             m, h, w = hr.shape
-            ph, pw = min(patch, h), min(patch, w)
+            ph = pw = p
             i = int(torch.randint(m, (1,), generator=gen))
             r = int(torch.randint(h - ph + 1, (1,), generator=gen))
             c = int(torch.randint(w - pw + 1, (1,), generator=gen))
