@@ -224,23 +224,16 @@ def predict_thick_axis(lr, grid: TargetGrid, network: torch.nn.Module, *, neighb
     return on_requested_grid(out, hr_grid, grid, meta)
 
 
-_COHORT_NETWORKS: dict = {}
+def cohort_network(name: str, bundle: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The trained network of ``bundles/<name>`` (``models/model.pt`` or ``weights``), loaded once per process.
 
-
-def cohort_network(name: str, bundle: str | os.PathLike | None = None, weights: str | os.PathLike | None = None, device: str = "cpu") -> torch.nn.Module:
-    """The trained network of ``bundles/<name>`` (``models/model.pt``), loaded once per process.
-
-    A missing checkpoint raises one line: ``<path>: checkpoint not found (train the bundle first ...)``.
+    Shares the cache of :func:`nexus_monai.evaluation.methods.bundle_model`. A missing checkpoint
+    raises one line: ``<path>: checkpoint not found (train the bundle first ...)``.
     """
-    from nexus_monai.engines.predict import load_bundle
+    from nexus_monai.evaluation.methods import bundle_model
 
-    root = Path(bundle) if bundle is not None else REPO_BUNDLES / name
-    ckpt = Path(weights) if weights is not None else root / "models" / "model.pt"
-    key = (str(root.resolve()), str(ckpt.resolve()), ckpt.stat().st_mtime if ckpt.is_file() else None, str(device))
-    if key not in _COHORT_NETWORKS:
-        network, _, _ = load_bundle(root, weights=ckpt, device=device)
-        _COHORT_NETWORKS[key] = network
-    return _COHORT_NETWORKS[key]
+    network, _ = bundle_model(bundle if bundle is not None else REPO_BUNDLES / name, weights=weights)
+    return network
 
 
 def super_resolve_files(fn, images: Sequence[str], output_dir: str | os.PathLike, spacing_mm=None, like=None, postfix: str = "sr") -> list[Path]:

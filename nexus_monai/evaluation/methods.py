@@ -154,17 +154,19 @@ def smore_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     return {c: smore(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
 
 
-@register_method("saint")
-def saint_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
-    """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt`` (train the bundle first)."""
+@register_method("saint", bundle="bundles/saint")
+def saint_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/saint", weights: str | None = None, **options) -> dict:
+    """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt``, one LR scan at a time."""
     from nexus_monai.baselines.saint import saint
 
-    return {c: saint(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+    network, _ = bundle_model(bundle, weights=weights)
+    return {c: saint(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
 
 
-@register_method("i3net")
-def i3net_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
-    """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt`` (train the bundle first)."""
+@register_method("i3net", bundle="bundles/i3net")
+def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net", weights: str | None = None, **options) -> dict:
+    """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt``, one LR scan at a time."""
     from nexus_monai.baselines.i3net import i3net
 
-    return {c: i3net(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+    network, _ = bundle_model(bundle, weights=weights)
+    return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
