@@ -170,3 +170,39 @@ def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net
 
     network, _ = bundle_model(bundle, weights=weights)
     return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
+
+
+# --- SSMCSR (seed 002): subject-specific INRs fitted on the fly on each subject's two LR scans ---
+def _ssmcsr(variant: str, inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """Fit one SSMCSR INR on ``t1_lr`` / ``t2_lr`` and render it on ``grid``.
+
+    Settings: :class:`~nexus_monai.engines.subject_fit.SubjectFitter` defaults (the CPU setting of
+    ``bundles/ssmcsr``), overridden by the JSON object in the environment variable
+    ``NEXUS_SSMCSR_OPTIONS`` (e.g. ``{"max_seconds": 120}``), then by keyword ``options``.
+    """
+    import json
+    import os
+
+    from nexus_monai.engines.subject_fit import SubjectFitter
+
+    settings = {**json.loads(os.environ.get("NEXUS_SSMCSR_OPTIONS") or "{}"), **options, "variant": variant}
+    pred, _ = SubjectFitter(**settings).fit_predict(inputs["t1_lr"], inputs["t2_lr"], grid)
+    return pred
+
+
+@register_method("ssmcsr_split_head")
+def ssmcsr_split_head_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """SSMCSR split-head INR (shared trunk, one head per contrast), fitted per subject."""
+    return _ssmcsr("split_head", inputs, grid, **options)
+
+
+@register_method("ssmcsr_vanilla")
+def ssmcsr_vanilla_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """SSMCSR vanilla INR (one network, two outputs), fitted per subject."""
+    return _ssmcsr("vanilla", inputs, grid, **options)
+
+
+@register_method("ssmcsr_single")
+def ssmcsr_single_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """SSMCSR single-contrast baseline: one INR per contrast, fitted per subject."""
+    return _ssmcsr("single", inputs, grid, **options)
