@@ -91,6 +91,8 @@ def bundle_model(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: tupl
         from nexus_monai.engines.predict import load_bundle
 
         network, inferer, _ = load_bundle(folder, overlays, weights=weights, device="cpu")
+        if hasattr(inferer, "progress"):
+            inferer.progress = False  # the evaluate runner shows one bar over subjects x methods
         _BUNDLE_MODELS[key] = (network, inferer)
     return _BUNDLE_MODELS[key]
 
