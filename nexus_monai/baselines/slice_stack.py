@@ -197,8 +197,8 @@ def on_requested_grid(volume: torch.Tensor, hr_grid: TargetGrid, grid: TargetGri
 def prepare_scan(lr, axis=None, factor=None, source=None, method: str = "this method"):
     """Shared first steps: checks, natural HR grid, intensity scale, B-spline base on that grid.
 
-    Returns ``(axis, factor, hr_grid, scale, base (X, Y, Z) on hr_grid, lr (x, y, z)) ``, both
-    divided by ``scale``.
+    Returns ``(axis, factor, hr_grid, scale, base, lr)``: ``base`` ``(X, Y, Z)`` on ``hr_grid`` and
+    ``lr`` ``(x, y, z)``, both divided by ``scale``.
     """
     a, k, affine = check_thick_scan(lr, axis, factor, source, method)
     hr_grid = natural_hr_grid(lr.shape, affine, a, k)
