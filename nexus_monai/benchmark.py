@@ -512,7 +512,8 @@ def time_training(network: nn.Module, loss: nn.Module, batch_size: int, patch_si
 
     net = copy.deepcopy(network).cpu().train()
     engine = SimpleNamespace(network=net, optimizer=torch.optim.Adam(net.parameters(), lr=learning_rate),
-                             loss_function=loss, state=SimpleNamespace(device=torch.device("cpu")))
+                             loss_function=loss, state=SimpleNamespace(device=torch.device("cpu")),
+                             fire_event=lambda event: None)  # no handlers to notify outside a trainer
     batch = training_batch(batch_size, patch_size, num_points, seed)
     step = INRTrainStep()
     for _ in range(warmup):

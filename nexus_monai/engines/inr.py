@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 from ignite.metrics import Metric
+from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
@@ -70,8 +71,11 @@ class INRTrainStep:
         kwargs, targets = inr_inputs(batch, engine.state.device if hasattr(engine.state, "device") else engine.device)
         engine.optimizer.zero_grad(set_to_none=True)
         out = engine.network(**kwargs, aux=True)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(out, **targets)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         terms["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
         engine.optimizer.step()
@@ -79,8 +83,11 @@ class INRTrainStep:
         subject = batch.get("subject", list(range(b)))
         # A per-item key makes MONAI's decollation turn the output into one dict per item with the
         # scalar losses replicated (its usual shape), so from_engine(["loss"], first=True) works.
-        return {"subject": list(subject) if isinstance(subject, (list, tuple)) else [subject] * b,
-                "loss": float(terms["loss"].detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}
+        engine.state.output = {"subject": list(subject) if isinstance(subject, (list, tuple)) else [subject] * b,
+                               "loss": float(terms["loss"].detach()),
+                               **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's decollation / postprocessing hook
+        return engine.state.output
 
 
 class ImplicitGridInferer(Inferer):

@@ -7,8 +7,8 @@
   trilinear PSNR/SSIM (``<prefix>_subjects.csv``), a JSON summary, trilinear reference metrics
   into ``state.metrics`` (``trilinear_psnr_t1``...), and a PNG panel (LR / trilinear / model / GT
   for T1w and T2w) written to ``output_dir`` and logged to the run of an attached MLFlowHandler.
-* :class:`ResumeFromLatest` -- on start, load the newest ``CheckpointSaver`` file in a folder
-  (network, optimizer, scheduler and trainer state), so a killed run continues.
+* :class:`TrainingCheckpoint` -- periodic full-state checkpoints (network, optimizer, scheduler,
+  trainer) and, on start, resume from the newest one, so a killed run continues.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nexus_monai.engines.inr import CONTRASTS, subject_scores
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.metrics.image_quality import intensity_scale
 
-__all__ = ["LossTermsHandler", "SRValidationReport", "ResumeFromLatest", "find_mlflow_handler"]
+__all__ = ["LossTermsHandler", "SRValidationReport", "TrainingCheckpoint", "find_mlflow_handler"]
 
 
 class LossTermsHandler:
@@ -49,6 +49,8 @@ class LossTermsHandler:
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output or {}
+        if isinstance(out, (list, tuple)):  # decollated: the scalar losses are replicated per item
+            out = out[0] if out else {}
         for k, v in out.items():
             if k.startswith("loss"):
                 self._sums[k] += float(v)
@@ -76,13 +78,11 @@ class SRValidationReport:
         output_dir: folder for ``<prefix>_subjects.csv``, ``<prefix>_summary.json`` and
             ``<prefix>_panel_epochNNN.png`` (None: nothing written, e.g. on non-zero DDP ranks).
         prefix: file name prefix.
-        trainer: the trainer (for the epoch number in file names and MLflow steps), optional.
     """
 
-    def __init__(self, output_dir: str | None, prefix: str = "validation", trainer: Engine | None = None):
+    def __init__(self, output_dir: str | None, prefix: str = "validation"):
         self.output_dir = Path(output_dir) if output_dir else None
         self.prefix = prefix
-        self.trainer = trainer
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -124,7 +124,7 @@ class SRValidationReport:
         for k, v in means.items():
             if k.startswith("trilinear_"):
                 engine.state.metrics[k] = v
-        epoch = self.trainer.state.epoch if self.trainer is not None else engine.state.epoch
+        epoch = engine.state.epoch  # ValidationHandler runs the evaluator with the trainer's epoch
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -141,35 +141,55 @@ class SRValidationReport:
             mlflow_handler.client.log_artifact(mlflow_handler.cur_run.info.run_id, str(panel), artifact_path="panels")
 
 
-class ResumeFromLatest:
-    """Load the newest checkpoint in ``ckpt_dir`` matching ``pattern`` when the engine starts.
+class TrainingCheckpoint:
+    """Periodic full-state checkpoints of a trainer, and resume from the newest one on start.
 
-    ``load_dict`` maps names to objects with ``load_state_dict`` (network, optimizer,
-    lr_scheduler, trainer), as saved by ``CheckpointSaver(save_dict=...)``. No file: no-op.
+    Saves ``save_dict`` (network, optimizer, lr_scheduler, ...) plus the trainer it is attached
+    to (under ``"trainer"``) with MONAI's ``CheckpointSaver`` every ``save_interval`` epochs
+    (``checkpoint_epoch=N.pt``, the newest ``n_saved`` kept). With ``resume`` the newest such file
+    in ``ckpt_dir`` is loaded when the trainer starts (network, optimizer, scheduler, epoch and
+    iteration), so a killed run continues where its last checkpoint left it. The trainer is
+    added at ``attach`` time, so bundle configs need no reference from a handler back to the
+    trainer (that would be a circular reference).
+
+    Build it on every DDP rank: ignite synchronises ranks while it creates the saver; only
+    rank 0 writes.
     """
 
-    def __init__(self, ckpt_dir: str, load_dict: dict, pattern: str = r"checkpoint_epoch=(\d+)\.pt$", map_location="cpu"):
+    pattern = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+    def __init__(self, ckpt_dir: str, save_dict: dict, save_interval: int = 5, n_saved: int = 1, resume: bool = True,
+                 map_location="cpu"):
         self.ckpt_dir = Path(ckpt_dir)
-        self.load_dict = load_dict
-        self.pattern = re.compile(pattern)
+        self.save_dict = dict(save_dict)
+        self.save_interval = int(save_interval)
+        self.n_saved = int(n_saved)
+        self.resume = bool(resume)
         self.map_location = map_location
         self.loaded: Path | None = None
 
     def latest(self) -> Path | None:
+        """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (None if there is none)."""
         if not self.ckpt_dir.is_dir():
             return None
         found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := self.pattern.search(p.name))]
         return max(found)[1] if found else None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._load)
+        from monai.handlers import CheckpointSaver
 
-    def _load(self, engine: Engine) -> None:
+        objects = {**self.save_dict, "trainer": engine}
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._load, objects)
+        CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
+                        n_saved=self.n_saved, epoch_level=True).attach(engine)
+
+    def _load(self, engine: Engine, objects: dict) -> None:
         path = self.latest()
         if path is None:
             return
         from monai.handlers import CheckpointLoader
 
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+        CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
         self.loaded = path
         engine.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
