@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="inference threads (requests run at once)")
     sv.add_argument("--max-queue", type=int, default=16, help="requests waiting or running before 503 busy")
     sv.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body in MiB (413 above)")
-    sv.add_argument("--max-output-voxels", type=float, default=1.5e8, help="largest target grid in voxels (422 above)")
+    sv.add_argument("--max-output-voxels", type=float, default=1.5e8, help="largest volume in voxels: target grid (422 above) and uploads by their header (413 above)")
     sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     sv.add_argument("--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

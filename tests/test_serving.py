@@ -248,6 +248,10 @@ def _bad_cases(pair, tmp):
     png = b"\x89PNG\r\n\x1a\n" + bytes(600)
     far = make_affine((1.0, 1.0, 1.0), (500.0, 500.0, 500.0)).numpy()
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), far), str(tmp / "far.nii.gz"))
+    header = nib.Nifti1Header()
+    header.set_data_shape((2000, 2000, 2000))
+    header.set_data_dtype(np.float32)
+    huge = gzip.compress(header.binaryblock + bytes(4) + bytes(4096))  # a few KB that would decompress-and-allocate 32 GB
     big = gzip.compress(raw_t1[:352] + os.urandom(int(MAX_UPLOAD_MB * 2**20)), compresslevel=1)  # incompressible: over the limit
     return [
         # (name, files, params, status, source)
@@ -259,6 +263,7 @@ def _bad_cases(pair, tmp):
         ("NaN voxel", {"t1": ("t1.nii.gz", (tmp / "nan.nii.gz").read_bytes()), "t2": ("t2.nii.gz", t2)}, None, 422, "t1 upload 't1.nii.gz'"),
         ("4D volume", {"t1": ("t1.nii.gz", t1), "t2": ("t2.nii.gz", (tmp / "four_d.nii.gz").read_bytes())}, None, 422, "t2 upload 't2.nii.gz'"),
         ("oversized upload", {"t1": ("t1.nii.gz", big), "t2": ("t2.nii.gz", t2)}, None, 413, "request"),
+        ("header declares 8e9 voxels", {"t1": ("huge.nii.gz", huge), "t2": ("t2.nii.gz", t2)}, None, 413, "t1 upload 'huge.nii.gz'"),
         ("missing modality", {"t1": ("t1.nii.gz", t1)}, None, 400, "t2"),
         ("../ filename", {"t1": ("../../escape.nii.gz", t1), "t2": ("t2.nii.gz", t2)}, None, 400, "t1"),
         ("absolute filename", {"t1": ("t1.nii.gz", t1), "t2": ("/tmp/t2.nii.gz", t2)}, None, 400, "t2"),

@@ -11,8 +11,8 @@
   Label's multipart (``params`` JSON + one part per contrast), ``json`` metadata only.
 
 Every refusal is ``{"detail": "<source>: <problem>", "status", "source", "problem"}`` with a 4xx
-status (404 unknown model, 400 malformed request / missing modality / unsafe filename, 413 too
-large, 415 not NIfTI, 422 unreadable or unusable scan, 503 queue full); an unexpected failure
+status (404 unknown model, 400 malformed request / missing modality / unsafe filename, 413 body
+or declared volume too large, 415 not NIfTI, 422 unreadable or unusable scan, 503 queue full); an unexpected failure
 is a 500 whose body carries only a reference id (the traceback goes to the server log).
 """
 
@@ -185,7 +185,7 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
                     raise ServingError(400, "uploaded twice", field)
                 name = check_filename(upload.filename, field)
                 label = upload_label(field, name)
-                scans[field] = await run_in_threadpool(store_upload, upload.file, folder, field, label)
+                scans[field] = await run_in_threadpool(store_upload, upload.file, folder, field, label, served.max_output_voxels)
                 labels[str(scans[field])] = label
             missing = [c for c in served.inputs if c not in scans]
             if missing:

@@ -44,7 +44,8 @@ class BundleModel:
         weights: checkpoint (default: the bundle's ``ckpt_path``, ``<bundle>/models/model.pt``).
         device: ``cpu``, ``cuda:0`` ... (default: the bundle's ``device``).
         chunk_size: query points decoded at once (bounds peak memory per request).
-        max_output_voxels: larger target grids are refused (422) before any work.
+        max_output_voxels: the largest volume in voxels: larger target grids are refused (422) and
+            larger uploads (by their header) 413, before any work.
     """
 
     inputs: tuple[str, ...] = ("t1", "t2")

@@ -74,10 +74,29 @@ def nifti_suffix(stream: BinaryIO, source: str) -> str:
     return suffix
 
 
-def store_upload(stream: BinaryIO, folder: Path, field: str, source: str) -> Path:
-    """Check ``stream`` is NIfTI and copy it to ``folder/<field>.nii[.gz]``; returns that path."""
+def _check_declared_size(path: Path, max_voxels: float, source: str) -> None:
+    """Refuse a header declaring more than ``max_voxels`` voxels before any data is read (a small
+    gzip can declare, and decompress to, a huge volume). Unreadable headers are left to the loader."""
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # noqa: BLE001 - load_volume reports it as one line later
+        return
+    voxels = float(np.prod([float(s) for s in shape])) if shape else 0.0
+    if voxels > max_voxels:
+        raise ServingError(413, f"image of shape {tuple(int(s) for s in shape)} has {voxels:,.0f} voxels, above the limit of {max_voxels:,.0f}", source)
+
+
+def store_upload(stream: BinaryIO, folder: Path, field: str, source: str, max_voxels: float = float("inf")) -> Path:
+    """Check ``stream`` is NIfTI and copy it to ``folder/<field>.nii[.gz]``; returns that path.
+
+    ``max_voxels``: largest volume the header may declare (413 above).
+    """
     suffix = nifti_suffix(stream, source)
     path = Path(folder) / f"{field}{suffix}"
     with open(path, "wb") as out:
         shutil.copyfileobj(stream, out, length=1 << 20)
+    _check_declared_size(path, max_voxels, source)
     return path
