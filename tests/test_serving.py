@@ -160,6 +160,8 @@ def test_info_lists_models(server, pair):
     assert m["dimension"] == 3 and m["type"] == "others" and m["labels"] == [] and m["description"]
     assert m["weights"]["sha256"] == hashlib.sha256(pair["weights"].read_bytes()).hexdigest()
     assert m["network_parameters"] == pair["num_parameters"]
+    meta = BUNDLE / "configs" / "metadata.json"
+    assert m["version"] == (json.loads(meta.read_text())["version"] if meta.is_file() else "unversioned")
     assert info["version"] and info["versions"]["monai"] and info["limits"]["max_upload_bytes"] == int(MAX_UPLOAD_MB * 2**20)
 
 
