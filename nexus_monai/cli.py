@@ -223,30 +223,24 @@ def cmd_fit_subject(args) -> int:
     """SSMCSR: fit a subject-specific INR on one subject's T1w + T2w LR scans, write both SR volumes + a JSON log."""
     import torch
 
-    from nexus_monai.data.io import load_volume
-    from nexus_monai.engines.predict import _check_reachable, target_grid
-    from nexus_monai.engines.subject_fit import SubjectFitter, write_fit_outputs
+    from nexus_monai.engines.subject_fit import SubjectFitter, fit_files
 
     if args.threads:
         torch.set_num_threads(args.threads)
     fitter = SubjectFitter(variant=args.variant, forward_model=args.forward_model, profile=args.profile, hidden=args.hidden,
                            trunk_layers=args.trunk_layers, head_hidden=args.head_hidden, learning_rate=args.lr,
-                           batch_size=args.batch_size, epochs=args.epochs,
+                           batch_size=args.batch_size, epochs=args.epochs, point_warmup=args.point_warmup,
                            max_seconds=None if args.max_minutes <= 0 else args.max_minutes * 60.0,
                            early_stopping=not args.no_early_stopping, seed=args.seed, device=args.device,
                            progress=not args.quiet)
-    lr = {c: load_volume(path) for c, path in (("t1", args.t1), ("t2", args.t2))}
     spacing = None
     if args.spacing:
         if len(args.spacing) not in (1, 3):
             raise NexusInputError(None, "--spacing takes one value (isotropic) or three (mm)")
         spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
-    grid = target_grid(lr["t1"], spacing, args.like)
-    _check_reachable(grid, lr, {"t1": args.t1, "t2": args.t2}, 2e9)
-    pred, log = fitter.fit_predict(lr["t1"], lr["t2"], grid)
-    log["inputs"] = {"t1": str(args.t1), "t2": str(args.t2)}
-    written = write_fit_outputs(pred, log, args.out)
-    print(f"wrote {written['t1']}, {written['t2']} and {written['log']}: grid {grid.shape}, {log['iterations']} iterations, "
+    result = fit_files(fitter, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like)
+    log = result["log"]
+    print(f"wrote {result['t1']}, {result['t2']} and {result['log_path']}: grid {result['grid_shape']}, {log['iterations']} iterations, "
           f"stop: {log['stop_reason']} (epoch {log['stop_epoch']}), fit {log['seconds_fit']:.1f} s, predict {log['seconds_predict']:.1f} s")
     return 0
 
@@ -365,10 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--profile", choices=("gaussian", "boxcar", "none"), default="gaussian", help="slice profile of the acquisition (profile model)")
     _add_grid_args(fs)
     fs.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz, fit_log.json")
-    fs.add_argument("--max-minutes", type=float, default=15.0, help="wall-clock budget of the fit (0: none; then --epochs or the MI plateau ends it)")
+    fs.add_argument("--max-minutes", type=float, default=14.0, help="wall-clock budget of the fit, rendering excluded (0: none; then --epochs or the MI plateau ends it)")
     fs.add_argument("--epochs", type=int, default=50, help="passes over all observed LR voxels (paper: 50)")
-    fs.add_argument("--batch-size", type=int, default=1000, help="LR voxels per step (paper: 1000)")
-    fs.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate, cosine-annealed over the run (paper: 4e-4)")
+    fs.add_argument("--batch-size", type=int, default=250, help="LR voxels per step (paper: 1000)")
+    fs.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-annealed over the run (paper: 4e-4)")
+    fs.add_argument("--point-warmup", type=float, default=0.4, help="fraction of the run fitted with the point model before the profile model (paper: 0)")
     fs.add_argument("--hidden", type=int, default=256, help="trunk width (paper: 1024)")
     fs.add_argument("--trunk-layers", type=int, default=5, help="Linear+ReLU layers of the trunk (paper: 5)")
     fs.add_argument("--head-hidden", type=int, default=128, help="hidden width of each split head (paper: 512)")

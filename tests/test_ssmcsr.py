@@ -239,13 +239,16 @@ def test_defaults_agree_between_fitter_cli_and_bundle():
     from monai.bundle import ConfigParser
 
     sig = {k: v.default for k, v in inspect.signature(SubjectFitter.__init__).parameters.items() if k != "self"}
-    fit = ConfigParser.load_config_file(str(REPO / "bundles/ssmcsr/configs/train.yaml"))["fit"]
-    for key, value in fit.items():
-        assert sig[key] == value, key
+    for name in ("train.yaml", "inference.yaml"):
+        fit = ConfigParser.load_config_file(str(REPO / "bundles/ssmcsr/configs" / name))["fit"]
+        assert set(fit) == set(sig) - {"device", "chunk_size", "progress"}, name
+        for key, value in fit.items():
+            assert sig[key] == value, (name, key)
     args = build_parser().parse_args(["fit-subject", "--t1", "a", "--t2", "b", "--spacing", "1", "--out", "o"])
     cli = {"variant": args.variant, "forward_model": args.forward_model, "profile": args.profile, "hidden": args.hidden,
            "trunk_layers": args.trunk_layers, "head_hidden": args.head_hidden, "learning_rate": args.lr,
-           "batch_size": args.batch_size, "epochs": args.epochs, "max_seconds": args.max_minutes * 60}
+           "batch_size": args.batch_size, "epochs": args.epochs, "max_seconds": args.max_minutes * 60,
+           "point_warmup": args.point_warmup}
     for key, value in cli.items():
         assert sig[key] == value, key
 
@@ -305,3 +308,18 @@ def test_bundle_rejects_a_datalist_with_missing_files(tmp_path, monkeypatch):
     found = find_input_error(info.value)  # MONAI's config parser wraps it; the cause is our one-line error
     assert found is not None and "nope_t1.nii.gz" in str(found) and "not found" in str(found)
     assert not (tmp_path / "b" / "eval" / "s1").exists()
+
+
+def test_bundle_inference_fits_one_subject_onto_the_requested_grid(tmp_path, monkeypatch):
+    from monai.bundle import run as bundle_run
+
+    monkeypatch.chdir(REPO)
+    paths = _write_subject(tmp_path)
+    tiny = {f"fit#{k}": v for k, v in {**TINY, "epochs": 1, "max_seconds": None}.items()}
+    bundle_run("inference", config_file=str(REPO / "bundles/ssmcsr/configs/inference.yaml"), bundle_root=str(tmp_path / "b"),
+               input_t1=str(paths["t1"]), input_t2=str(paths["t2"]), target_like=str(paths["hr"]), output_dir=str(tmp_path / "infer"), **tiny)
+    ref = nib.load(str(paths["hr"]))
+    for name in ("t1w_sr.nii.gz", "t2w_sr.nii.gz"):
+        img = nib.load(str(tmp_path / "infer" / name))
+        assert img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-5)
+    assert json.loads((tmp_path / "infer" / "fit_log.json").read_text())["stop_epoch"] == 1

@@ -20,6 +20,11 @@ Forward models (how the INR ``f`` renders one LR voxel; ``forward_model``):
   else from its affine (largest spacing relative to the other two, in-plane spacing assumed equal);
   an isotropic scan falls back to ``point``.
 
+Warm-up (ours): with ``point_warmup = w`` the first fraction ``w`` of the run (progress as defined
+below) renders every voxel with the point model, which costs one INR sample instead of 4-10; the
+``profile`` model then refines. Measured on a 2 mm subject this is what makes the profile model pay
+off within a CPU budget (see ``bundles/ssmcsr/docs/README.md``).
+
 Loss (paper eq. 1, as in its code): batches of ``batch_size`` observations drawn from both scans
 shuffled together; ``alpha * MSE(T1w observations) + beta * MSE(T2w observations)``, each the mean
 over that contrast's observations in the batch (per-contrast masks: a T1w observation supervises
@@ -107,8 +112,11 @@ class LRObservations:
     def taps(self) -> int:
         return int(self.offsets.shape[1])
 
-    def render(self, network: torch.nn.Module, index: torch.Tensor, channel: int) -> torch.Tensor:
-        """Predicted LR intensities ``(B,)`` of observations ``index`` ``(B,)`` from output ``channel``."""
+    def render(self, network: torch.nn.Module, index: torch.Tensor, channel: int, point: bool = False) -> torch.Tensor:
+        """Predicted LR intensities ``(B,)`` of observations ``index`` ``(B,)`` from output ``channel``
+        (``point``: the INR at the voxel centres, whatever the forward model)."""
+        if point:
+            return network(self.centres[index])[..., channel]
         slab = self.slab[index]
         off, w = self.offsets[slab], self.weights[slab]  # (B, T)
         pts = self.centres[index][:, None, :] + off[..., None] * self.step  # (B, T, 3)
@@ -278,8 +286,11 @@ class SubjectFitter:
         hidden, trunk_layers, head_hidden: network size [1024, 5, 512].
         num_frequencies, sigma: Fourier features [256 -> 512 features, 4].
         learning_rate [4e-4], batch_size (LR voxels per step) [1000], epochs (passes over all
-        observations) [50], max_seconds: wall-clock budget of the fit (None: none).
+        observations) [50], max_seconds: wall-clock budget of the fit, prediction excluded (None: none;
+        the default 840 s leaves a 15-minute budget room for rendering the output).
         alpha, beta: loss weights of T1w / T2w [1, 1]. mask_dilation: LR voxels around the signal.
+        point_warmup: fraction of the run (progress, as for the schedule) fitted with the cheap point
+            model before the ``profile`` model takes over (ours; 0: none).
         early_stopping: MI plateau rule (ignored for ``single``); mi_every (epochs), mi_points,
         mi_patience, mi_tolerance (nats).
         seed: network initialisation, Fourier matrix, batch order, MI sample. device: torch device.
@@ -287,9 +298,9 @@ class SubjectFitter:
 
     def __init__(self, variant: str = "split_head", forward_model: str = "profile", profile: str = "gaussian",
                  tap_threshold: float = 0.02, hidden: int = 256, trunk_layers: int = 5, head_hidden: int = 128,
-                 num_frequencies: int = 256, sigma: float = 4.0, learning_rate: float = 4e-4, batch_size: int = 1000,
-                 epochs: int = 50, max_seconds: float | None = 900.0, alpha: float = 1.0, beta: float = 1.0,
-                 mask_dilation: int = 1, early_stopping: bool = True, mi_every: int = 1, mi_points: int = 32768,
+                 num_frequencies: int = 256, sigma: float = 4.0, learning_rate: float = 2e-3, batch_size: int = 250,
+                 epochs: int = 50, max_seconds: float | None = 840.0, alpha: float = 1.0, beta: float = 1.0,
+                 mask_dilation: int = 1, point_warmup: float = 0.4, early_stopping: bool = True, mi_every: int = 1, mi_points: int = 32768,
                  mi_patience: int = 3, mi_tolerance: float = 0.002, seed: int = 0, device: str | torch.device = "cpu",
                  chunk_size: int = 32768, progress: bool = False):
         if variant not in SSMCSR_VARIANTS:
@@ -304,7 +315,8 @@ class SubjectFitter:
                             hidden=int(hidden), trunk_layers=int(trunk_layers), head_hidden=int(head_hidden),
                             num_frequencies=int(num_frequencies), sigma=float(sigma), learning_rate=float(learning_rate),
                             batch_size=int(batch_size), epochs=int(epochs), max_seconds=None if max_seconds is None else float(max_seconds),
-                            alpha=float(alpha), beta=float(beta), mask_dilation=int(mask_dilation), early_stopping=bool(early_stopping),
+                            alpha=float(alpha), beta=float(beta), mask_dilation=int(mask_dilation),
+                            point_warmup=float(point_warmup), early_stopping=bool(early_stopping),
                             mi_every=int(mi_every), mi_points=int(mi_points), mi_patience=int(mi_patience),
                             mi_tolerance=float(mi_tolerance), seed=int(seed))
         self.device = torch.device(device)
@@ -335,7 +347,7 @@ class SubjectFitter:
         o = self.options
         lr = {"t1": t1_lr, "t2": t2_lr}
         self._check_inputs(lr)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         torch.manual_seed(o["seed"])
         normalizer = WorldNormalizer.from_grids([(lr[c].shape[-3:], as_affine(lr[c].affine)) for c in CONTRASTS])
         scales = {}
@@ -373,7 +385,9 @@ class SubjectFitter:
 
         def step(engine: Engine, index: torch.Tensor) -> dict:
             index = index.to(self.device)
-            lr_now = 0.5 * o["learning_rate"] * (1.0 + math.cos(math.pi * progress_fraction(engine)))
+            progress = progress_fraction(engine)
+            lr_now = 0.5 * o["learning_rate"] * (1.0 + math.cos(math.pi * progress))
+            point = progress < o["point_warmup"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             network.train()
@@ -385,7 +399,7 @@ class SubjectFitter:
                 if sel.numel() == 0:
                     terms[c] = float("nan")
                     continue
-                err = ((obs[c].render(network, sel, ch) - obs[c].targets[sel]) ** 2).mean()
+                err = ((obs[c].render(network, sel, ch, point) - obs[c].targets[sel]) ** 2).mean()
                 loss = loss + weights[c] * err
                 terms[c] = float(err.detach())
             loss.backward()
@@ -443,6 +457,8 @@ class SubjectFitter:
         log["iterations"] = engine.state.iteration
         log["seconds_setup"] = round(t_loop - t_start, 3)
         log["seconds_fit"] = round(time.perf_counter() - t_start, 3)
+        log["cpu_seconds_fit"] = round(time.process_time() - cpu_start, 3)  # all threads of this process
+        log["threads"] = torch.get_num_threads()
         network.eval()
         return SubjectFit(network, normalizer, scales, {c: lr[c] for c in CONTRASTS}, log, self.chunk_size)
 
@@ -572,3 +588,26 @@ class FitSubjectsReport:
                     summary[col] = float(vals.mean())
                     engine.state.metrics[col] = summary[col]
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps({"subjects": len(frame), "mean": summary}, indent=2) + "\n")
+
+
+def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
+              spacing_mm=None, like: str | os.PathLike | None = None, max_voxels: float = 2e9) -> dict:
+    """Fit on two LR NIfTI files and write both SR volumes + ``fit_log.json`` (``nexus-sr fit-subject``
+    and the bundle's ``inference``). The grid is ``spacing_mm`` over the T1w field of view or the grid
+    of ``like``; inputs and grid are checked before any fitting (one-line :class:`NexusInputError`)."""
+    from nexus_monai.data.io import load_volume
+    from nexus_monai.engines.predict import _check_reachable, target_grid
+
+    sources = {"t1": str(t1), "t2": str(t2)}
+    for c, path in sources.items():
+        if path in ("", "None") or not Path(path).exists():
+            raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+    lr = {c: load_volume(p) for c, p in sources.items()}
+    if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):
+        spacing_mm = [float(spacing_mm)] * 3
+    grid = target_grid(lr["t1"], None if like else spacing_mm, like)
+    _check_reachable(grid, lr, sources, max_voxels)
+    pred, log = fitter.fit_predict(lr["t1"], lr["t2"], grid)
+    log["inputs"] = sources
+    written = write_fit_outputs(pred, log, out_dir)
+    return {**written, "grid_shape": grid.shape, "log": log, "log_path": written["log"]}

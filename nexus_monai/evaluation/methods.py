@@ -188,7 +188,14 @@ def _ssmcsr(variant: str, inputs: Mapping, grid: TargetGrid, **options) -> dict:
     from nexus_monai.engines.subject_fit import SubjectFitter
 
     settings = {**json.loads(os.environ.get("NEXUS_SSMCSR_OPTIONS") or "{}"), **options, "variant": variant}
-    pred, _ = SubjectFitter(**settings).fit_predict(inputs["t1_lr"], inputs["t2_lr"], grid)
+    log_dir = settings.pop("log_dir", None)  # optional: keep each fit's JSON log (curves, stop epoch, times)
+    pred, log = SubjectFitter(**settings).fit_predict(inputs["t1_lr"], inputs["t2_lr"], grid)
+    if log_dir:
+        from pathlib import Path
+
+        from nexus_monai.data.io import write_text_atomic
+
+        write_text_atomic(Path(log_dir) / f"{inputs.get('subject', 'subject')}_ssmcsr_{variant}.json", json.dumps(log, indent=2, default=float) + "\n")
     return pred
 
 
