@@ -53,7 +53,7 @@ TINY_ENCODERS = {"rdn": {"blocks": 1, "layers": 2, "growth": 4}, "srresnet": {"b
 def tiny_net(seed: int = 0, **kwargs) -> NexusINR:
     torch.manual_seed(seed)
     opts = dict(encoder="rdn", features=8, encoder_options=TINY_ENCODERS["rdn"], decoder_hidden=16, decoder_layers=2,
-                attn_heads=2, pe_frequencies=2)
+                attn_heads=2, pe_frequencies=2, zero_init=False)  # zero_init would stop gradients at step 0
     opts.update(kwargs)
     return NexusINR(**opts)
 
@@ -86,6 +86,8 @@ SWITCHES += [
     dict(residual=False),
     dict(decoder="siren"),
     dict(pe_mode="gaussian", pe_frequencies=5),
+    dict(cross_input=True),
+    dict(mmf=True, kd_attn=True, sel=True, bidirectional=True, cross_input=True),
 ]
 
 
@@ -141,7 +143,8 @@ def test_nexus_inr_switches_forward_backward(switches):
             assert not missing and unexpected and all(k.startswith("attn_t1.") for k in unexpected)
             with torch.no_grad():
                 ref = one_way(**batch)
-            assert torch.allclose(out["t2"], ref["t2"], atol=1e-6)
+            if not net.cross_input:  # with cross_input the T2w decoder also reads the (changed) T1w feature
+                assert torch.allclose(out["t2"], ref["t2"], atol=1e-6)
             assert not torch.allclose(out["t1"], ref["t1"], atol=1e-4)
 
 
@@ -560,7 +563,8 @@ def test_training_lowers_sr_loss():
         terms = loss_fn(net(**kwargs), target_t1, target_t2, label)
     final = float(terms["sr_t1"] + terms["sr_t2"])
     assert all(math.isfinite(v) for v in history)
-    assert final <= 0.7 * history[0], (history[0], final)
+    # zero_init: step 0 IS trilinear interpolation; training must get well below it
+    assert final <= 0.8 * history[0], (history[0], final)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,3 +620,19 @@ def test_inferer_skip_empty_gives_exact_zeros():
         assert torch.allclose(skipped[c][4:], full[c][4:], atol=1e-6)
         assert torch.all(skipped[c][4:] != 0)
         assert torch.allclose(skipped[c], big[c], atol=1e-6)
+
+
+def test_zero_init_starts_at_trilinear_and_then_learns():
+    """With residual + zero_init an untrained network returns the trilinear LR intensity exactly."""
+    from nexus_monai.geometry import sample_at_world
+
+    net = tiny_net(zero_init=True, cross_input=True)
+    batch = tiny_batch(b=2, k=30)
+    out = net(**batch, aux=False)
+    for m in ("t1", "t2"):
+        tri = sample_at_world(batch[m], batch[f"{m}_affine"], batch["query_world"])[:, 0]
+        assert torch.allclose(out[m], tri, atol=1e-6)
+    loss = NexusINRLoss()(net(**batch, aux=True), torch.rand(2, 30), torch.rand(2, 30))
+    loss["loss"].backward()
+    last = [p for p in net.decoders["t1"].modules() if isinstance(p, torch.nn.Linear)][-1]
+    assert last.weight.grad.abs().sum() > 0  # the zero layer is trained first, then everything else
