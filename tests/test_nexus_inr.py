@@ -636,3 +636,17 @@ def test_zero_init_starts_at_trilinear_and_then_learns():
     loss["loss"].backward()
     last = [p for p in net.decoders["t1"].modules() if isinstance(p, torch.nn.Linear)][-1]
     assert last.weight.grad.abs().sum() > 0  # the zero layer is trained first, then everything else
+
+
+def test_feature_norm_makes_kd_and_cmfa_scale_free():
+    out = _fake_out()
+    plain, normed = NexusINRLoss(), NexusINRLoss(feature_norm=True)
+    t1, t2 = torch.rand(2, 6), torch.rand(2, 6)
+    big = dict(out, z_t1_shared=out["z_t1_shared"] * 100, z_t2_fused=out["z_t2_fused"] * 100)
+    a, b = normed(out, t1, t2), normed(big, t1, t2)
+    assert torch.allclose(a["kd"], b["kd"]) and torch.allclose(a["cmfa"], b["cmfa"])
+    assert plain(big, t1, t2)["kd"] > 1000 * plain(out, t1, t2)["kd"] * 0.99
+    # hand value: unit vectors u, v -> |u - v|^2 = 2 - 2 cos
+    u = torch.nn.functional.normalize(out["z_t2_fused"], dim=-1)
+    v = torch.nn.functional.normalize(out["z_t1_shared"], dim=-1)
+    assert torch.allclose(a["kd"], (2 - 2 * (u * v).sum(-1)).mean(), atol=1e-6)
