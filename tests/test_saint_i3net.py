@@ -95,6 +95,18 @@ def test_networks_reject_wrong_inputs_and_scans_without_thick_axis():
         i3net(lr, TargetGrid.like(hr), network=I3Net(4, 4, 1), factor=4)
 
 
+@pytest.mark.parametrize("name", ["saint", "i3net"])
+def test_inference_config_repeats_the_training_network(name):
+    from monai.bundle import ConfigParser
+
+    cfg = {}
+    for f in ("train", "inference"):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / name / "configs" / f"{f}.yaml"))
+        cfg[f] = (parser.get("network_def"), parser.get("neighbours"))
+    assert cfg["train"] == cfg["inference"]
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     from test_evaluate import make_tiny_dataset
