@@ -18,8 +18,9 @@ Per scan (thick axis ``a``, factor ``k`` from its affine):
    on random patches of those pairs (L1, Adam, cosine learning-rate decay).
 3. It is applied to the B-spline-interpolated volume slice by slice in the two orientations that
    contain the thick axis (``a`` as the image's degraded direction, as in training), and the two
-   estimates are fused: by their mean (default) or by Fourier burst accumulation (``fuse="fba"``,
-   SMORE's fusion: per frequency, weights ``|F_i|^p / sum_j |F_j|^p``).
+   estimates are fused by Fourier burst accumulation (``fuse="fba"``, default, SMORE's fusion: per
+   frequency, weights ``|F_i|^p / sum_j |F_j|^p``, ``p = 2``) or by their mean (``fuse="mean"``;
+   measured on one 2 mm test subject, FBA was +0.07 dB T1w / +0.24 dB T2w over the mean).
 
 SMORE's separate anti-aliasing network is not needed here: the simulated acquisitions have no
 slice gap (slab thickness = slice spacing), where SMORE's single SR network applies. Output on
@@ -97,7 +98,7 @@ def smore(
     batch_size: int = 8,
     patch: int = 32,
     learning_rate: float = 1e-3,
-    fuse: str = "mean",
+    fuse: str = "fba",
     fba_power: float = 2.0,
     seed: int = 0,
     progress: bool = False,
