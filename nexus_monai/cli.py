@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
-    e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, or a BraTS root")
+    e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the bundles' default simulated dataset)")
     e.add_argument("--methods", default="trilinear,cubic", help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
     e.add_argument("--split", default="test", help="datalist split to evaluate (training, validation, test)")

@@ -127,3 +127,15 @@ def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monke
     assert run.data.metrics["broken_for_test/failed"] == 2 and "always fails" in run.data.tags["failed/broken_for_test"]
     names = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "panels")}
     assert {"per_subject.csv", "table1.csv", "table1.md"} <= names and any(n.endswith(".png") for n in names)
+
+
+def test_select_subjects_embedded_uses_the_bundles_datalist(tmp_path, monkeypatch):
+    """``--data embedded`` resolves to the same datalist the bundles train on (dataset_dir: embedded)."""
+    import nexus_monai.data.brats as brats
+    from nexus_monai.evaluation.table1 import select_subjects
+
+    data = make_tiny_dataset(tmp_path / "data")
+    seen = []
+    monkeypatch.setattr(brats, "resolve_datalist", lambda d, seed=0: seen.append((d, seed)) or data / "dataset.json")
+    subjects = select_subjects("embedded", "test", seed=3)
+    assert seen == [("embedded", 3)] and len(subjects) == 3

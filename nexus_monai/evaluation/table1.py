@@ -46,7 +46,13 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
     """Subjects of ``split`` from a datalist JSON, a folder holding ``dataset.json``, or a BraTS root.
 
     A BraTS root without a datalist is discovered and split with ``seed`` (48/10/15 proportions).
+    ``"embedded"``: the embedded simulated dataset the bundles train on by default (generated on
+    first use, the same 24 subjects and split as ``dataset_dir: embedded``).
     """
+    if str(data) == "embedded":
+        from nexus_monai.data.brats import resolve_datalist
+
+        data = resolve_datalist("embedded", seed=seed)
     path = Path(data)
     if path.is_dir() and (path / "dataset.json").exists():
         path = path / "dataset.json"
