@@ -125,6 +125,7 @@ def test_cli_benchmark_tiny(tmp_path, capsys, one_thread):
         "patch_size: [8, 8, 8]\nnum_points: 32\nbatch_size: 1\n"
         "network_def#features: 4\nnetwork_def#encoder_options: {blocks: 1, layers: 1, growth: 4}\n"
         "network_def#decoder_hidden: 8\nnetwork_def#decoder_layers: 2\nnetwork_def#attn_heads: 2\n"
+        "network_def#pe: true\nnetwork_def#bidirectional: false\nnetwork_def#cross_input: false\n"
     )
     out = tmp_path / "bench.json"
     rc = main(["benchmark", "--bundle", str(BUNDLE), "--config", str(overlay), "--random-weights", "--size", *map(str, TINY_SIZE),
