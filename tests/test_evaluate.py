@@ -42,6 +42,17 @@ def make_tiny_dataset(root, n=3):
     return root
 
 
+def make_tiny_bundle_dataset(root, n=3):
+    """``make_tiny_dataset`` with every subject in every split (bundle tests train, validate and
+    test on the same 3 tiny subjects)."""
+    root = make_tiny_dataset(root, n=n)
+    dl = make_datalist(discover_brats(root), seed=0, base_dir=root)
+    everyone = sorted(dl["training"] + dl["validation"] + dl["test"], key=lambda s: s["subject"])
+    dl["training"] = dl["validation"] = dl["test"] = everyone
+    write_datalist(root / "dataset.json", dl)
+    return root
+
+
 if "broken_for_test" not in METHODS:
 
     @register_method("broken_for_test")

@@ -19,7 +19,7 @@ import torch
 from monai.bundle import run as bundle_run
 
 from nexus_monai.cli import main
-from nexus_monai.data.brats import discover_brats, load_datalist, make_datalist, write_datalist
+from nexus_monai.data.brats import load_datalist
 from nexus_monai.geometry import TargetGrid, thick_slice_affine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +40,9 @@ TINY_CLI = ["--network_def#features", "4", "--network_def#encoder_options", "{'b
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_dataset
+    from test_evaluate import make_tiny_bundle_dataset
 
-    root = make_tiny_dataset(tmp_path_factory.mktemp("inrdata") / "data", n=3)
-    dl = make_datalist(discover_brats(root), seed=0, base_dir=root)
-    dl["training"] = dl["validation"] = dl["test"] = sorted(dl["training"] + dl["validation"] + dl["test"], key=lambda s: s["subject"])
-    write_datalist(root / "dataset.json", dl)
-    return root
+    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("inrdata") / "data", n=3)
 
 
 @pytest.fixture(scope="module")

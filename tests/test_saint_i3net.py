@@ -17,7 +17,7 @@ from nexus_monai.baselines.i3net import i3net
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.baselines.lrtv import natural_hr_grid
 from nexus_monai.baselines.saint import saint
-from nexus_monai.data.brats import discover_brats, load_datalist, make_datalist, write_datalist
+from nexus_monai.data.brats import load_datalist
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.methods import get_method
 from nexus_monai.evaluation.table1 import prepare_subject
@@ -109,13 +109,9 @@ def test_inference_config_repeats_the_training_network(name):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_dataset
+    from test_evaluate import make_tiny_bundle_dataset
 
-    root = make_tiny_dataset(tmp_path_factory.mktemp("sliceaw") / "data", n=3)
-    dl = make_datalist(discover_brats(root), seed=0, base_dir=root)
-    dl["training"] = dl["validation"] = dl["test"] = sorted(dl["training"] + dl["validation"] + dl["test"], key=lambda s: s["subject"])
-    write_datalist(root / "dataset.json", dl)
-    return root
+    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("sliceaw") / "data", n=3)
 
 
 @pytest.mark.parametrize("name", ["saint", "i3net"])

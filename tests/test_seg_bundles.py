@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from monai.bundle import run as bundle_run
 
-from nexus_monai.data.brats import discover_brats, load_datalist, make_datalist, write_datalist
+from nexus_monai.data.brats import load_datalist
 from nexus_monai.evaluation.downstream import FrozenSegmenter
 from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
 from nexus_monai.transforms.protocols import load_protocol
@@ -26,14 +26,9 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_dataset
+    from test_evaluate import make_tiny_bundle_dataset
 
-    root = make_tiny_dataset(tmp_path_factory.mktemp("segdata") / "data", n=3)
-    subjects = discover_brats(root)
-    dl = make_datalist(subjects, seed=0, base_dir=root)
-    dl["training"] = dl["validation"] = dl["test"] = sorted(dl["training"] + dl["validation"] + dl["test"], key=lambda s: s["subject"])
-    write_datalist(root / "dataset.json", dl)
-    return root
+    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("segdata") / "data", n=3)
 
 
 @pytest.mark.parametrize("name", ["seg_unet", "seg_transunet"])
