@@ -2,10 +2,11 @@
 
 Sub-commands: ``synth`` (embedded dataset), ``degrade`` (HR scan -> simulated thick-slice LR),
 ``upsample`` (interpolation baselines onto any grid), ``baseline`` (one thick-slice scan:
-LRTV, SMORE per scan; SAINT, I3Net from their trained bundles), ``predict`` (a trained bundle on a subject's two LR scans, any output grid),
-``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of inference/training),
-``serve`` (MONAI-Label-style REST service). Errors in
-the user's input print one line ``error: <file>: <problem>`` and exit with status 2.
+LRTV, SMORE per scan; SAINT, I3Net from their trained bundles), ``predict`` (a trained bundle
+on a subject's two LR scans, any output grid), ``fit-subject`` (SSMCSR on one subject's two LR
+scans), ``evaluate`` (Table 1 / Table 5 runner), ``benchmark`` (speed and memory of
+inference/training), ``serve`` (MONAI-Label-style REST service). Errors in the user's input
+print one line ``error: <file>: <problem>`` and exit with status 2.
 """
 
 from __future__ import annotations
