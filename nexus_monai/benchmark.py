@@ -150,30 +150,13 @@ def load_benchmark_network(bundle: str | os.PathLike = "bundles/nexus_inr", over
     Weights: ``weights`` if given, else ``<bundle>/models/model.pt`` if present, else (or with
     ``random_weights``) a random initialisation seeded with ``seed``.
     """
-    from monai.bundle import ConfigParser
+    from nexus_monai.engines.predict import bundle_config, load_weights
 
-    from nexus_monai.engines.predict import load_weights
-
-    root = Path(bundle).resolve()
-    config = root / "configs" / "train.yaml"
-    if not config.is_file():
-        raise NexusInputError(root, "not a bundle folder (configs/train.yaml missing)")
-    files = [str(config)] + [str(Path(o).resolve()) for o in overlays]
-    for f in files[1:]:
-        if not Path(f).is_file():
-            raise NexusInputError(f, "config overlay not found")
-    cwd = os.getcwd()
-    os.chdir(root.parent.parent)  # bundle configs use paths relative to the repository root
-    try:
-        parser = ConfigParser()
-        parser.read_config(files)
-        parser["bundle_root"] = str(root)
+    with bundle_config(bundle, "train.yaml", overlays) as (parser, root, files):
         torch.manual_seed(seed)
         network = parser.get_parsed_content("network_def")
         loss = parser.get_parsed_content("loss")
         settings = {k: parser.get_parsed_content(k) for k in ("patch_size", "num_points", "batch_size", "learning_rate")}
-    finally:
-        os.chdir(cwd)
     settings = {
         "patch_size": [int(v) for v in settings["patch_size"]],
         "num_points": int(settings["num_points"]),

@@ -8,6 +8,7 @@ training); the outputs are multiplied back, so they are in the input's units.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,7 +21,7 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.metrics.image_quality import intensity_scale
 
-__all__ = ["predict_volumes", "predict_files", "target_grid", "OUTPUT_NAMES"]
+__all__ = ["predict_volumes", "predict_files", "target_grid", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
 
@@ -124,21 +125,22 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     return network
 
 
-def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,
-                device: str | torch.device | None = None, overrides: Mapping | None = None):
-    """``(network with weights, ImplicitGridInferer, parser)`` from ``<bundle>/configs/inference.yaml``.
+@contextmanager
+def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", overlays: Sequence[str] = ()):
+    """Parse ``<bundle>/configs/<config>`` (+ ``overlays``) with MONAI's ``ConfigParser``.
 
-    ``overlays``: extra config files merged over it (e.g. the ``paper.yaml`` the checkpoint was
-    trained with, whose ``network_def#...`` keys then apply). Bundle configs use paths relative to
-    the repository root (``bundles/...``, ``transforms/...``), so parsing happens from there.
+    Yields ``(parser, bundle_root, files)`` with the working directory set to the repository root
+    (``<bundle>/../..``) while the block runs, because bundle configs use paths relative to it
+    (``bundles/...``, ``transforms/...``); ``bundle_root`` is already set in the parser. A missing
+    config or overlay raises a one-line :class:`NexusInputError` before anything is parsed.
     """
     from monai.bundle import ConfigParser
 
     root = Path(bundle).resolve()
-    config = root / "configs" / "inference.yaml"
-    if not config.is_file():
-        raise NexusInputError(root, "not a bundle folder (configs/inference.yaml missing)")
-    files = [str(config)] + [str(Path(o).resolve()) for o in overlays]
+    path = root / "configs" / config
+    if not path.is_file():
+        raise NexusInputError(root, f"not a bundle folder (configs/{config} missing)")
+    files = [str(path)] + [str(Path(o).resolve()) for o in overlays]
     for f in files[1:]:
         if not Path(f).is_file():
             raise NexusInputError(f, "config overlay not found")
@@ -148,6 +150,19 @@ def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights
         parser = ConfigParser()
         parser.read_config(files)
         parser["bundle_root"] = str(root)
+        yield parser, root, files
+    finally:
+        os.chdir(cwd)
+
+
+def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,
+                device: str | torch.device | None = None, overrides: Mapping | None = None):
+    """``(network with weights, ImplicitGridInferer, parser)`` from ``<bundle>/configs/inference.yaml``.
+
+    ``overlays``: extra config files merged over it (e.g. the ``paper.yaml`` the checkpoint was
+    trained with, whose ``network_def#...`` keys then apply); parsed by :func:`bundle_config`.
+    """
+    with bundle_config(bundle, "inference.yaml", overlays) as (parser, _, _):
         if device is not None:
             parser["device"] = f"$torch.device('{device}')"
         for k, v in (overrides or {}).items():
@@ -157,7 +172,5 @@ def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights
         network = parser.get_parsed_content("network")
         load_weights(network, parser.get_parsed_content("ckpt_path"), parser.get_parsed_content("device"))
         inferer = parser.get_parsed_content("inferer")
-    finally:
-        os.chdir(cwd)
     network.eval()
     return network, inferer, parser
