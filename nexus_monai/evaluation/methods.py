@@ -145,6 +145,7 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
 
 
 nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
+arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
 cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
 
 

@@ -6,6 +6,7 @@ from nexus_monai.transforms.acquisition import (
     AcquisitionRicianNoised,
     SimulateAnisotropicAcquisition,
     SimulateAnisotropicAcquisitiond,
+    RandSimulateAnisotropicAcquisitiond,
     slice_profile_matrix,
 )
 from nexus_monai.transforms.frame import PadToFramed, frame_shape
@@ -20,6 +21,7 @@ __all__ = [
     "AcquisitionRicianNoised",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
+    "RandSimulateAnisotropicAcquisitiond",
     "slice_profile_matrix",
     "BraTSRegionsToLabels",
     "BraTSRegionsToLabelsd",

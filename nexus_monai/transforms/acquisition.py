@@ -41,6 +41,7 @@ __all__ = [
     "apply_along_axis",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
+    "RandSimulateAnisotropicAcquisitiond",
     "AcquisitionRicianNoise",
     "AcquisitionRicianNoised",
 ]
@@ -209,4 +210,67 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
         d = dict(data)
         for key, out_key in zip(self.key_iterator(d), self.output_keys):
             d[out_key] = self.acquire(d[key])
+        return d
+
+
+class RandSimulateAnisotropicAcquisitiond(Randomizable, MapTransform):
+    """Thick-slice acquisition with a random slab factor, drawn independently for every key.
+
+    The random-scale training of ArSSR-style cohort INRs (Wu et al. 2022) for anisotropic LR:
+    each key (usually an HR patch) is acquired along its own thick axis with a factor drawn
+    uniformly from ``factor_range`` (continuous, so non-integer scales are trained), and the
+    result goes to ``output_keys`` with its LR affine (the slab centres' world positions).
+    The chosen factors are recorded in each output's ``meta["acquisition"]``.
+
+    Args:
+        keys: HR volumes ``(C, X, Y, Z)``.
+        axes: one thick axis (``"x"/"y"/"z"`` or ``0/1/2``) per key, or one for all keys; ``None``
+            entries draw the axis at random from the three.
+        factor_range: ``(low, high)``, ``1 <= low <= high``; per-key draws from ``U(low, high)``.
+        profile: slice profile, as in :class:`SimulateAnisotropicAcquisition`.
+        output_keys: where the LR volumes go (default: overwrite ``keys``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axes: int | str | Sequence | None,
+        factor_range: Sequence[float] = (1.5, 5.0),
+        profile: str = "gaussian",
+        output_keys: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = tuple(self.keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError("output_keys must have one entry per key")
+        if axes is None or isinstance(axes, (int, str)):
+            axes = [axes] * len(self.keys)
+        if len(axes) != len(self.keys):
+            raise ValueError(f"axes must be one axis or one per key ({len(self.keys)}), got {axes}")
+        self.axes = [None if a is None else parse_axis(a) for a in axes]
+        lo, hi = (float(f) for f in factor_range)
+        if not (1.0 <= lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"factor_range must be (low, high) with 1 <= low <= high, got {factor_range}")
+        self.factor_range = (lo, hi)
+        if profile not in PROFILES:
+            raise ValueError(f"slice profile must be one of {PROFILES}, got {profile!r}")
+        self.profile = profile
+        self._draws: list[tuple[int, float]] = []
+
+    def randomize(self, data=None) -> None:
+        self._draws = [
+            (int(self.R.randint(3)) if axis is None else axis, float(self.R.uniform(*self.factor_range)))
+            for axis in self.axes
+        ]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        for key, out_key, (axis, factor) in zip(self.keys, self.output_keys, self._draws):
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise KeyError(f"key {key!r} not found")
+            d[out_key] = SimulateAnisotropicAcquisition(axis, factor, self.profile)(d[key])
         return d
