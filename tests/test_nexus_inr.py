@@ -530,6 +530,38 @@ def test_brats_label_to_class_rejects_other_labels(bad):
         brats_label_to_class(torch.tensor([0, 1, bad, 4]))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_zero_init_starts_the_full_network_as_the_baseline(bidirectional):
+    """zero_init: KD-Attn, the MMF projection and the residual SEL fusion start as identities, so
+    the decoders first see exactly the per-modality shared features (the Baseline's), yet every
+    fusion branch receives gradient once the decoders move."""
+    net = tiny_net(zero_init=True, mmf=True, kd_attn=True, sel=True, sel_residual=True, bidirectional=bidirectional, cross_input=True)
+    batch = tiny_batch()
+    out = net(**batch, aux=True)
+    torch.testing.assert_close(out["z_t2_fused"], out["z_t2_shared"])  # attention = identity
+    seen = {}
+    orig = net._decode_one
+
+    def spy(m, h, *rest):
+        seen.setdefault(m, h)
+        return orig(m, h, *rest)
+
+    net._decode_one = spy
+    net(**batch, aux=False)
+    torch.testing.assert_close(seen["t1"], out["z_t1_shared"])  # MMF + SEL + (bidirectional) attention pass z_shared through
+    torch.testing.assert_close(seen["t2"], out["z_t2_shared"])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):  # step 1 moves the decoders' zero layer; step 2 reaches the branches behind it
+        opt.zero_grad()
+        o = net(**batch, aux=True)
+        ((o["t1"] - 1.0) ** 2 + (o["t2"] - 1.0) ** 2).mean().backward()
+        opt.step()
+    for name in ["attn_t2.out.weight", "proj.t1.2.weight", "seg_fuse.t2.2.weight"] + (["attn_t1.out.weight"] if bidirectional else []):
+        assert dict(net.named_parameters())[name].abs().sum() > 0, name
+    plain = tiny_net(zero_init=True, sel=True, sel_residual=False)
+    assert dict(plain.named_parameters())["seg_fuse.t1.2.weight"].abs().sum() > 0  # eq. 22 fusion is not residual: not zeroed
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. training lowers the loss
 # ---------------------------------------------------------------------------------------------
