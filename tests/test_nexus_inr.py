@@ -682,3 +682,28 @@ def test_feature_norm_makes_kd_and_cmfa_scale_free():
     u = torch.nn.functional.normalize(out["z_t2_fused"], dim=-1)
     v = torch.nn.functional.normalize(out["z_t1_shared"], dim=-1)
     assert torch.allclose(a["kd"], (2 - 2 * (u * v).sum(-1)).mean(), atol=1e-6)
+
+
+def test_aux_loss_warmup_holds_aux_weights_at_zero_then_restores_them():
+    from ignite.engine import Engine
+
+    from nexus_monai.engines.inr_handlers import AuxLossWarmup
+
+    loss = NexusINRLoss(w_kd=0.1, w_t2self=0.5, w_cmfa=0.2, w_fdl=0.01, w_seg=0.3)
+    seen = []
+    engine = Engine(lambda e, b: seen.append((e.state.epoch, dict(loss.w))))
+    AuxLossWarmup(loss, warmup_epochs=2).attach(engine)
+    engine.run([0], max_epochs=4)
+    for epoch, w in seen:
+        aux = {k: w[k] for k in ("kd", "cmfa", "fdl", "seg")}
+        assert aux == ({"kd": 0.0, "cmfa": 0.0, "fdl": 0.0, "seg": 0.0} if epoch <= 2 else {"kd": 0.1, "cmfa": 0.2, "fdl": 0.01, "seg": 0.3})
+        assert w["sr_t1"] == w["sr_t2"] == 1.0 and w["t2self"] == 0.5  # always on
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        AuxLossWarmup(loss, 1, terms=("kd", "nope"))
+    # the zeroed terms are still computed (and logged), they just do not count
+    out = _fake_out()
+    terms = loss(out, torch.zeros(2, 6), torch.zeros(2, 6), torch.zeros(2, 6, dtype=torch.long))
+    loss.w.update(kd=0.0, cmfa=0.0, fdl=0.0, seg=0.0)
+    zeroed = loss(out, torch.zeros(2, 6), torch.zeros(2, 6), torch.zeros(2, 6, dtype=torch.long))
+    assert set(zeroed) == set(terms) and zeroed["loss"] < terms["loss"]
+    torch.testing.assert_close(zeroed["loss"], zeroed["sr_t1"] + zeroed["sr_t2"] + 0.5 * zeroed["t2self"])
