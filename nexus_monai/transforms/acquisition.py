@@ -183,6 +183,14 @@ class AcquisitionRicianNoised(Randomizable, MapTransform):
         return d
 
 
+def _output_keys(keys: tuple, output_keys: KeysCollection | None) -> tuple:
+    """``output_keys`` as a tuple with one entry per key (default: the keys themselves)."""
+    out = tuple(keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+    if len(out) != len(keys):
+        raise ValueError("output_keys must have one entry per key")
+    return out
+
+
 class SimulateAnisotropicAcquisitiond(MapTransform):
     """Dictionary twin of :class:`SimulateAnisotropicAcquisition`.
 
@@ -201,9 +209,7 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.output_keys = tuple(self.keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError("output_keys must have one entry per key")
+        self.output_keys = _output_keys(self.keys, output_keys)
         self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -241,9 +247,7 @@ class RandSimulateAnisotropicAcquisitiond(Randomizable, MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.output_keys = tuple(self.keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError("output_keys must have one entry per key")
+        self.output_keys = _output_keys(self.keys, output_keys)
         if axes is None or isinstance(axes, (int, str)):
             axes = [axes] * len(self.keys)
         if len(axes) != len(self.keys):
