@@ -117,8 +117,10 @@ def trained(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(REPO)  # the configs include bundles/nexus_inr and transforms/ relative to the repository root
     try:
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         bundle_run("training", config_file="bundles/arssr/configs/train.yaml", bundle_root=str(tmp / "arssr"),
-                   dataset_dir=str(data), max_epochs=3, val_interval=3, ckpt_interval=1, **TINY)
+                   dataset_dir=str(data), max_epochs=3, val_interval=3, ckpt_interval=1, tracking="mlflow",
+                   tracking_uri=f"sqlite:///{tmp}/mlruns.db", run_name="arssr_test", **TINY)
     finally:
         os.chdir(cwd)
     return tmp, data
@@ -130,6 +132,14 @@ def test_bundle_trains_with_random_scales_and_evaluates_through_nexus_sr(trained
     assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=3.pt").is_file()
     report = pd.read_csv(tmp / "arssr" / "eval" / "validation_subjects.csv")
     assert len(report) == 3 and np.isfinite(report.filter(like="psnr").to_numpy(float)).all()
+    # --tracking mlflow works with the included sections (its handler lists are literal in the file)
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlruns.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    run = next(r for r in runs if r.info.run_name == "arssr_test")
+    assert {"train_loss_sr_t1", "train_loss_sr_t2", "val_psnr_t1", "val_psnr_t2"} <= set(run.data.metrics)
+    assert "train_loss_seg" not in run.data.metrics  # the Baseline has no auxiliary terms
     out = tmp_path / "res"
     code = main(["evaluate", "--data", str(data), "--methods", "trilinear,arssr", "--weights", f"arssr={models / 'model.pt'}",
                  "--no-lpips", "--no-mlflow", "--quiet", "--out", str(out)])
