@@ -82,8 +82,8 @@ class NexusINR(nn.Module):
             with ``sel_residual``, the SEL fusion), so at initialisation the Nexus modules pass
             the per-modality features through unchanged and training starts from the Baseline
             network (ours; a standard residual-learning initialisation that the paper does not
-            state. Measured: with randomly initialised fusion branches the CPU default stayed at
-            trilinear quality for its first ~300 steps, the Baseline did not).
+            state. Not measured in isolation: the slow start we measured on the CPU default came
+            from the auxiliary losses, see ``AuxLossWarmup``).
         sel_residual: ``h_m = f_m + fuse([f_m, logits])`` instead of eq. 22-23's
             ``h_m = fuse([f_m, logits])`` (ours: the segmentation features are added to, not
             substituted for, the fused features).
