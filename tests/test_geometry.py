@@ -1,4 +1,4 @@
-"""Geometry contract (SPEC §3): world <-> voxel <-> grid_sample, target grids, normaliser."""
+"""Geometry contract (README: Geometry): world <-> voxel <-> grid_sample, target grids, normaliser."""
 
 import math
 

@@ -168,7 +168,8 @@ class INRValidationStep:
 
 
 def subject_scores(gt: Mapping, pred: Mapping) -> dict:
-    """PSNR (brain mask, eroded) and SSIM per contrast with the table protocol (SPEC §6), mask = GT T1 > 0."""
+    """PSNR (brain mask, eroded) and SSIM per contrast with the table protocol
+    (docs/evaluation_protocol.md), mask = GT T1 > 0."""
     g0 = gt["t1"].numpy()
     mask = _as_mask(g0 > 0, g0.shape)
     eroded = erode_mask(mask, ERODE_VOXELS)

@@ -1,4 +1,4 @@
-"""Per-subject fitting of the SSMCSR INR (seed 002) on one subject's two LR scans, no HR anywhere.
+"""Per-subject fitting of the SSMCSR INR (McGinnis et al., MICCAI 2023) on one subject's two LR scans, no HR anywhere.
 
 Data. Every LR voxel of each scan inside that scan's signal mask (non-zero voxels dilated by
 ``mask_dilation`` LR voxels, so the zero edge around the brain is fitted too) is one observation:

@@ -1,4 +1,4 @@
-"""Downstream value of super-resolution (seed 000 §4.6, Table 5): frozen tumour segmenters on
+"""Downstream value of super-resolution (Zhang et al. 2025, §4.6, Table 5): frozen tumour segmenters on
 every method's outputs, Dice and HD95 (mm) per BraTS region against the ground-truth labels.
 
 A segmenter is a trained bundle (``bundles/seg_unet``, ``bundles/seg_transunet``): its

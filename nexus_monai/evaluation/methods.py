@@ -175,7 +175,7 @@ def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net
     return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
 
 
-# --- SSMCSR (seed 002): subject-specific INRs fitted on the fly on each subject's two LR scans ---
+# --- SSMCSR (McGinnis et al. 2023): subject-specific INRs fitted on the fly on each subject's two LR scans ---
 def _ssmcsr(variant: str, inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """Fit one SSMCSR INR on ``t1_lr`` / ``t2_lr`` and render it on ``grid``.
 

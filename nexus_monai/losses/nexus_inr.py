@@ -1,4 +1,4 @@
-"""Nexus-INR objective (seed 000 eq. 9, 11, 12, 18, 19, 26), every term returned separately.
+"""Nexus-INR objective (Zhang et al. 2025, eq. 9, 11, 12, 18, 19, 26), every term returned separately.
 
 ``L = L_SR(t1) + L_SR(t2) + w_kd L_KD + w_t2self L_T2Self + w_cmfa L_CMFA + w_fdl L_FDL + w_seg L_seg``
 

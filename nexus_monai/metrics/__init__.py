@@ -1,4 +1,4 @@
-"""Metrics of the evaluation protocol (SPEC §6): PSNR, SSIM, LPIPS, mutual information; Dice/HD95.
+"""Metrics of the evaluation protocol (docs/evaluation_protocol.md): PSNR, SSIM, LPIPS, mutual information; Dice/HD95.
 
 Tables get every number from :func:`subject_metric_row` and print :func:`metric_protocol_text`;
 segmentation tables use :func:`dice_hd95` / :func:`summarise_segmentation` and print :data:`EMPTY_POLICY`.

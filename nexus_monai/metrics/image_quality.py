@@ -1,4 +1,4 @@
-"""Voxel-wise image-quality metrics for 3D volumes: intensity scale, PSNR, SSIM (SPEC §6).
+"""Voxel-wise image-quality metrics for 3D volumes: intensity scale, PSNR, SSIM (docs/evaluation_protocol.md).
 
 Every function takes numpy arrays or torch tensors (``MetaTensor`` included) of shape
 ``(X, Y, Z)`` or channel-first ``(1, X, Y, Z)``; masks are anything whose non-zero voxels are

@@ -1,4 +1,4 @@
-"""Histogram mutual information between two volumes and the ε_MI errors of SSMCSR (seed 002).
+"""Histogram mutual information between two volumes and the ε_MI errors of SSMCSR (McGinnis et al., MICCAI 2023).
 
 MI (nats) is estimated from a joint histogram of the two volumes' values inside the brain mask,
 ``bins`` equal-width bins per image spanning that image's own min..max inside the mask (the

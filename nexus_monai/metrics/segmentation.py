@@ -1,4 +1,4 @@
-"""Dice and HD95 on the BraTS evaluation regions TC / WT / ET (SPEC §6), with MONAI's metrics.
+"""Dice and HD95 on the BraTS evaluation regions TC / WT / ET (docs/evaluation_protocol.md), with MONAI's metrics.
 
 Regions come from MONAI's :class:`~monai.transforms.ConvertToMultiChannelBasedOnBratsClasses`
 (channel order TC, WT, ET; TC = labels 1|4, WT = 1|2|4, ET = 4). Dice is MONAI's
@@ -50,7 +50,7 @@ REGIONS = ("TC", "WT", "ET")
 """Channel order of :class:`ConvertToMultiChannelBasedOnBratsClasses` (and of every region mask here)."""
 
 BRATS_LABELS = (0, 1, 2, 4)
-"""Labels allowed in a BraTS label map (SPEC §7): background, necrotic core, edema, enhancing tumour."""
+"""Labels allowed in a BraTS label map (BraTS 2020/2021): background, necrotic core, edema, enhancing tumour."""
 
 HD_PERCENTILE = 95
 

@@ -1,4 +1,4 @@
-"""One subject's image-quality row (SPEC §6): the single place every table gets its numbers from."""
+"""One subject's image-quality row (docs/evaluation_protocol.md): the single place every table gets its numbers from."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nexus-INR (seed 000 §3): multi-contrast arbitrary-scale super-resolution with an implicit decoder.
+"""Nexus-INR (Zhang et al. 2025, §3): multi-contrast arbitrary-scale super-resolution with an implicit decoder.
 
 Two LR scans of one subject on their own grids -- T1w ``(B, 1, x1, y1, z1)`` with affine ``A1``
 and T2w ``(B, 1, x2, y2, z2)`` with ``A2`` (``(B, 4, 4)``, voxel -> world mm) -- and K query

@@ -1,4 +1,4 @@
-"""SSMCSR (seed 002): a subject-specific multi-contrast implicit neural representation.
+"""SSMCSR (McGinnis et al., MICCAI 2023): a subject-specific multi-contrast implicit neural representation.
 
 One network per subject maps normalised world coordinates (through the subject's ONE
 :class:`~nexus_monai.geometry.WorldNormalizer`) to both contrasts:

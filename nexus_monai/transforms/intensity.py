@@ -1,4 +1,4 @@
-"""Intensity normalisations of the two protocols (SPEC §3 and §6).
+"""Intensity normalisations of the two protocols (docs/evaluation_protocol.md).
 
 * :class:`ZScoreLikeReferenced`: z-score several keys with the mean/std of ONE reference key
   (over its non-zero voxels). Models see LR inputs z-scored by their own statistics and the HR
