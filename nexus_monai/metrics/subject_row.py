@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from nexus_monai.metrics.image_quality import _as_mask, as_volume, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.metrics.lesion import LESION_PROTOCOL, lesion_fidelity_row
 from nexus_monai.metrics.lpips import LPIPS_MIN_SIDE, load_lpips, lpips_status, lpips_volume
 from nexus_monai.metrics.mutual_information import mi_errors
 
@@ -32,7 +33,7 @@ PROTOCOL = (
     f"a {MI_BINS}x{MI_BINS} joint histogram of voxels inside the brain mask (equal-width bins over "
     f"each image's own range, natural log), and the errors are eps_MI(C_i) = "
     f"|MI(pred_i, GT_j) - MI(GT_i, GT_j)| and eps_MI_joint = |MI(pred_1, pred_2) - MI(GT_1, GT_2)| "
-    f"per subject, averaged over subjects."
+    f"per subject, averaged over subjects. {LESION_PROTOCOL}"
 )
 
 
@@ -42,7 +43,7 @@ def metric_protocol_text() -> str:
 
 
 def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
-                       contrasts: tuple[str, ...] = ("t1", "t2"), lpips_batch_size: int = 32) -> dict:
+                       contrasts: tuple[str, ...] = ("t1", "t2"), lpips_batch_size: int = 32, lesions=None) -> dict:
     """All image-quality metrics of one subject as a flat dict.
 
     ``gt[c]`` / ``pred[c]``: the HR ground truth and the prediction of contrast ``c`` on the same
@@ -57,6 +58,11 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     disabled, its weights are missing, or a slice side is < 31 px). With exactly two contrasts
     ``(c1, c2)`` also ``eps_mi_{c1}``, ``eps_mi_{c2}``, ``eps_mi_joint`` (nats). ``lpips_status``
     is the one string value: ``"ok"``, ``"disabled"`` or ``"unavailable: <why>"``.
+
+    ``lesions``: the subject's lesion instance map on the same grid (:mod:`nexus_monai.keys`
+    encoding) or None; with a map (and the two contrasts ``("t1", "t2")``) the row also has the
+    lesion-fidelity columns of :func:`~nexus_monai.metrics.lesion.lesion_fidelity_row`, computed on the
+    normalised intensities; without one those columns are absent.
     """
     contrasts = tuple(contrasts)
     if mask is None:
@@ -99,5 +105,9 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
         row[f"eps_mi_{c1}"] = err["eps_mi_1"]
         row[f"eps_mi_{c2}"] = err["eps_mi_2"]
         row["eps_mi_joint"] = err["eps_mi_joint"]
+    if lesions is not None:
+        if set(contrasts) != {"t1", "t2"}:
+            raise ValueError(f"lesion fidelity needs both contrasts t1 and t2, got {contrasts}")
+        row.update(lesion_fidelity_row(scaled_gt, scaled_pred, lesions, m))
     row["lpips_status"] = status
     return row
