@@ -452,15 +452,25 @@ def test_loss_kd_teacher_is_detached():
 
 
 def test_loss_cmfa_hand_value():
+    """Eq. 18: || Mean(z_1) - Mean(z_2) ||_1, the L1 norm = SUM over channels; "mean" divides by C."""
     out = _fake_out(c=5)
     terms = NexusINRLoss()(out, torch.zeros(2, 6), torch.zeros(2, 6))
     z1 = out["z_t1_shared"].numpy().reshape(-1, 5)
     z2 = out["z_t2_fused"].numpy().reshape(-1, 5)
-    assert np.isclose(float(terms["cmfa"]), np.abs(z1.mean(0) - z2.mean(0)).mean(), rtol=1e-5)
-    # a constant per-channel offset gives exactly that offset's mean absolute value
+    assert np.isclose(float(terms["cmfa"]), np.abs(z1.mean(0) - z2.mean(0)).sum(), rtol=1e-5)
+    # a constant per-channel offset: |0.5| + |-1| + |2| + |0| + |-0.25| = 3.75 (mean option: 3.75 / 5)
     offset = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.25])
-    terms = NexusINRLoss()(dict(out, z_t2_fused=out["z_t1_shared"] + offset), torch.zeros(2, 6), torch.zeros(2, 6))
-    assert np.isclose(float(terms["cmfa"]), 0.75, rtol=1e-5)
+    shifted = dict(out, z_t2_fused=out["z_t1_shared"] + offset)
+    assert np.isclose(float(NexusINRLoss()(shifted, torch.zeros(2, 6), torch.zeros(2, 6))["cmfa"]), 3.75, rtol=1e-5)
+    mean = NexusINRLoss(cmfa_reduction="mean")(shifted, torch.zeros(2, 6), torch.zeros(2, 6))["cmfa"]
+    assert np.isclose(float(mean), 0.75, rtol=1e-5)
+    # hand-computed: 2 items x 2 points x 2 channels
+    z1 = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # channel means 4, 5
+    z2 = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[2.0, 1.0], [2.0, 1.0]]])  # channel means 1, 1
+    hand = dict(_fake_out(k=2, c=2), z_t1_shared=z1, z_t2_fused=z2)
+    assert float(NexusINRLoss()(hand, torch.zeros(2, 2), torch.zeros(2, 2))["cmfa"]) == pytest.approx(3.0 + 4.0)
+    with pytest.raises(ValueError, match="cmfa_reduction"):
+        NexusINRLoss(cmfa_reduction="max")
 
 
 def test_loss_fdl_and_seg_cross_entropy():

@@ -163,7 +163,7 @@ def test_paired_patches_cover_the_same_world_box(seed):
     d = _paired_subject()
     t = RandPairedPatchd(["hr", "seg", "mask"], ["t1_lr", "t2_lr"], (8, 8, 8), mask_key="mask", flip_prob=0.5, rot90_prob=0.7)
     out = t.set_random_state(seed)(d)
-    assert sorted(out["t1_lr"].shape[1:]) == [4, 8, 8] and sorted(out["t2_lr"].shape[1:]) == [2, 8, 8]
+    assert tuple(out["t1_lr"].shape[1:]) == (8, 8, 4) and tuple(out["t2_lr"].shape[1:]) == (8, 2, 8)  # thick axes stay
     box = field_of_view(out["hr"].shape[1:], out["hr"].affine)
     for k in ("seg", "mask", "t1_lr", "t2_lr"):
         other = field_of_view(out[k].shape[1:], out[k].affine)
@@ -174,6 +174,30 @@ def test_paired_patches_cover_the_same_world_box(seed):
         w = voxel_to_world(voxel_centres(out[k].shape[1:], dtype=torch.float64).reshape(-1, 3), out[k].affine)
         full = sample_at_world(d[k], d[k].affine, w, mode="nearest")
         assert torch.allclose(full[0], out[k][0].reshape(-1), atol=1e-9)
+
+
+def test_rotations_keep_each_thick_axis_and_the_batch_collatable():
+    """Rotations never move an LR patch's thick axis: T1w z x 2 / T2w y x 4 keep (8, 8, 4) / (8, 2, 8)
+    (only half turns qualify there); with both contrasts thick along z, quarter turns in x-y do occur."""
+    from monai.data import list_data_collate
+
+    d = _paired_subject()
+    t = RandPairedPatchd(["hr", "seg", "mask"], ["t1_lr", "t2_lr"], (8, 8, 8), mask_key="mask", rot90_prob=1.0)
+    outs = [t.set_random_state(seed)(d) for seed in range(12)]
+    assert {tuple(o["t1_lr"].shape[1:]) for o in outs} == {(8, 8, 4)}
+    assert {tuple(o["t2_lr"].shape[1:]) for o in outs} == {(8, 2, 8)}
+    assert set(t.rotations(d)) == {(2, (0, 1)), (2, (0, 2)), (2, (1, 2))}
+    batch = list_data_collate([{k: o[k] for k in ("hr", "t1_lr", "t2_lr")} for o in outs[:4]])
+    assert tuple(batch["t1_lr"].shape) == (4, 1, 8, 8, 4)
+    # a half turn really turns the arrays (and the affine follows, so the world box is unchanged)
+    assert any(not torch.equal(o["hr"], outs[0]["hr"]) for o in outs[1:])
+    both_z = _paired_subject()
+    both_z = SimulateAnisotropicAcquisitiond("hr", "z", 4, "boxcar", output_keys="t2_lr")(both_z)
+    t = RandPairedPatchd(["hr"], ["t1_lr", "t2_lr"], (8, 8, 8), rot90_prob=1.0)
+    t(both_z)
+    assert (1, (0, 1)) in t.rotations(both_z) and (1, (0, 2)) not in t.rotations(both_z)
+    shapes = {tuple(t.set_random_state(s)(both_z)["t2_lr"].shape[1:]) for s in range(12)}
+    assert shapes == {(8, 8, 2)}
 
 
 def test_paired_patches_paper_sizes_and_foreground():

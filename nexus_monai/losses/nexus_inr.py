@@ -6,8 +6,10 @@
 * L_KD (eq. 9): mean squared distance between the attention-fused T2w shared feature and the T1w
   shared feature (the teacher is detached: the student learns to mimic it, not the reverse).
 * L_T2Self (eq. 11): MSE of the T2w decoder applied to the unfused T2w shared feature.
-* L_CMFA (eq. 18): L1 distance between the batch means of the two modalities' shared features
-  (the T2w one after attention, as eq. 13 defines ``z_2^shared``), averaged over channels.
+* L_CMFA (eq. 18): L1 norm (sum over the C channels) of the difference between the batch means
+  of the two modalities' shared features (the T2w one after attention, as eq. 13 defines
+  ``z_2^shared``). ``cmfa_reduction="mean"`` (ours) averages over channels instead, i.e. the
+  eq. 18 value divided by C.
 * L_FDL (eq. 19): cross-entropy of the modality classifier on the specific features (T1w = 0, T2w = 1).
 * L_seg: cross-entropy of both segmentation heads on the BraTS labels at the query points.
 
@@ -42,10 +44,14 @@ class NexusINRLoss(nn.Module):
     """Weighted sum of the Nexus-INR terms; ``forward`` returns ``{"loss": total, "sr_t1": ..., ...}``."""
 
     def __init__(self, sr: str = "l1", w_t1: float = 1.0, w_t2: float = 1.0, w_kd: float = 0.1, w_t2self: float = 0.5,
-                 w_cmfa: float = 0.1, w_fdl: float = 0.01, w_seg: float = 0.1, feature_norm: bool = False):
+                 w_cmfa: float = 0.1, w_fdl: float = 0.01, w_seg: float = 0.1, feature_norm: bool = False,
+                 cmfa_reduction: str = "sum"):
         super().__init__()
         if sr not in ("l1", "mse"):
             raise ValueError(f"sr must be 'l1' or 'mse', got {sr!r}")
+        if cmfa_reduction not in ("sum", "mean"):
+            raise ValueError(f"cmfa_reduction must be 'sum' (eq. 18's L1 norm) or 'mean', got {cmfa_reduction!r}")
+        self.cmfa_reduction = cmfa_reduction
         self.sr = F.l1_loss if sr == "l1" else F.mse_loss
         self.feature_norm = bool(feature_norm)
         self.w = {"sr_t1": w_t1, "sr_t2": w_t2, "kd": w_kd, "t2self": w_t2self, "cmfa": w_cmfa, "fdl": w_fdl, "seg": w_seg}
@@ -61,7 +67,8 @@ class NexusINRLoss(nn.Module):
             terms["t2self"] = F.mse_loss(out["t2_self"], target_t2)
         if "modality_logits_t1" in out:
             c = z1.shape[-1]
-            terms["cmfa"] = (z1.reshape(-1, c).mean(0) - z2.reshape(-1, c).mean(0)).abs().mean()
+            gap = (z1.reshape(-1, c).mean(0) - z2.reshape(-1, c).mean(0)).abs()
+            terms["cmfa"] = gap.sum() if self.cmfa_reduction == "sum" else gap.mean()
             l1, l2 = out["modality_logits_t1"], out["modality_logits_t2"]
             zeros = torch.zeros(l1.shape[:-1], dtype=torch.long, device=l1.device)
             terms["fdl"] = F.cross_entropy(l1.reshape(-1, 2), zeros.reshape(-1)) + F.cross_entropy(l2.reshape(-1, 2), (zeros + 1).reshape(-1))

@@ -24,9 +24,11 @@ Pipeline (paper equation numbers):
    ``sel_residual``, ours: ``h_m = f_m + fuse([f_m, logits])``).
 5. Decoder per modality (MLP 4 x 256 or SIREN) on ``[h_m, e_m, r_m, x_m]``: ``e_m`` Fourier
    encoding of the normalised world position (``pe``), ``r_m`` the query's offset inside its LR
-   voxel in [-1, 1] (``rel_coord``, LIIF-style), ``x_m`` the trilinear LR intensity; with
-   ``residual`` the decoder predicts a correction added to ``x_m`` (its last layer starts at
-   zero with ``zero_init``). With ``cross_input`` (ours) it also gets ``[h_other, x_other]``.
+   voxel in [-1, 1] (``rel_coord``, LIIF-style), ``x_m`` the trilinear LR intensity
+   (``lr_intensity_input``; eq. 24-25 feed only ``[h_m, e_m]``); with ``residual`` the decoder
+   predicts a correction added to ``x_m`` (its last layer starts at zero with ``zero_init``).
+   With ``cross_input`` (ours) it also gets ``[h_other, x_other]`` (``x_other`` only with
+   ``lr_intensity_input``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class NexusINR(nn.Module):
             ``pe_frequencies`` / ``pe_mode`` / ``pe_sigma`` as in :class:`FourierFeatures`.
         rel_coord: feed the LIIF-style offset inside the LR voxel to the decoder.
         residual: predict a correction over the trilinear LR intensity.
+        lr_intensity_input: append the trilinear LR intensity ``x_m`` to the decoder input (ours;
+            eq. 24-25 decode ``[h_m, e_m]`` only). Independent of ``residual``, which adds
+            ``x_m`` to the decoder's output.
         zero_init: with ``residual``, start the decoders' last layer at zero, so an untrained
             network returns exactly the trilinear intensity; also start every residual fusion
             branch at zero (the attention's output projection, the MMF projection of eq. 16 and,
@@ -116,12 +121,13 @@ class NexusINR(nn.Module):
         cross_input: bool = False,
         sel_residual: bool = False,
         num_seg_classes: int = NUM_SEG_CLASSES,
+        lr_intensity_input: bool = True,
     ):
         super().__init__()
         opts = dict(encoder_options or {})
         self.mmf, self.kd_attn, self.sel, self.bidirectional = bool(mmf), bool(kd_attn), bool(sel), bool(bidirectional)
         self.rel_coord, self.residual, self.cross_input = bool(rel_coord), bool(residual), bool(cross_input)
-        self.sel_residual = bool(sel_residual)
+        self.sel_residual, self.lr_intensity_input = bool(sel_residual), bool(lr_intensity_input)
         self.features = int(features)
         c = self.features
         branches = ("shared", "spec") if self.mmf else ("shared",)
@@ -139,7 +145,8 @@ class NexusINR(nn.Module):
             self.seg_head = nn.ModuleDict({m: _mlp(c, num_seg_classes, c) for m in MODALITIES})
             self.seg_fuse = nn.ModuleDict({m: _mlp(c + num_seg_classes, c, c) for m in MODALITIES})
         self.pe = FourierFeatures(3, pe_frequencies, pe_mode, pe_sigma) if pe else None
-        in_dim = c + (self.pe.out_features if pe else 0) + (3 if self.rel_coord else 0) + 1 + ((c + 1) if self.cross_input else 0)
+        xin = 1 if self.lr_intensity_input else 0
+        in_dim = c + (self.pe.out_features if pe else 0) + (3 if self.rel_coord else 0) + xin + ((c + xin) if self.cross_input else 0)
         self.decoders = nn.ModuleDict(
             {m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers) for m in MODALITIES}
         )
@@ -211,23 +218,27 @@ class NexusINR(nn.Module):
         e = self.pe(query_norm) if self.pe is not None else None
         for m in MODALITIES:
             other = "t2" if m == "t1" else "t1"
-            cross = torch.cat((h[other], x[other][..., None]), -1) if self.cross_input else None
+            cross = self._cross(h[other], x[other]) if self.cross_input else None
             out[m] = self._decode_one(m, h[m], e, rel[m], x[m], cross)
         if aux:
             out["z_t1_shared"] = z["t1_shared"]
             out["z_t2_shared"] = z["t2_shared"]
             out["z_t2_fused"] = shared["t2"]
             if self.kd_attn:  # eq. 10-11: the unfused T2w shared feature through the T2w decoder
-                cross = torch.cat((h["t1"], x["t1"][..., None]), -1) if self.cross_input else None
+                cross = self._cross(h["t1"], x["t1"]) if self.cross_input else None
                 out["t2_self"] = self._decode_one("t2", z["t2_shared"], e, rel["t2"], x["t2"], cross)
             if self.mmf:
                 out["modality_logits_t1"] = self.modality_classifier(z["t1_spec"])
                 out["modality_logits_t2"] = self.modality_classifier(z["t2_spec"])
         return out
 
+    def _cross(self, h_other: torch.Tensor, x_other: torch.Tensor) -> torch.Tensor:
+        return torch.cat((h_other, x_other[..., None]), -1) if self.lr_intensity_input else h_other
+
     def _decode_one(self, m: str, h: torch.Tensor, e: torch.Tensor | None, rel: torch.Tensor, x: torch.Tensor,
                     cross: torch.Tensor | None = None) -> torch.Tensor:
-        parts = [h] + ([e] if e is not None else []) + ([rel] if self.rel_coord else []) + [x[..., None]]
+        parts = [h] + ([e] if e is not None else []) + ([rel] if self.rel_coord else [])
+        parts += [x[..., None]] if self.lr_intensity_input else []
         parts += [cross] if cross is not None else []
         y = self.decoders[m](torch.cat(parts, dim=-1))[..., 0]
         return y + x if self.residual else y

@@ -9,6 +9,13 @@ All LR grids must be axis-aligned with the HR grid (same orientation, any scalin
 One draw (start, flips, rot90) is shared by every key; flips and rotations go through MONAI's
 ``Flip`` / ``Rotate90``, which update each MetaTensor's affine, so after augmentation every
 patch still maps its voxels to the same world box (coordinates stay consistent with the arrays).
+
+Rotations keep the acquisition: a quarter turn in the plane of array axes ``(a, b)`` swaps those
+axes, so it is drawn only when EVERY patch (HR and each LR) has the same size along ``a`` and
+``b``; half turns (which swap nothing) are allowed in every plane. Each LR patch therefore keeps
+its thick axis on the same array axis as at inference, and items of a batch keep one shape and
+collate. With two contrasts thick along different axes (T1w z x 2, T2w y x 4) every plane holds a
+thick axis, so only the three half turns remain (the same arrays as flipping two axes).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class RandPairedPatchd(Randomizable, MapTransform):
             foreground voxel (the patch contains it up to slab alignment); up to ``max_tries``
             draws, then the draw with the most foreground is used.
         flip_prob: probability of flipping along each spatial axis (independently).
-        rot90_prob: probability of a rot90 (k in 1..3) in one random plane.
+        rot90_prob: probability of a rotation, drawn uniformly among the shape-preserving
+            ``(k, plane)`` pairs (see the module docstring; ``k`` quarter turns, 1..3).
     """
 
     def __init__(
@@ -145,8 +153,20 @@ class RandPairedPatchd(Randomizable, MapTransform):
         self._flips = tuple(ax for ax in range(3) if self.R.rand() < self.flip_prob)
         self._rot = None
         if self.R.rand() < self.rot90_prob:
-            planes = ((0, 1), (0, 2), (1, 2))
-            self._rot = (int(self.R.randint(1, 4)), planes[self.R.randint(3)])
+            options = self.rotations(data)
+            self._rot = options[self.R.randint(len(options))]
+
+    def rotations(self, data: Mapping) -> list[tuple[int, tuple[int, int]]]:
+        """The ``(k, plane)`` rotations that keep every patch's shape (thick axes stay put)."""
+        sizes = [np.asarray(self.patch_size)]
+        for key in self.lr_keys:
+            if key in data:
+                sizes.append(np.maximum(np.rint(np.asarray(self.patch_size) * self.maps[key][0]).astype(int), 1))
+        out = []
+        for plane in ((0, 1), (0, 2), (1, 2)):
+            square = all(sz[plane[0]] == sz[plane[1]] for sz in sizes)
+            out += [(k, plane) for k in ((1, 2, 3) if square else (2,))]
+        return out
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
