@@ -75,8 +75,9 @@ def test_ring_matches_distance_transform_and_excludes_lesions_and_outside():
 def test_recovered_contrast_copy_erase_halve(noise, factor):
     """Copied exactly -> 1, erased (set to the ring mean) -> 0, halved -> 0.5, on every lesion and contrast."""
     gt, lab, mask = _world(noise)
-    pred = {"t1": _scale_contrast(_scale_contrast(gt["t1"], lab, T1_LESION, mask, factor), lab, BOTH_LESION, mask, factor),
-            "t2": _scale_contrast(_scale_contrast(gt["t2"], lab, T2_LESION, mask, factor), lab, BOTH_LESION, mask, factor)}
+    own = {"t1": T1_LESION, "t2": T2_LESION}
+    pred = {c: _scale_contrast(_scale_contrast(gt[c], lab, own[c], mask, factor), lab, BOTH_LESION, mask, factor)
+            for c in ("t1", "t2")}
     recs = {r["label"]: r for r in lesion_records(gt, pred, lab, mask)}
     assert recs[T2_LESION]["recovered_t2"] == pytest.approx(factor, abs=1e-9)
     assert recs[T1_LESION]["recovered_t1"] == pytest.approx(factor, abs=1e-9)
@@ -105,14 +106,14 @@ def test_contrast_against_hand_computed_means():
 
 def test_detection_threshold_and_kept_fraction():
     gt, lab, mask = _world()
-    lab2 = lab.copy()
-    lab2[_sphere((19, 20, 6), 2)] = LESION_T2_ONLY * LESION_CLASS_STRIDE + 2
-    gt["t2"][lab2 == LESION_T2_ONLY * LESION_CLASS_STRIDE + 2] += 0.3
+    lab2, second = lab.copy(), LESION_T2_ONLY * LESION_CLASS_STRIDE + 2
+    lab2[_sphere((19, 20, 6), 2)] = second
+    gt["t2"][lab2 == second] += 0.3
     just_kept = _scale_contrast(gt["t2"], lab2, T2_LESION, mask, KEPT_THRESHOLD)
-    pred = {"t1": gt["t1"], "t2": _scale_contrast(just_kept, lab2, LESION_T2_ONLY * LESION_CLASS_STRIDE + 2, mask, 0.49)}
+    pred = {"t1": gt["t1"], "t2": _scale_contrast(just_kept, lab2, second, mask, 0.49)}
     recs = {r["label"]: r for r in lesion_records(gt, pred, lab2, mask)}
     assert recs[T2_LESION]["kept_t2"] is True
-    assert recs[LESION_T2_ONLY * LESION_CLASS_STRIDE + 2]["kept_t2"] is False
+    assert recs[second]["kept_t2"] is False
     row = lesion_fidelity_row(gt, pred, lab2, mask)
     assert row["lesion_kept_t2"] == 0.5 and row["n_lesions_t2"] == 2
     assert row["lesion_contrast_t2"] == pytest.approx((0.5 + 0.49) / 2)

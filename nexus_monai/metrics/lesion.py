@@ -92,7 +92,8 @@ def check_lesion_map(label_map, shape: tuple[int, ...] | None = None) -> np.ndar
     cls, inst = values // LESION_CLASS_STRIDE, values % LESION_CLASS_STRIDE
     bad = values[(values < 0) | ~np.isin(cls, _CLASSES) | (inst == 0)]
     if bad.size:
-        raise ValueError(f"lesion map values {bad[:5].tolist()} break the encoding class*{LESION_CLASS_STRIDE}+instance "
+        raise ValueError(f"lesion map values {bad[:5].tolist()} break the encoding "
+                         f"class*{LESION_CLASS_STRIDE}+instance "
                          f"(classes {list(_CLASSES)}, instances 1-{LESION_CLASS_STRIDE - 1})")
     return lab
 
@@ -144,7 +145,8 @@ def lesion_records(gt: Mapping, pred: Mapping, lesions, mask) -> list[dict]:
             rec[f"gt_contrast_{c}"] = lesion_contrast(g[c][box], inside, ring)
             rec[f"contrast_{c}"] = lesion_contrast(p[c][box], inside, ring)
         if rec["status"] == "ok":
-            visible = CONTRASTS if cls == LESION_BOTH else tuple(c for c in CONTRASTS if lesion_visible_only_on(c) == cls)
+            visible = (CONTRASTS if cls == LESION_BOTH
+                       else tuple(c for c in CONTRASTS if lesion_visible_only_on(c) == cls))
             for c in visible:
                 gc = rec[f"gt_contrast_{c}"]
                 if abs(gc) < MIN_GT_CONTRAST:
