@@ -20,15 +20,18 @@ from typing import Mapping
 import torch
 from ignite.metrics import Metric
 from monai.engines.utils import IterationEvents
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, sample_at_world
 from nexus_monai.metrics.image_quality import _as_mask, erode_mask, intensity_scale, psnr, ssim3d
 from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
+from nexus_monai.transforms.intensity import INTENSITY_NORMS
 from nexus_monai.transforms.query import iter_query_chunks
 
-__all__ = ["inr_inputs", "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS"]
+__all__ = ["inr_inputs", "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS",
+           "unnormalise", "normalised_zero"]
 
 CONTRASTS = ("t1", "t2")
 
@@ -99,19 +102,29 @@ class ImplicitGridInferer(Inferer):
         the subject's ``WorldNormalizer`` (default: from the two LR grids, as in training).
         Returns ``{"t1": (X, Y, Z), "t2": (X, Y, Z)}`` float32 CPU tensors.
 
-    With ``skip_empty`` (default) points where BOTH LR scans interpolate to exactly 0 (no signal
-    within one LR voxel: the zero background of skull-stripped data) are not decoded and are 0
-    in the output; data with a non-zero background is decoded everywhere.
+    With ``skip_empty`` (default) points where BOTH LR scans interpolate to exactly their
+    ``background`` value (default 0; no signal within one LR voxel: the zero background of
+    skull-stripped data, or its image under the intensity normalisation) are not decoded and get
+    that contrast's background value; data with another background is decoded everywhere.
+
+    ``intensity_norm`` (``"percentile"`` | ``"zscore"``) names the intensity space the network
+    was trained in (:func:`~nexus_monai.transforms.intensity_normalizer`);
+    :func:`~nexus_monai.engines.predict.predict_volumes` maps raw scans into it and back.
     """
 
-    def __init__(self, chunk_size: int = 32768, progress: bool = False, skip_empty: bool = True):
+    def __init__(self, chunk_size: int = 32768, progress: bool = False, skip_empty: bool = True,
+                 intensity_norm: str = "percentile"):
         super().__init__()
         self.chunk_size = int(chunk_size)
         self.progress = progress
         self.skip_empty = bool(skip_empty)
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
+        self.intensity_norm = intensity_norm
 
     @torch.no_grad()
-    def __call__(self, t1_lr, t2_lr, network, grid: TargetGrid, normalizer: WorldNormalizer | None = None) -> dict:
+    def __call__(self, t1_lr, t2_lr, network, grid: TargetGrid, normalizer: WorldNormalizer | None = None,
+                 background: Mapping[str, float] | None = None) -> dict:
         net = network.module if hasattr(network, "module") else network
         was_training = net.training
         net.eval()
@@ -124,13 +137,14 @@ class ImplicitGridInferer(Inferer):
         if normalizer is None:
             normalizer = WorldNormalizer.from_grids([(vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS])
         maps = net.encode(vols["t1"], vols["t2"])
-        out = {c: torch.zeros(grid.num_voxels, dtype=torch.float32) for c in CONTRASTS}
+        bg = {c: float((background or {}).get(c, 0.0)) for c in CONTRASTS}
+        out = {c: torch.full((grid.num_voxels,), bg[c], dtype=torch.float32) for c in CONTRASTS}
         bar = tqdm(total=grid.num_voxels, unit="vox", unit_scale=True, desc="decode", disable=not self.progress)
         for start, stop, world, norm in iter_query_chunks(grid, normalizer, self.chunk_size):
             world, norm = world.to(device), norm.to(device)
             keep = None
             if self.skip_empty:
-                signal = sum(sample_at_world(vols[c], affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
+                signal = sum(sample_at_world(vols[c] - bg[c], affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
                 keep = torch.nonzero(signal > 0)[:, 0]
                 if keep.numel() == 0:
                     bar.update(stop - start)
@@ -153,6 +167,10 @@ class INRValidationStep:
     """``SupervisedEvaluator(iteration_update=INRValidationStep())`` over whole subjects (batch size 1).
 
     Output: ``{"pred": {c: (X, Y, Z)}, "gt": {c: ...}, "lr": {c: MetaTensor}, "subject": str}``.
+    With z-scored data (``"<c>_lr_zscore"`` in the batch, from ``intensity_normalizer("zscore")``)
+    prediction, ground truth and LR are mapped back to the scanner's units (the background, the
+    image of 0, back to exactly 0), so the scores follow the evaluation protocol; the percentile
+    scaling needs no inversion (every score divides by the GT's own percentile).
     """
 
     def __call__(self, engine, batch: Mapping) -> dict:
@@ -161,10 +179,30 @@ class INRValidationStep:
         lr = {c: batch[f"{c}_lr"][0] for c in CONTRASTS}
         for c in CONTRASTS:
             lr[c].affine = as_affine(batch[f"{c}_lr"].affine).reshape(-1, 4, 4)[0]
-        pred = engine.inferer(lr["t1"], lr["t2"], engine.network, grid)
+        stats = {c: (float(_plain(batch[f"{c}_lr_zscore"]["mean"]).reshape(-1)[0]),
+                     float(_plain(batch[f"{c}_lr_zscore"]["std"]).reshape(-1)[0]))
+                 for c in CONTRASTS if f"{c}_lr_zscore" in batch}
+        background = {c: normalised_zero(m, s) for c, (m, s) in stats.items()}
+        pred = engine.inferer(lr["t1"], lr["t2"], engine.network, grid, background=background)
         gt = {c: _plain(batch[c])[0, 0].float() for c in CONTRASTS}
+        for c, (m, s) in stats.items():
+            pred[c], gt[c] = unnormalise(pred[c], m, s), unnormalise(gt[c], m, s)
+            restored = unnormalise(lr[c].as_subclass(torch.Tensor), m, s)
+            lr[c] = MetaTensor(restored, affine=lr[c].affine)
         subject = batch.get("subject", ["?"])
         return {"pred": pred, "gt": gt, "lr": lr, "grid": grid, "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
+
+
+def normalised_zero(offset: float, scale: float) -> float:
+    """Where ``x = 0`` lands under ``(x - offset) / scale`` in float32 (as the transform computes it)."""
+    return float((torch.zeros((), dtype=torch.float32) - offset) / scale)
+
+
+def unnormalise(x: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
+    """Inverse of ``(x - offset) / scale``; values at the image of 0 (the background) become exactly 0."""
+    zero = normalised_zero(offset, scale)
+    out = x.double() * scale + offset
+    return torch.where((x - zero).abs() <= 1e-6 * max(1.0, abs(zero)), torch.zeros_like(out), out).to(torch.float32)
 
 
 def subject_scores(gt: Mapping, pred: Mapping) -> dict:

@@ -1,8 +1,10 @@
 """Whole-volume prediction of both contrasts from two LR scans on files (``nexus-sr predict``,
 the bundle's ``inference`` and the evaluation method ``nexus_inr`` all go through here).
 
-Intensities: each LR scan is divided by its own 99.5th percentile of non-zero voxels (as in
-training); the outputs are multiplied back, so they are in the input's units.
+Intensities: each LR scan is mapped into the network's training space by its own statistics
+(the inferer's ``intensity_norm``: divided by its 99.5th percentile of non-zero voxels, or
+z-scored by the mean / std of its non-zero voxels), and the outputs are mapped back, so they are
+in the input's units.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 from monai.data import MetaTensor
 
 from nexus_monai.data.io import load_volume, save_volume
-from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer
+from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
-from nexus_monai.metrics.image_quality import intensity_scale
+from nexus_monai.transforms.intensity import reference_normalization
 
 __all__ = ["predict_volumes", "predict_files", "target_grid", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
 
@@ -58,14 +60,19 @@ def _check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Ma
 def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid, inferer: ImplicitGridInferer | None = None) -> dict:
     """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units."""
     inferer = inferer or ImplicitGridInferer()
-    scaled, scales = {}, {}
+    mode = getattr(inferer, "intensity_norm", "percentile")
+    scaled, maps = {}, {}
     for c, img in (("t1", t1_lr), ("t2", t2_lr)):
         x = img.as_subclass(torch.Tensor).float()
         x = x[None] if x.ndim == 3 else x
-        scales[c] = intensity_scale(x, x != 0) if bool((x != 0).any()) else 1.0
-        scaled[c] = MetaTensor(x / scales[c], affine=img.affine)
-    pred = inferer(scaled["t1"], scaled["t2"], network, grid)
-    return {c: MetaTensor((pred[c] * scales[c])[None], affine=grid.affine.clone()) for c in CONTRASTS}
+        maps[c] = reference_normalization(x, mode) if bool((x != 0).any()) else (0.0, 1.0)
+        scaled[c] = MetaTensor((x - maps[c][0]) / maps[c][1], affine=img.affine)
+    if mode == "percentile":
+        pred = inferer(scaled["t1"], scaled["t2"], network, grid)
+        return {c: MetaTensor((pred[c] * maps[c][1])[None], affine=grid.affine.clone()) for c in CONTRASTS}
+    background = {c: normalised_zero(*maps[c]) for c in CONTRASTS}
+    pred = inferer(scaled["t1"], scaled["t2"], network, grid, background=background)
+    return {c: MetaTensor(unnormalise(pred[c], *maps[c])[None], affine=grid.affine.clone()) for c in CONTRASTS}
 
 
 def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,

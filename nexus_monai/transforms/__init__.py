@@ -11,7 +11,13 @@ from nexus_monai.transforms.acquisition import (
 )
 from nexus_monai.transforms.frame import PadToFramed, frame_shape
 from nexus_monai.transforms.labels import BraTSRegionsToLabels, BraTSRegionsToLabelsd
-from nexus_monai.transforms.intensity import ScaleByMaskPercentiled, ZScoreLikeReferenced
+from nexus_monai.transforms.intensity import (
+    INTENSITY_NORMS,
+    ScaleByMaskPercentiled,
+    ZScoreLikeReferenced,
+    intensity_normalizer,
+    reference_normalization,
+)
 from nexus_monai.transforms.patches import RandPairedPatchd
 from nexus_monai.transforms.query import ComputeWorldNormalizerd, SampleQueryPointsd, iter_query_chunks
 
@@ -29,6 +35,9 @@ __all__ = [
     "frame_shape",
     "ScaleByMaskPercentiled",
     "ZScoreLikeReferenced",
+    "INTENSITY_NORMS",
+    "intensity_normalizer",
+    "reference_normalization",
     "RandPairedPatchd",
     "ComputeWorldNormalizerd",
     "SampleQueryPointsd",

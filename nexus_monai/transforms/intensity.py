@@ -8,6 +8,11 @@
   percentile of the GT inside the brain mask (one number per subject and contrast; a prediction
   is never normalised on its own). Background stays 0.
 
+* :func:`intensity_normalizer`: the training normaliser as a config choice (``"percentile"``:
+  divide by the LR scan's 99.5th percentile; ``"zscore"``: zero mean / unit variance, Zhang et
+  al. 2025 §4.2), the HR target always by the SAME numbers as its LR input.
+  :func:`reference_normalization` gives the same map as ``(offset, scale)`` for inference.
+
 Zero-padding/cropping to the paper's 240 x 240 x 160 frame is MONAI's
 ``ResizeWithPadOrCropd(spatial_size=...)``, which updates the affine; the protocol YAMLs use it.
 """
@@ -23,7 +28,20 @@ from monai.transforms import InvertibleTransform, MapTransform
 
 from nexus_monai.metrics.image_quality import intensity_scale
 
-__all__ = ["ZScoreLikeReferenced", "ScaleByMaskPercentiled"]
+__all__ = ["ZScoreLikeReferenced", "ScaleByMaskPercentiled", "INTENSITY_NORMS", "intensity_normalizer",
+           "reference_normalization", "zscore_stats"]
+
+INTENSITY_NORMS = ("percentile", "zscore")
+
+
+def zscore_stats(ref: torch.Tensor) -> tuple[float, float]:
+    """``(mean, std)`` of the non-zero voxels of ``ref`` (std 1 when constant)."""
+    ref = ref.as_subclass(torch.Tensor).float() if isinstance(ref, torch.Tensor) else torch.as_tensor(ref).float()
+    fg = ref[ref != 0]
+    if fg.numel() < 2:
+        raise ValueError("reference has no non-zero voxels to compute a z-score")
+    mean, std = float(fg.mean()), float(fg.std())
+    return mean, (std if std > 0 else 1.0)
 
 
 class ZScoreLikeReferenced(MapTransform, InvertibleTransform):
@@ -41,12 +59,10 @@ class ZScoreLikeReferenced(MapTransform, InvertibleTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        ref = d[self.ref_key].as_subclass(torch.Tensor).float()
-        fg = ref[ref != 0]
-        if fg.numel() < 2:
-            raise ValueError(f"reference {self.ref_key!r} has no non-zero voxels to compute a z-score")
-        mean, std = float(fg.mean()), float(fg.std())
-        std = std if std > 0 else 1.0
+        try:
+            mean, std = zscore_stats(d[self.ref_key])
+        except ValueError as err:
+            raise ValueError(f"reference {self.ref_key!r}: {err}") from err
         d[f"{self.ref_key}_zscore"] = {"mean": torch.tensor(mean), "std": torch.tensor(std)}
         for key in self.key_iterator(d):
             img = d[key]
@@ -90,3 +106,29 @@ class ScaleByMaskPercentiled(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key] / scale
         return d
+
+
+def intensity_normalizer(mode: str, keys: KeysCollection, ref_key: str, allow_missing_keys: bool = False) -> MapTransform:
+    """The training-time normaliser of ``keys`` by statistics of ``ref_key`` (the LR scan).
+
+    ``"percentile"``: :class:`ScaleByMaskPercentiled` (divide by the 99.5th percentile of the
+    reference's non-zero voxels; background stays 0). ``"zscore"``: :class:`ZScoreLikeReferenced`
+    with the mean / std of the reference's non-zero voxels applied to EVERY voxel
+    (``keep_zero_background=False``), an affine map, so predictions map back exactly and the zero
+    background becomes one constant ``-mean / std`` that no brain voxel shares.
+    """
+    if mode == "percentile":
+        return ScaleByMaskPercentiled(keys, ref_key=ref_key, allow_missing_keys=allow_missing_keys)
+    if mode == "zscore":
+        return ZScoreLikeReferenced(keys, ref_key=ref_key, keep_zero_background=False, allow_missing_keys=allow_missing_keys)
+    raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {mode!r}")
+
+
+def reference_normalization(ref: torch.Tensor, mode: str) -> tuple[float, float]:
+    """``(offset, scale)`` with ``normalised = (x - offset) / scale``: :func:`intensity_normalizer`'s map for ``ref``."""
+    if mode == "percentile":
+        r = ref.as_subclass(torch.Tensor) if isinstance(ref, torch.Tensor) else torch.as_tensor(ref)
+        return 0.0, (intensity_scale(r, r != 0) if bool((r != 0).any()) else 1.0)
+    if mode == "zscore":
+        return zscore_stats(ref)
+    raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {mode!r}")
