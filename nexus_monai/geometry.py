@@ -230,6 +230,8 @@ class TargetGrid:
         object.__setattr__(self, "affine", as_affine(self.affine))
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"target grid shape must be 3 positive ints, got {self.shape}")
+        if not bool(torch.isfinite(self.affine).all()):
+            raise ValueError("target grid affine is not finite (NaN or Inf)")
         if abs(float(torch.linalg.det(self.affine[:3, :3]))) < 1e-12:
             raise ValueError("target grid affine is singular")
 

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 
 from nexus_monai.errors import NexusInputError
 
-__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic"]
+__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic", "fsync_path"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -69,8 +69,12 @@ def load_volume(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
         shape = shape[:3]
     if len(shape) != 3:
         raise NexusInputError(path, f"expected a 3D volume, got {len(img.shape)}D of shape {tuple(img.shape)}")
+    if np.dtype(img.get_data_dtype()).kind == "c":
+        raise NexusInputError(path, f"complex-valued data ({img.get_data_dtype()}); give a magnitude image")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32 if dtype.is_floating_point else None).reshape(shape)
+    except MemoryError:
+        raise NexusInputError(path, f"image of shape {shape} does not fit in memory") from None
     except Exception as err:  # EOFError / zlib.error / OSError on truncated or corrupt data
         raise NexusInputError(path, f"corrupt or truncated image data ({type(err).__name__}: {err})") from err
     check_volume(data, path)
@@ -80,6 +84,20 @@ def load_volume(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     tensor = torch.as_tensor(np.ascontiguousarray(data))[None].to(dtype)
     meta = {"filename_or_obj": str(path), "original_affine": torch.as_tensor(affine), "spatial_shape": shape}
     return MetaTensor(tensor, affine=torch.as_tensor(affine), meta=meta)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data (or a folder's entries) to disk, so a rename never exposes an incomplete file."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_path(path: str | os.PathLike) -> Path:
@@ -116,7 +134,9 @@ def save_volume(data: torch.Tensor | np.ndarray, path: str | os.PathLike, affine
     tmp = atomic_path(path)
     try:
         nib.save(img, str(tmp))
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -133,7 +153,9 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
             tmp.write_bytes(text)
         else:
             tmp.write_text(text)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

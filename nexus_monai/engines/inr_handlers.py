@@ -8,13 +8,15 @@
   into ``state.metrics`` (``trilinear_psnr_t1``...), and a PNG panel (LR / trilinear / model / GT
   for T1w and T2w) written to ``output_dir`` and logged to the run of an attached MLFlowHandler.
 * :class:`TrainingCheckpoint` -- periodic full-state checkpoints (network, optimizer, scheduler,
-  trainer) and, on start, resume from the newest one, so a killed run continues.
+  trainer) written atomically and, on start, resume from the newest one that loads, so a killed
+  run continues (even one killed while writing a checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from ignite.engine import Engine, Events
 
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
+from nexus_monai.engines.checkpoints import AtomicCheckpointSaver, load_newest
 from nexus_monai.engines.inr import CONTRASTS, subject_scores
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.metrics.image_quality import intensity_scale
@@ -125,7 +128,7 @@ class SRValidationReport:
         out = engine.state.output
         tri = {c: upsample(out["lr"][c], out["grid"], "trilinear")[0].as_subclass(torch.Tensor) for c in CONTRASTS}
         scores = out.get("scores") or subject_scores(out["gt"], out["pred"])
-        ref = subject_scores(out["gt"], tri)
+        ref = subject_scores(out["gt"], tri, out.get("lesions"))  # lesion columns when the subject has a map
         row = {"subject": out["subject"], **{f"model_{k}": v for k, v in scores.items()}, **{f"trilinear_{k}": v for k, v in ref.items()}}
         self.rows.append(row)
         if self.panel is None:
@@ -148,8 +151,10 @@ class SRValidationReport:
     def _complete(self, engine: Engine) -> None:
         if not self.rows:
             return
-        keys = [k for k in self.rows[0] if k != "subject"]
-        means = {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
+        keys = list(dict.fromkeys(k for r in self.rows for k in r if k != "subject"))  # lesion columns: some subjects
+        with warnings.catch_warnings():  # a lesion column no subject has: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = {k: float(np.nanmean([r.get(k, np.nan) for r in self.rows])) for k in keys}
         for k, v in means.items():
             if k.startswith("trilinear_"):
                 engine.state.metrics[k] = v
@@ -158,7 +163,7 @@ class SRValidationReport:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         header = ["subject"] + keys
-        lines = [",".join(header)] + [",".join([str(r["subject"])] + [f"{r[k]:.6f}" for k in keys]) for r in self.rows]
+        lines = [",".join(header)] + [",".join([str(r["subject"])] + [f"{r.get(k, np.nan):.6f}" for k in keys]) for r in self.rows]
         write_text_atomic(self.output_dir / f"{self.prefix}_subjects.csv", "\n".join(lines) + "\n")
         gain = {c: means[f"model_psnr_{c}"] - means[f"trilinear_psnr_{c}"] for c in CONTRASTS}
         summary = {"epoch": epoch, "subjects": len(self.rows), "mean": means, "psnr_gain_over_trilinear_db": gain}
@@ -171,15 +176,18 @@ class SRValidationReport:
 
 
 class TrainingCheckpoint:
-    """Periodic full-state checkpoints of a trainer, and resume from the newest one on start.
+    """Periodic full-state checkpoints of a trainer that survive a kill, and resume from the newest one that loads.
 
     Saves ``save_dict`` (network, optimizer, lr_scheduler, ...) plus the trainer it is attached
-    to (under ``"trainer"``) with MONAI's ``CheckpointSaver`` every ``save_interval`` epochs
-    (``checkpoint_epoch=N.pt``, the newest ``n_saved`` kept). With ``resume`` the newest such file
-    in ``ckpt_dir`` is loaded when the trainer starts (network, optimizer, scheduler, epoch and
-    iteration), so a killed run continues where its last checkpoint left it. The trainer is
-    added at ``attach`` time, so bundle configs need no reference from a handler back to the
-    trainer (that would be a circular reference).
+    to (under ``"trainer"``) every ``save_interval`` epochs (``checkpoint_epoch=N.pt``, the newest
+    ``n_saved`` kept) through :class:`~nexus_monai.engines.checkpoints.AtomicCheckpointSaver`
+    (temporary file, fsync, rename; the previous checkpoint is deleted only after the new one is
+    complete). With ``resume`` the newest checkpoint in ``ckpt_dir`` that loads is restored when
+    the trainer starts (network, optimizer, scheduler, epoch and iteration); one log line names it
+    and why any newer one was skipped (e.g. truncated by a disk-full). After the first new save,
+    checkpoints of earlier runs in ``ckpt_dir`` (skipped or superseded ones) are removed, so a
+    later resume cannot pick a stale one. The trainer is added at ``attach`` time, so bundle
+    configs need no reference from a handler back to the trainer (a circular reference).
 
     Build it on every DDP rank: ignite synchronises ranks while it creates the saver; only
     rank 0 writes.
@@ -196,29 +204,39 @@ class TrainingCheckpoint:
         self.resume = bool(resume)
         self.map_location = map_location
         self.loaded: Path | None = None
+        self.saver: AtomicCheckpointSaver | None = None
+
+    def candidates(self) -> list[Path]:
+        """Every ``checkpoint_epoch=N.pt`` in ``ckpt_dir``, newest (highest N) first."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := self.pattern.search(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
 
     def latest(self) -> Path | None:
         """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (None if there is none)."""
-        if not self.ckpt_dir.is_dir():
-            return None
-        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := self.pattern.search(p.name))]
-        return max(found)[1] if found else None
+        found = self.candidates()
+        return found[0] if found else None
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointSaver
-
         objects = {**self.save_dict, "trainer": engine}
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._load, objects)
-        CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
-                        n_saved=self.n_saved, epoch_level=True).attach(engine)
+        self.saver = AtomicCheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
+                                           n_saved=self.n_saved, epoch_level=True)
+        self.saver.attach(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(self.save_interval, 1)), self._prune)
 
     def _load(self, engine: Engine, objects: dict) -> None:
-        path = self.latest()
-        if path is None:
-            return
-        from monai.handlers import CheckpointLoader
+        self.loaded = load_newest(self.candidates(), objects, engine, self.map_location, engine.logger)
 
-        CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
-        self.loaded = path
-        engine.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+    def _prune(self, engine: Engine) -> None:
+        """Remove checkpoints this run did not write (earlier runs', skipped ones) once it has saved its own."""
+        import ignite.distributed as idist
+
+        keep = set(self.saver.saved_files()) if self.saver is not None else set()
+        if not keep or idist.get_rank() != 0:
+            return
+        for path in self.candidates():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)

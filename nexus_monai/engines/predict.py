@@ -9,6 +9,8 @@ in the input's units.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,10 @@ import torch
 from monai.data import MetaTensor
 
 from nexus_monai.data.io import load_volume, save_volume
+from nexus_monai.data.staging import check_output_dir, staged_output_dir
+from nexus_monai.engines.consistency import CONSISTENCY_NAMES, consistency_guard
 from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
+from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, refine_network
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
@@ -26,6 +31,7 @@ from nexus_monai.transforms.intensity import reference_normalization
 __all__ = ["predict_volumes", "predict_files", "target_grid", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
+MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 would overflow the affine)
 
 
 def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None) -> TargetGrid:
@@ -34,15 +40,26 @@ def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | Non
         import nibabel as nib
 
         try:
-            return TargetGrid.like(nib.load(str(like)))
+            img = nib.load(str(like))
         except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
             raise NexusInputError(like, f"cannot read the reference grid ({type(err).__name__})") from err
+        if len(img.shape) < 3 or (len(img.shape) > 3 and any(int(n) != 1 for n in img.shape[3:])):
+            raise NexusInputError(like, f"reference grid must be a 3D image, got shape {tuple(img.shape)}")
+        try:
+            return TargetGrid.like(img)
+        except ValueError as err:  # non-finite or singular affine, empty shape
+            raise NexusInputError(like, f"unusable reference grid: {err}") from None
     if spacing_mm is None:
         raise NexusInputError(None, "give a target spacing (mm) or a reference image for the output grid")
-    sp = [float(s) for s in (spacing_mm if isinstance(spacing_mm, (list, tuple)) else [spacing_mm] * 3)]
-    if len(sp) != 3 or min(sp) <= 0:
-        raise NexusInputError(None, f"target spacing must be 3 positive numbers in mm, got {spacing_mm}")
-    return TargetGrid.from_spacing(reference.shape[-3:], reference.affine, sp)
+    values = list(spacing_mm) if isinstance(spacing_mm, (list, tuple)) else [spacing_mm] * 3
+    ok = len(values) == 3 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    sp = [float(v) for v in values] if ok else []
+    if not ok or not all(math.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in sp):
+        raise NexusInputError(None, f"target spacing must be 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {spacing_mm}")
+    try:
+        return TargetGrid.from_spacing(reference.shape[-3:], reference.affine, sp)
+    except ValueError as err:
+        raise NexusInputError(None, f"target spacing {sp} mm: {err}") from None
 
 
 def _check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Mapping[str, str], max_voxels: float) -> None:
@@ -77,32 +94,48 @@ def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetG
 
 def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
                   spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None,
-                  inferer: ImplicitGridInferer | None = None, max_voxels: float = 2e9) -> dict[str, Path]:
+                  inferer: ImplicitGridInferer | None = None, max_voxels: float = 2e9,
+                  refine_seconds: float = 0.0, guard: bool = True) -> dict[str, Path]:
     """Read both LR scans, predict on the requested grid, write ``t1w_sr.nii.gz`` / ``t2w_sr.nii.gz``.
 
-    Every input is checked before any work (one-line :class:`NexusInputError`); both outputs are
-    written to temporary names and renamed only after both succeeded (no partial outputs).
+    ``refine_seconds`` > 0: a copy of the network is first fine-tuned on the two scans for that
+    budget (:func:`~nexus_monai.engines.refine.refine_network`, with its held-out safeguard).
+    ``guard`` (default on): the data-consistency guard (:func:`~nexus_monai.engines.consistency.consistency_guard`)
+    corrects the output toward the scans where its re-acquisition departs from them beyond noise and
+    writes ``t1w_consistency.nii.gz`` / ``t2w_consistency.nii.gz`` (the LR residual on the output grid).
+
+    Every input and the output folder are checked before any work (one-line
+    :class:`NexusInputError`). The outputs are written into a temporary sibling folder that
+    replaces ``out_dir`` in one rename (:func:`~nexus_monai.data.staging.staged_output_dir`): a
+    killed run leaves the previous complete output or the new one, never a mix. ``out_dir`` must
+    be new, empty or an earlier output of this command.
     """
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
             raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+    refine_seconds = check_refine_seconds(refine_seconds, "refine_seconds")
+    out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *CONSISTENCY_NAMES.values()])
     lr = {c: load_volume(p) for c, p in sources.items()}
     grid = target_grid(lr["t1"], spacing_mm, like)
     _check_reachable(grid, lr, sources, max_voxels)
+    report, maps = {}, {}
+    if refine_seconds > 0:
+        refined = refine_network(network, lr["t1"], lr["t2"], RefineOptions(max_seconds=refine_seconds),
+                                 progress=bool(getattr(inferer, "progress", False)),
+                                 intensity_norm=getattr(inferer, "intensity_norm", "percentile"))
+        network, report["refine"] = refined.network, refined.log
     pred = predict_volumes(network, lr["t1"], lr["t2"], grid, inferer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        for c in CONTRASTS:  # each file is atomic; if the second fails the first is removed too
-            written.append(save_volume(pred[c], out / OUTPUT_NAMES[c]))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+    if guard:
+        pred, maps, report["consistency"] = consistency_guard(pred, lr, grid)
+    with staged_output_dir(out) as stage:
+        for c in CONTRASTS:
+            save_volume(pred[c], stage / OUTPUT_NAMES[c])
+            if c in maps:
+                save_volume(maps[c], stage / CONSISTENCY_NAMES[c])
     sp = [round(float(v), 4) for v in spacing(grid.affine)]
-    return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / OUTPUT_NAMES[c] for c in CONTRASTS}}
+    return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / OUTPUT_NAMES[c] for c in CONTRASTS},
+            **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report}
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -142,6 +175,7 @@ def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", ove
     config or overlay raises a one-line :class:`NexusInputError` before anything is parsed.
     """
     from monai.bundle import ConfigParser
+    from monai.bundle.utils import merge_kv
 
     root = Path(bundle).resolve()
     path = root / "configs" / config
@@ -155,7 +189,13 @@ def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", ove
     os.chdir(root.parent.parent)
     try:
         parser = ConfigParser()
-        parser.read_config(files)
+        parser.read_config(files[0])
+        for overlay in files[1:]:  # a training overlay's keys inside sections this config lacks (loss#..., train#...) are skipped
+            for key, value in ConfigParser.load_config_file(overlay).items():
+                nested = str(key).replace("::", "#")
+                if "#" in nested and nested.lstrip("+").split("#")[0] not in parser.config:
+                    continue
+                merge_kv(parser, key, value)
         parser["bundle_root"] = str(root)
         yield parser, root, files
     finally:

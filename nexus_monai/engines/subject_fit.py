@@ -63,6 +63,7 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from nexus_monai.data.io import save_volume, write_text_atomic
+from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, sample_at_world, spacing, voxel_to_world
 from nexus_monai.metrics.image_quality import intensity_scale
@@ -469,19 +470,16 @@ class SubjectFitter:
 
 
 def write_fit_outputs(pred: Mapping[str, MetaTensor], log: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``t1w_sr.nii.gz``, ``t2w_sr.nii.gz`` and ``fit_log.json`` in ``out_dir``; all three or none."""
+    """``t1w_sr.nii.gz``, ``t2w_sr.nii.gz`` and ``fit_log.json`` in ``out_dir``; all three or none.
+
+    Written into a temporary sibling folder that replaces ``out_dir`` in one rename, so even a
+    killed run leaves the previous complete output or this one, never a mix."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
+    with staged_output_dir(out) as stage:
         for c in CONTRASTS:
-            written.append(save_volume(pred[c], out / OUTPUT_NAMES[c]))
-        written.append(write_text_atomic(out / OUTPUT_NAMES["log"], json.dumps(log, indent=2, default=float) + "\n"))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return {"t1": written[0], "t2": written[1], "log": written[2]}
+            save_volume(pred[c], stage / OUTPUT_NAMES[c])
+        write_text_atomic(stage / OUTPUT_NAMES["log"], json.dumps(log, indent=2, default=float) + "\n")
+    return {k: out / name for k, name in OUTPUT_NAMES.items()}
 
 
 # --- fitting the subjects of a datalist (the bundle's `training` / `evaluating`) -----------------
@@ -602,6 +600,7 @@ def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLik
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
             raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+    check_output_dir(out_dir, OUTPUT_NAMES.values())
     lr = {c: load_volume(p) for c, p in sources.items()}
     if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):
         spacing_mm = [float(spacing_mm)] * 3
