@@ -150,3 +150,71 @@ def test_select_subjects_embedded_uses_the_bundles_datalist(tmp_path, monkeypatc
     monkeypatch.setattr(brats, "resolve_datalist", lambda d, seed=0: seen.append((d, seed)) or data / "dataset.json")
     subjects = select_subjects("embedded", "test", seed=3)
     assert seen == [("embedded", 3)] and len(subjects) == 3
+
+
+if "oracle_for_test" not in METHODS:
+
+    @register_method("oracle_for_test")
+    def _oracle(inputs, grid, **_):
+        """The HR ground truth itself (a perfect method: every lesion kept exactly)."""
+        return {c: inputs[c] for c in ("t1", "t2")}
+
+
+def add_lesion_maps(root, which=(0,), value=1001):
+    """Give subjects ``which`` (sorted order) a T2w-only lesion (radius 2 voxels, +300 on T2w) and a
+    ``lesions`` entry in ``dataset.json``; the others keep no lesion map."""
+    import json
+
+    dl = json.loads((root / "dataset.json").read_text())
+    entries = sorted((e for split in dl.values() if isinstance(split, list) for e in split if isinstance(e, dict)), key=lambda e: e["subject"])
+    for i in which:
+        entry = entries[i]
+        t2_path = str(root / entry["t2"])  # datalist paths are relative to its folder
+        t2 = nib.load(t2_path)
+        grid = np.indices(t2.shape)
+        lesion = sum((g - c) ** 2 for g, c in zip(grid, (12, 20, 12))) <= 4
+        nib.save(nib.Nifti1Image(np.where(lesion, t2.get_fdata() + 300, t2.get_fdata()).astype(np.float32), t2.affine), t2_path)
+        path = str(root / f"{entry['subject']}_lesions.nii.gz")
+        nib.save(nib.Nifti1Image(np.where(lesion, value, 0).astype(np.int16), t2.affine), path)
+        entry["lesions"] = path  # absolute; the same dict object inside dl
+    (root / "dataset.json").write_text(json.dumps(dl))
+    return root
+
+
+def test_evaluate_reports_lesion_fidelity_and_training_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    data = add_lesion_maps(make_tiny_dataset(tmp_path / "data", n=2))
+    out = tmp_path / "res"
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear,oracle_for_test", "--no-lpips", "--quiet", "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "per_subject.csv").set_index(["method", "subject"])
+    with_map, without = sorted(rows.index.get_level_values("subject").unique())
+    oracle = rows.loc[("oracle_for_test", with_map)]
+    # a perfect output recovers the full contrast; n_lesions 1 and none excluded also proves the lesion map
+    # went through the same frame as the images (misplaced, it would have no ground-truth contrast)
+    assert oracle["lesion_contrast_t2"] == pytest.approx(1.0) and oracle["lesion_kept_t2"] == 1
+    assert oracle["n_lesions_t2"] == 1 and oracle["n_lesions_excluded"] == 0
+    assert oracle["imprint_t1"] == pytest.approx(oracle["imprint_t1_gt"])
+    tri = rows.loc[("trilinear", with_map)]
+    assert 0 < tri["lesion_contrast_t2"] < 0.95  # T2w y x 4 slabs blur a 5-voxel lesion
+    assert math.isnan(rows.loc[("trilinear", without), "lesion_contrast_t2"])  # no map: NaN, no crash
+    table = pd.read_csv(out / "table1.csv").set_index("method")
+    assert table.loc["oracle_for_test", "lesion_contrast_t2_mean"] == pytest.approx(1.0)
+    assert table["train_steps"].isna().all() and table["train_seconds"].isna().all()  # no cohort training
+    md = (out / "table1.md").read_text()
+    assert "## Lesion fidelity" in md and "training (steps, s)" in md and "2-voxel" not in md
+    assert "Lesion fidelity (subjects with a lesion instance map)" in md
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("nexus_monai_evaluate").experiment_id])
+    assert run.data.metrics["oracle_for_test/lesion_contrast_t2_mean"] == pytest.approx(1.0)
+    assert run.data.metrics["trilinear/lesion_kept_t2_mean"] in (0.0, 1.0)
+
+
+def test_evaluate_bad_lesion_map_fails_before_any_work(tmp_path, capsys):
+    data = add_lesion_maps(make_tiny_dataset(tmp_path / "data", n=1), value=4001)  # class 4 does not exist
+    out = tmp_path / "res"
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear", "--no-lpips", "--quiet", "--out", str(out), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "_lesions.nii.gz" in err and "break the encoding" in err
+    assert not (out / "per_subject.csv").exists()

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -25,7 +26,9 @@ from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, sample_at_world
+from nexus_monai.keys import LESIONS
 from nexus_monai.metrics.image_quality import _as_mask, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.metrics.lesion import lesion_fidelity_row
 from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
 from nexus_monai.transforms.intensity import INTENSITY_NORMS
 from nexus_monai.transforms.query import iter_query_chunks
@@ -190,7 +193,10 @@ class INRValidationStep:
             restored = unnormalise(lr[c].as_subclass(torch.Tensor), m, s)
             lr[c] = MetaTensor(restored, affine=lr[c].affine)
         subject = batch.get("subject", ["?"])
-        return {"pred": pred, "gt": gt, "lr": lr, "grid": grid, "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
+        out = {"pred": pred, "gt": gt, "lr": lr, "grid": grid, "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
+        if LESIONS in batch:  # the subject's lesion instance map, for the lesion-fidelity scores
+            out[LESIONS] = _plain(batch[LESIONS])[0, 0]
+        return out
 
 
 def normalised_zero(offset: float, scale: float) -> float:
@@ -205,9 +211,13 @@ def unnormalise(x: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
     return torch.where((x - zero).abs() <= 1e-6 * max(1.0, abs(zero)), torch.zeros_like(out), out).to(torch.float32)
 
 
-def subject_scores(gt: Mapping, pred: Mapping) -> dict:
+def subject_scores(gt: Mapping, pred: Mapping, lesions=None) -> dict:
     """PSNR (brain mask, eroded) and SSIM per contrast with the table protocol
-    (docs/evaluation_protocol.md), mask = GT T1 > 0."""
+    (docs/evaluation_protocol.md), mask = GT T1 > 0.
+
+    With a lesion instance map ``lesions`` also the tables' lesion-fidelity columns
+    (``lesion_contrast_t2``, ``lesion_kept_t2``, ``imprint_t1``, ...; :mod:`nexus_monai.metrics.lesion`).
+    """
     g0 = gt["t1"].numpy()
     mask = _as_mask(g0 > 0, g0.shape)
     eroded = erode_mask(mask, ERODE_VOXELS)
@@ -220,11 +230,19 @@ def subject_scores(gt: Mapping, pred: Mapping) -> dict:
         row[f"ssim_{c}"] = ssim3d(g / s, p / s, mask, win_size=SSIM_WIN_SIZE, sigma=SSIM_SIGMA)
     row["psnr_avg"] = (row["psnr_t1"] + row["psnr_t2"]) / 2
     row["ssim_avg"] = (row["ssim_t1"] + row["ssim_t2"]) / 2
+    if lesions is not None:
+        scales = {c: intensity_scale(gt[c].numpy(), mask, SCALE_PERCENTILE) for c in CONTRASTS}
+        row.update(lesion_fidelity_row({c: gt[c].numpy() / scales[c] for c in CONTRASTS},
+                                       {c: pred[c].numpy() / scales[c] for c in CONTRASTS}, lesions, mask))
     return row
 
 
 class SubjectImageMetric(Metric):
-    """Mean over validation subjects of ``subject_scores(...)[column]`` (e.g. ``psnr_avg``)."""
+    """Mean over validation subjects of ``subject_scores(...)[column]`` (e.g. ``psnr_avg``).
+
+    Subjects where the column is absent or NaN (a lesion column on a subject without a lesion map,
+    or without lesions of that class) are left out; NaN when no subject has it.
+    """
 
     def __init__(self, column: str = "psnr_avg", output_transform=lambda x: (x,), device="cpu"):
         # ignite turns a dict output into (y_pred, y); wrapped in a tuple the whole dict reaches update()
@@ -238,9 +256,11 @@ class SubjectImageMetric(Metric):
         output = output[0] if isinstance(output, (tuple, list)) else output
         scores = output.get("scores") if isinstance(output, dict) else None
         if scores is None:
-            scores = subject_scores(output["gt"], output["pred"])
+            scores = subject_scores(output["gt"], output["pred"], output.get(LESIONS))
             output["scores"] = scores
-        self._values.append(float(scores[self.column]))
+        value = float(scores.get(self.column, math.nan))
+        if math.isfinite(value):
+            self._values.append(value)
 
     def compute(self) -> float:
-        return float(sum(self._values) / max(len(self._values), 1))
+        return float(sum(self._values) / len(self._values)) if self._values else math.nan

@@ -15,7 +15,8 @@ from typing import Callable, Mapping, Sequence
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.geometry import TargetGrid
 
-__all__ = ["METHODS", "register_method", "get_method", "register_cohort_bundle", "bundle_model", "check_methods"]
+__all__ = ["METHODS", "register_method", "get_method", "register_cohort_bundle", "bundle_model", "check_methods",
+           "training_budget"]
 
 METHODS: dict[str, Callable] = {}
 
@@ -147,6 +148,29 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
 nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
 arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
 cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
+def training_budget(name: str, options: Mapping | None = None) -> dict:
+    """``{"train_steps", "train_seconds"}`` of a cohort method's bundle training (NaN when not recorded).
+
+    Read from the ``training_run.json`` the bundle's training writes beside its checkpoint
+    (:class:`~nexus_monai.engines.run_record.TrainingRunRecord`): ``<bundle>/models/`` or the folder
+    of the ``weights`` option. Methods without cohort training (interpolation, per-subject fits) get NaN.
+    """
+    import math
+
+    from nexus_monai.engines.run_record import read_run_record
+
+    opts = dict(options or {})
+    bundle = getattr(METHODS.get(name), "bundle", None)
+    record = None
+    if bundle is not None:
+        bundle = opts.get("bundle", bundle)
+        folder = Path(opts["weights"]).parent if opts.get("weights") else _bundle_folder(bundle) / "models"
+        record = read_run_record(folder)
+    if not record:
+        return {"train_steps": math.nan, "train_seconds": math.nan}
+    return {"train_steps": float(record.get("steps", math.nan)), "train_seconds": float(record.get("seconds", math.nan))}
+
+
 
 
 @register_method("smore")

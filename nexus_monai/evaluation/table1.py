@@ -6,7 +6,10 @@ every method. Outputs in ``out_dir``: ``per_subject.csv``, ``table1.csv``, ``tab
 with the parameters, every table mean/std and those files as artifacts. A method that fails on a
 subject gets a row with its error and is counted as failed in the table, never dropped silently.
 ``seconds`` is each method's wall-clock time per subject: fitting + inference for subject-specific
-methods (SSMCSR, LRTV), inference only for cohort models (their bundle training is not counted).
+methods (SSMCSR, LRTV), inference only for cohort models, whose bundle training budget is reported
+beside their row instead (``train_steps``, ``train_seconds`` from the bundle's ``training_run.json``).
+Subjects whose datalist entry has a lesion instance map (key ``lesions``) also get the lesion-fidelity
+columns (``lesion_contrast_t2``, ``imprint_t1``, ...) and ``table1.md`` a lesion-fidelity table.
 
 Checked before any work starts (one-line :class:`NexusInputError`): unknown method names, cohort
 bundles whose checkpoint is missing or does not match the network, and datalist entries whose
@@ -31,13 +34,15 @@ from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
-from nexus_monai.evaluation.methods import check_methods, get_method
+from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.geometry import TargetGrid
+from nexus_monai.keys import LESIONS
 from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_metric_row
+from nexus_monai.metrics.lesion import check_lesion_map
 from nexus_monai.transforms.protocols import Protocol
 
-__all__ = ["select_subjects", "check_subject_files", "prepare_subject", "evaluate_methods", "summarise", "markdown_table", "log_mlflow"]
+__all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods", "summarise", "markdown_table", "log_mlflow"]
 
 CONTRASTS = ("t1", "t2")
 
@@ -78,11 +83,31 @@ def check_subject_files(subjects: Sequence[dict], keys: Sequence[str] = ("t1", "
                 raise NexusInputError(path, f"file not found ({key} of subject {sid} in the datalist)")
 
 
+def check_lesion_files(subjects: Sequence[dict]) -> None:
+    """Every listed lesion map (datalist key ``lesions``) exists, is on its subject's T1w grid and
+    follows the :mod:`nexus_monai.keys` encoding (else one-line error). Subjects without one are fine."""
+    for subject in subjects:
+        if not subject.get(LESIONS):
+            continue
+        path = subject[LESIONS]
+        data = brats_loader(["t1", LESIONS])({"t1": subject["t1"], LESIONS: path})  # same-grid check
+        try:
+            check_lesion_map(data[LESIONS][0])
+        except ValueError as err:
+            raise NexusInputError(path, f"lesion map of subject {subject.get('subject', '?')}: {err}") from None
+
+
 def prepare_subject(subject: dict, protocol: Protocol) -> dict:
-    """Load HR t1/t2 (+seg), put them on the protocol frame and simulate ``t1_lr`` / ``t2_lr``."""
-    keys = [k for k in ("t1", "t2", "seg") if k in subject]
-    data = brats_loader(keys)(dict(subject))
-    return protocol.simulation()(data)
+    """Load HR t1/t2 (+seg, +lesions), put them on the protocol frame and simulate ``t1_lr`` / ``t2_lr``.
+
+    ``seg`` and the lesion instance map go through the same frame transform as the images (zero
+    padding / cropping, no interpolation, so labels stay exact).
+    """
+    keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else [])
+    data = protocol.simulation()(brats_loader(keys)(dict(subject)))
+    if LESIONS in data and data[LESIONS].shape != data["t1"].shape:
+        raise NexusInputError(subject[LESIONS], f"protocol {protocol.name!r}: its frame transform does not list {LESIONS!r}")
+    return data
 
 
 def _slice_tiles(volumes: dict, gt: dict, axis_for: dict) -> list[list[np.ndarray]]:
@@ -123,6 +148,7 @@ def evaluate_methods(
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     check_methods(list(methods), method_options)  # unknown names, missing/mismatching checkpoints
     check_subject_files(subjects, ("t1", "t2", "seg") if segmenters else ("t1", "t2"))
+    check_lesion_files(subjects)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fns = {m: get_method(m) for m in methods}
@@ -148,7 +174,8 @@ def evaluate_methods(
                     if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(), grid.affine, atol=1e-4):
                         raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
-                row.update(subject_metric_row(gt, pv, None, lpips=lpips))  # mask: the metric code's own default
+                lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
+                row.update(subject_metric_row(gt, pv, None, lpips=lpips, lesions=lesions))  # mask: the metric's default
                 row["seconds"] = seconds
                 row["error"] = ""
                 preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
@@ -179,6 +206,9 @@ def evaluate_methods(
     frame = pd.DataFrame(rows)
     write_text_atomic(out / "per_subject.csv", frame.to_csv(index=False))
     table = summarise(frame, methods)
+    budgets = [training_budget(m, method_options.get(m)) for m in methods]  # cohort bundles' training, NaN otherwise
+    for col in ("train_steps", "train_seconds"):
+        table[col] = [b[col] for b in budgets]
     write_text_atomic(out / "table1.csv", table.to_csv(index=False))
     write_text_atomic(out / "table1.md", markdown_table(table, protocol, n_subjects=len(subjects)))
     if segmenters:
@@ -269,7 +299,8 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
     if protocol.name == "ssmcsr":
         extra = [("ε_MI^T1", "eps_mi_t1"), ("ε_MI^T2", "eps_mi_t2"), ("ε̂_MI", "eps_mi_joint")]
         head += [e[0] for e in extra]
-    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w", "s / subject (fit + inference)", "failed"]
+    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w", "s / subject (fit + inference)",
+             "training (steps, s)", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["method"])]
@@ -277,13 +308,44 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
             cells += [_pm(r, f"{key}_t1", digits), _pm(r, f"{key}_t2", digits), _pm(r, f"{key}_avg", digits)]
         cells += [_pm(r, k, 4) for _, k in extra]
         cells += [_pm(r, "psnr_eroded_t1", 2), _pm(r, "psnr_eroded_t2", 2), _pm(r, "psnr_volume_t1", 2), _pm(r, "psnr_volume_t2", 2)]
-        cells += [_pm(r, "seconds", 2), str(int(r["failed"])) + (f" ({r['first_error']})" if r.get("failed", 0) and isinstance(r.get("first_error"), str) else "")]
+        cells += [_pm(r, "seconds", 2), _budget(r), str(int(r["failed"])) + (f" ({r['first_error']})" if r.get("failed", 0) and isinstance(r.get("first_error"), str) else "")]
         lines.append("| " + " | ".join(cells) + " |")
     c = protocol.config["contrasts"]
     statuses = sorted({p for s in table.get("lpips_statuses", []) if isinstance(s, str) for p in s.split("; ")})
     notes = [
         f"Protocol `{protocol.name}`: {protocol.config.get('description', '')}; T1w {c['t1']['axis']}×{c['t1']['factor']}, T2w {c['t2']['axis']}×{c['t2']['factor']}.",
         f"{n_subjects} subjects; mean ± std over subjects (population std).",
+        "training (steps, s): each cohort model's bundle training as recorded beside its checkpoint "
+        "(optimisation steps, wall-clock seconds incl. validation); '-' for methods without cohort training "
+        "or without a record.",
         metric_protocol_text(),
     ] + [f"LPIPS not computed for some runs: {s}" for s in statuses if s != "ok"]
-    return f"# Table 1 ({protocol.name} protocol)\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    lesion = _lesion_markdown(table)
+    return (f"# Table 1 ({protocol.name} protocol)\n\n" + "\n".join(lines) + "\n\n" + lesion
+            + "\n\n".join(notes) + "\n")
+
+
+def _budget(row: pd.Series) -> str:
+    steps, seconds = row.get("train_steps", math.nan), row.get("train_seconds", math.nan)
+    if not (isinstance(steps, (int, float)) and math.isfinite(steps)):
+        return "-"
+    return f"{int(steps)}, {seconds:.0f}" if math.isfinite(seconds) else f"{int(steps)}, -"
+
+
+def _lesion_markdown(table: pd.DataFrame) -> str:
+    """The lesion-fidelity table (only when some subject has a lesion map), else ''."""
+    cols = [("T2w-only: contrast recovered", "lesion_contrast_t2", 3), ("kept", "lesion_kept_t2", 3),
+            ("imprint on T1w", "imprint_t1", 4), ("GT on T1w", "imprint_t1_gt", 4),
+            ("T1w-only: contrast recovered", "lesion_contrast_t1", 3), ("kept", "lesion_kept_t1", 3),
+            ("imprint on T2w", "imprint_t2", 4), ("GT on T2w", "imprint_t2_gt", 4),
+            ("both: recovered T1w", "lesion_contrast_both_t1", 3), ("T2w", "lesion_contrast_both_t2", 3),
+            ("lesions / subject (T2w-only, T1w-only, both)", None, 0)]
+    if not any(f"{k}_mean" in table and table[f"{k}_mean"].notna().any() for _, k, _ in cols if k):
+        return ""
+    lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for _, r in table.iterrows():
+        counts = ", ".join(f"{r.get(f'{k}_mean', math.nan):.1f}" for k in ("n_lesions_t2", "n_lesions_t1", "n_lesions_both_t1"))
+        lines.append("| " + " | ".join([str(r["method"])] + [_pm(r, k, d) if k else counts for _, k, d in cols]) + " |")
+    return ("## Lesion fidelity\n\n" + "\n".join(lines) + "\n\nMean ± std over subjects with a lesion map; "
+            "imprint: |lesion contrast| on the contrast that should not show the lesion, output beside ground truth "
+            "(normalised units); definitions in the protocol below.\n\n")
