@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from ignite.metrics import Metric
@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
+from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB, tiled_decode
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, sample_at_world
 from nexus_monai.keys import LESIONS
 from nexus_monai.metrics.image_quality import _as_mask, erode_mask, intensity_scale, psnr, ssim3d
@@ -110,17 +111,31 @@ class ImplicitGridInferer(Inferer):
     skull-stripped data, or its image under the intensity normalisation) are not decoded and get
     that contrast's background value; data with another background is decoded everywhere.
 
+    Memory: with ``max_memory_gib`` (target peak RSS of the process, default
+    ``DEFAULT_MAX_MEMORY_GIB``) or an explicit ``tile_shape`` (output voxels), the encoders run on
+    halo crops of the LR grids per output tile (:mod:`nexus_monai.engines.tiled`; equal to the
+    whole-volume result up to float rounding, tiles without a point to decode skipped,
+    channels-last convolutions with ``channels_last``); both ``None``: encoders on the whole
+    volumes. ``last_plan`` records the tiling of the last call.
+
     ``intensity_norm`` (``"percentile"`` | ``"zscore"``) names the intensity space the network
     was trained in (:func:`~nexus_monai.transforms.intensity_normalizer`);
     :func:`~nexus_monai.engines.predict.predict_volumes` maps raw scans into it and back.
     """
 
     def __init__(self, chunk_size: int = 32768, progress: bool = False, skip_empty: bool = True,
-                 intensity_norm: str = "percentile"):
+                 intensity_norm: str = "percentile", max_memory_gib: float | None = DEFAULT_MAX_MEMORY_GIB,
+                 tile_shape: Sequence[int] | None = None, channels_last: bool = True):
         super().__init__()
         self.chunk_size = int(chunk_size)
         self.progress = progress
         self.skip_empty = bool(skip_empty)
+        # bounded memory (nexus_monai.engines.tiled): encoders on halo crops per output tile, the tile
+        # planned from max_memory_gib (target peak RSS) or given; both None: whole volumes (untiled)
+        self.max_memory_gib = None if max_memory_gib is None else float(max_memory_gib)
+        self.tile_shape = None if tile_shape is None else tuple(int(t) for t in tile_shape)
+        self.channels_last = bool(channels_last)
+        self.last_plan: dict = {}
         if intensity_norm not in INTENSITY_NORMS:
             raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
         self.intensity_norm = intensity_norm
@@ -139,10 +154,16 @@ class ImplicitGridInferer(Inferer):
         affines = {c: as_affine(img.affine).reshape(-1, 4, 4)[:1].to(device) for c, img in (("t1", t1_lr), ("t2", t2_lr))}
         if normalizer is None:
             normalizer = WorldNormalizer.from_grids([(vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS])
-        maps = net.encode(vols["t1"], vols["t2"])
         bg = {c: float((background or {}).get(c, 0.0)) for c in CONTRASTS}
         out = {c: torch.full((grid.num_voxels,), bg[c], dtype=torch.float32) for c in CONTRASTS}
         bar = tqdm(total=grid.num_voxels, unit="vox", unit_scale=True, desc="decode", disable=not self.progress)
+        if (self.max_memory_gib is not None or self.tile_shape is not None) and tiled_decode(
+                self, net, vols, affines, normalizer, grid, bg, out, bar):
+            bar.close()
+            net.train(was_training)
+            return {c: out[c].reshape(grid.shape) for c in CONTRASTS}
+        self.last_plan = {"tiled": False, "chunk_size": self.chunk_size}
+        maps = net.encode(vols["t1"], vols["t2"])
         for start, stop, world, norm in iter_query_chunks(grid, normalizer, self.chunk_size):
             world, norm = world.to(device), norm.to(device)
             keep = None

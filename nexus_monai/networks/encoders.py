@@ -12,18 +12,59 @@ feature map's affine.
 * :class:`ResCNN` -- plain conv/ReLU stack with a global residual (Du et al., 2020).
 
 :func:`build_encoder` chooses one by name (``"rdn" | "srresnet" | "rescnn"``), so configs pick it.
+
+Inference speed: inside :func:`channels_last_convs` every encoder convolution runs on
+channels-last (NDHWC) tensors -- oneDNN's fast direct 3D convolution on this layout -- and the
+1 x 1 x 1 convolutions become one GEMM over the voxels (oneDNN's channels-last 1 x 1 x 1 kernel is
+slow on CPU). Same parameters, same state dict, same values up to float rounding; training and
+any code outside the context use the ordinary ``nn.Conv3d`` path.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RDN", "SRResNet", "ResCNN", "build_encoder", "ENCODERS"]
+__all__ = ["RDN", "SRResNet", "ResCNN", "build_encoder", "ENCODERS", "EncoderConv3d", "channels_last_convs"]
+
+_CL = torch.channels_last_3d
+_LAYOUT = threading.local()  # per thread: the serving workers infer on threads
+
+
+@contextmanager
+def channels_last_convs(enabled: bool = True):
+    """While active (in this thread), :class:`EncoderConv3d` layers compute in channels-last layout."""
+    previous = getattr(_LAYOUT, "channels_last", False)
+    _LAYOUT.channels_last = bool(enabled)
+    try:
+        yield
+    finally:
+        _LAYOUT.channels_last = previous
+
+
+class EncoderConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (stride 1, 'same' padding) with the channels-last inference path of :func:`channels_last_convs`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(_LAYOUT, "channels_last", False) or x.dim() != 5:
+            return super().forward(x)
+        x = x.contiguous(memory_format=_CL)
+        if self.kernel_size == (1, 1, 1) and self.groups == 1:  # a GEMM over voxels: (N*D*H*W, Cin) x (Cin, Cout)
+            n, c, d, h, w = x.shape
+            rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c)
+            weight = self.weight.reshape(self.out_channels, c).t()
+            y = torch.addmm(self.bias, rows, weight) if self.bias is not None else rows @ weight
+            return y.reshape(n, d, h, w, self.out_channels).permute(0, 4, 1, 2, 3)
+        return F.conv3d(x, self.weight.contiguous(memory_format=_CL), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, k, padding=k // 2)
+    return EncoderConv3d(cin, cout, k, padding=k // 2)
 
 
 class _DenseLayer(nn.Module):

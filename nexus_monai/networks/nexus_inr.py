@@ -172,6 +172,11 @@ class NexusINR(nn.Module):
         """
         images = {"t1": t1, "t2": t2}
         maps = {name: enc(images[name.split("_")[0]]) for name, enc in self.encoders.items()}
+        return self.add_attention_keys(maps)
+
+    def add_attention_keys(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add KD-Attn's projected keys/values to the encoder ``maps`` (the hook used by tiled encoding,
+        :mod:`nexus_monai.networks.tiling`, which builds the maps of a sub-box of the LR grids)."""
         if self.kd_attn:
             maps["kv_for_t2"] = self.attn_t2.project_keys(maps["t1_shared"])
             if self.bidirectional:

@@ -1,0 +1,147 @@
+"""Bounded-memory whole-volume inference: the output grid in tiles, the encoders on halo crops.
+
+:class:`~nexus_monai.engines.inr.ImplicitGridInferer` calls :func:`tiled_decode` when it has a
+memory budget (``max_memory_gib``) or an explicit ``tile_shape``. For each output tile:
+
+1. the tile's voxel centres (world mm, as :func:`~nexus_monai.transforms.query.iter_query_chunks`
+   computes them) and the empty test of ``skip_empty`` (both LR scans interpolate to their
+   background: not decoded); a tile without a point to decode is skipped entirely -- no encoder
+   runs on the background around the brain;
+2. per LR grid the core box the remaining points can read (:func:`~nexus_monai.networks.tiling.core_box`),
+   encoded from a crop with a halo of the encoders' receptive-field radius
+   (:func:`~nexus_monai.networks.tiling.encode_box`, channels-last convolutions), so every feature
+   equals the untiled one up to float rounding;
+3. ``network.decode`` over the points in chunks.
+
+The tile shape is planned from the budget (:func:`~nexus_monai.networks.tiling.plan_tile_shape`):
+``max_memory_gib`` is the process's target peak RSS; the tiles get what remains after the RSS at
+the start, the output volumes and one decode chunk (the chunk itself shrinks to a quarter of the
+budget left when needed). Peak memory then depends on the tile, not on the volume size.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from nexus_monai.geometry import TargetGrid, WorldNormalizer, sample_at_world, voxel_to_world, world_to_voxel
+from nexus_monai.networks.tiling import (core_box, decode_bytes_per_point, encode_box, encoder_radius, iter_boxes,
+                                         plan_tile_shape, window_margin)
+
+__all__ = ["DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "tileable", "process_rss_bytes", "plan", "tiled_decode"]
+
+DEFAULT_MAX_MEMORY_GIB = 1.75  # measured peak RSS for 240 x 240 x 160 at 2 threads: see README (benchmark)
+MIN_TILE_BUDGET_BYTES = 256 * 1024**2  # floor when the process already uses the budget
+_CONTRASTS = ("t1", "t2")
+_GIB = 1024.0**3
+
+
+def tileable(net: nn.Module) -> bool:
+    """Whether ``net`` has the tiled-encoding interface (NexusINR-like, stride-1 conv encoders)."""
+    if not (hasattr(net, "encoders") and hasattr(net, "add_attention_keys") and hasattr(net, "decode")):
+        return False
+    try:
+        encoder_radius(net)
+    except ValueError:
+        return False
+    return True
+
+
+def process_rss_bytes() -> float:
+    """The current resident set size of this process (0 where ``/proc`` is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor], grid: TargetGrid) -> dict:
+    """Tile shape, decode chunk size, halo and margin for this volume under the inferer's budget."""
+    radius, margin = encoder_radius(net), window_margin(net)
+    chunk = int(inferer.chunk_size)
+    budget = None
+    if inferer.max_memory_gib is not None:
+        outputs = 4.0 * grid.num_voxels * len(_CONTRASTS) * 2  # the output volumes + predict_volumes' scaled copies
+        budget = float(inferer.max_memory_gib) * _GIB - process_rss_bytes() - outputs
+        per_point = decode_bytes_per_point(net)
+        chunk = min(chunk, max(1024, int(max(budget, MIN_TILE_BUDGET_BYTES) / 4 / per_point)))
+        budget = max(budget - chunk * per_point, MIN_TILE_BUDGET_BYTES)
+    if inferer.tile_shape is not None:
+        tile = tuple(int(t) for t in inferer.tile_shape)
+    else:
+        lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in _CONTRASTS}
+        tile = plan_tile_shape(grid.shape, grid.affine, lr, net, budget, radius, margin)
+    return {"tiled": True, "tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius, "margin_voxels": margin,
+            "tile_budget_gib": None if budget is None else budget / _GIB, "max_memory_gib": inferer.max_memory_gib}
+
+
+def _tile_world(grid: TargetGrid, lo, hi) -> torch.Tensor:
+    """World coordinates (float64) of the voxel centres of the box ``[lo, hi)``, C order."""
+    axes = [torch.arange(a, b, dtype=torch.int64) for a, b in zip(lo, hi)]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3).to(torch.float64)
+    return voxel_to_world(idx, grid.affine)
+
+
+def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor],
+                 normalizer: WorldNormalizer, grid: TargetGrid, background: Mapping[str, float],
+                 out: Mapping[str, torch.Tensor], bar=None) -> bool:
+    """Fill ``out[c]`` (flat ``(X * Y * Z,)``, pre-filled with the background) tile by tile.
+
+    Returns False (nothing done) when ``net`` cannot be tiled; the caller then encodes whole volumes.
+    ``inferer.last_plan`` records the plan and the tiles encoded/skipped.
+    """
+    if not tileable(net):
+        return False
+    with torch.inference_mode():
+        info = plan(inferer, net, vols, affines, grid)
+        radius, margin, chunk = info["halo_voxels"], info["margin_voxels"], info["chunk_size"]
+        device = vols["t1"].device
+        views = {c: out[c].view(grid.shape) for c in _CONTRASTS}
+        shifted = {c: vols[c] - background[c] if background[c] else vols[c] for c in _CONTRASTS}
+        encoded = skipped = 0
+        for lo, hi in iter_boxes(grid.shape, info["tile_shape"]):
+            n = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
+            world64 = _tile_world(grid, lo, hi)
+            world = world64.to(torch.float32).to(device)
+            keep = None
+            if inferer.skip_empty:
+                signal = sum(sample_at_world(shifted[c], affines[c], world[None])[0, 0].abs() for c in _CONTRASTS)
+                keep = torch.nonzero(signal > 0)[:, 0]
+                if keep.numel() == 0:
+                    skipped += 1
+                    if bar is not None:
+                        bar.update(n)
+                    continue
+                world, world64 = world[keep], world64[keep.cpu()]
+            norm = normalizer(world64).to(torch.float32).to(device)
+            boxes = {c: core_box(world_to_voxel(world, affines[c][0]), vols[c].shape[-3:], margin) for c in _CONTRASTS}
+            maps, crops, crop_affines = encode_box(net, vols, affines, boxes, radius, inferer.channels_last)
+            encoded += 1
+            values = {c: torch.empty(world.shape[0], dtype=torch.float32) for c in _CONTRASTS}
+            for start in range(0, world.shape[0], chunk):
+                stop = min(start + chunk, world.shape[0])
+                pred = net.decode(maps, crops["t1"], crops["t2"], crop_affines["t1"], crop_affines["t2"],
+                                  world[None, start:stop], norm[None, start:stop])
+                for c in _CONTRASTS:
+                    values[c][start:stop] = pred[c][0].float().cpu()
+            del maps, crops
+            for c in _CONTRASTS:
+                tile = views[c][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                if keep is None:
+                    tile.copy_(values[c].reshape(tile.shape))
+                else:
+                    flat = tile.reshape(-1).clone()
+                    flat[keep.cpu()] = values[c]
+                    tile.copy_(flat.reshape(tile.shape))
+            if bar is not None:
+                bar.update(n)
+        info.update({"tiles_encoded": encoded, "tiles_skipped": skipped})
+        inferer.last_plan = info
+    return True
+

@@ -1,0 +1,191 @@
+"""Tiled encoding of :class:`~nexus_monai.networks.NexusINR`: bounded memory whatever the volume size.
+
+The encoders are fully convolutional (stride 1, zero 'same' padding), so the feature at an LR
+voxel depends only on the input within the receptive-field radius ``r`` (:func:`receptive_radius`).
+A box of an LR grid (the *core*) is therefore encoded exactly from the input cropped to the core
+grown by ``r`` voxels on every side (the *halo*), clamped at the volume's edges, where the crop's
+own zero padding is the volume's. Everything after the encoders is per voxel (KD-Attn keys) or
+per query point (lookups, attention window, MLPs), so decoding the query points of one output
+tile needs only the cores around them: a core spans the points' continuous indices in that LR
+grid plus ``margin`` voxels (trilinear corners and the attention window), and a query then sees
+exactly the voxels it would see in the whole map (interior) or the same clamped edge voxels.
+
+Pieces (used by :class:`~nexus_monai.engines.inr.ImplicitGridInferer`):
+
+* :func:`receptive_radius`, :func:`window_margin`: halo and margin of a network.
+* :func:`core_box`: the core of one LR grid for a set of query indices.
+* :func:`encode_box`: the network's maps (features + KD-Attn keys) on the cores, with the cropped
+  LR images and their affines, ready for ``network.decode``.
+* :func:`plan_tile_shape`: the output-tile shape of least encoder work (halos included) whose
+  estimated memory fits a byte budget; :func:`iter_boxes` walks the output grid in such tiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nexus_monai.networks.encoders import channels_last_convs
+
+__all__ = [
+    "receptive_radius", "encoder_radius", "window_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point", "core_box",
+    "encode_box", "plan_tile_shape", "iter_boxes", "tile_memory_bytes",
+]
+
+_SPATIAL = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.Upsample, nn.modules.conv._ConvTransposeNd)
+
+
+def receptive_radius(module: nn.Module) -> int:
+    """Receptive-field radius (voxels) of a stride-1 fully convolutional encoder: the sum over its
+    ``Conv3d`` layers of ``dilation * (k - 1) / 2`` (the longest path through any residual/dense
+    graph is at most every convolution once). ``ValueError`` if a layer is strided, not 'same'
+    padded with zeros, or otherwise changes the grid (pooling, upsampling)."""
+    radius = 0
+    for name, m in module.named_modules():
+        if isinstance(m, _SPATIAL):
+            raise ValueError(f"{name}: {type(m).__name__} changes the voxel grid; the encoder cannot be tiled")
+        if isinstance(m, nn.Conv3d):
+            half = [d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation)]
+            if any(s != 1 for s in m.stride) or list(m.padding) != half or m.padding_mode != "zeros":
+                raise ValueError(f"{name}: only stride-1 zero 'same'-padded convolutions can be tiled")
+            radius += max(half)
+    return radius
+
+
+def encoder_radius(network: nn.Module) -> int:
+    """The halo of a network: the largest :func:`receptive_radius` of its encoders."""
+    return max((receptive_radius(e) for e in network.encoders.values()), default=0)
+
+
+def window_margin(network: nn.Module) -> int:
+    """Voxels a query may read beyond its own continuous index: trilinear corners (1) + the widest
+    KD-Attn window radius + 1 for rounding."""
+    half = [int(w) // 2 for m in network.modules() if hasattr(m, "window") and hasattr(m, "offsets") for w in m.window]
+    return 2 + max(half, default=0)
+
+
+def encoder_bytes_per_voxel(encoder: nn.Module) -> int:
+    """Upper estimate of an encoder's working memory per voxel during inference: every convolution
+    output alive at once plus the widest input (concatenations), float32."""
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv3d)]
+    return 4 * (sum(m.out_channels for m in convs) + max((m.in_channels for m in convs), default=1))
+
+
+def decode_bytes_per_point(network: nn.Module) -> int:
+    """Upper estimate of ``network.decode``'s working memory per query point (float32): the KD-Attn
+    window (gathered keys/values, positional embedding, scores), lookups and the decoder MLPs."""
+    c = int(getattr(network, "features", 64))
+    window = max((len(m.offsets) for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")), default=0)
+    hidden = max((m.out_features for m in network.modules() if isinstance(m, nn.Linear)), default=c)
+    return 4 * window * (8 * c + 8) + 4 * (16 * c + 4 * hidden) + 256
+
+
+def core_box(index: torch.Tensor, shape: Sequence[int], margin: int) -> tuple[list[int], list[int]]:
+    """``(lo, hi)`` (``hi`` exclusive) of the LR voxels that points at continuous ``index`` ``(N, 3)``
+    can read, ``margin`` voxels around them, clamped to the grid ``shape``."""
+    lo_f = torch.floor(index.min(0).values).tolist()
+    hi_f = torch.floor(index.max(0).values).tolist()
+    lo, hi = [], []
+    for a, b, n in zip(lo_f, hi_f, shape):
+        start = min(max(int(a) - margin, 0), int(n) - 1)
+        lo.append(start)
+        hi.append(max(min(int(b) + margin + 2, int(n)), start + 1))
+    return lo, hi
+
+
+def _crop(x: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+    return x[..., lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
+def _shifted(affine: torch.Tensor, lo: Sequence[int]) -> torch.Tensor:
+    """The affine of a crop starting at voxel ``lo``: ``affine @ translate(lo)``."""
+    shift = torch.eye(4, dtype=affine.dtype, device=affine.device)
+    shift[:3, 3] = torch.as_tensor([float(v) for v in lo], dtype=affine.dtype)
+    return affine @ shift
+
+
+def encode_box(network: nn.Module, images: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor],
+               boxes: Mapping[str, tuple[Sequence[int], Sequence[int]]], radius: int, channels_last: bool = True,
+               ) -> tuple[dict, dict, dict]:
+    """Encode the cores ``boxes[m] = (lo, hi)`` of each LR image ``(1, 1, X, Y, Z)`` exactly.
+
+    Returns ``(maps, cropped images, cropped affines)``: the arguments of ``network.decode`` for
+    query points whose cores these are (``maps`` as from ``network.encode`` on the cropped images,
+    but with every feature computed from the input around it, halo ``radius`` voxels).
+    """
+    maps: dict[str, torch.Tensor] = {}
+    crops, crop_affines = {}, {}
+    with channels_last_convs(channels_last):
+        for m, image in images.items():
+            lo, hi = boxes[m]
+            shape = image.shape[-3:]
+            hlo = [max(0, a - radius) for a in lo]
+            hhi = [min(int(n), b + radius) for b, n in zip(hi, shape)]
+            x = _crop(image, hlo, hhi)
+            inner = ([a - h for a, h in zip(lo, hlo)], [b - h for b, h in zip(hi, hlo)])
+            for name, encoder in network.encoders.items():
+                if name.split("_")[0] == m:
+                    maps[name] = _crop(encoder(x), *inner).contiguous()
+            crops[m] = _crop(image, lo, hi).contiguous()
+            crop_affines[m] = _shifted(affines[m], lo)
+    return network.add_attention_keys(maps), crops, crop_affines
+
+
+def iter_boxes(shape: Sequence[int], tile: Sequence[int]) -> Iterator[tuple[list[int], list[int]]]:
+    """``(lo, hi)`` voxel boxes of ``tile`` (last ones cut at the edge) covering a grid of ``shape``."""
+    ranges = [range(0, int(n), int(t)) for n, t in zip(shape, tile)]
+    for start in itertools.product(*ranges):
+        yield list(start), [min(s + int(t), int(n)) for s, t, n in zip(start, tile, shape)]
+
+
+def _lr_extent(jacobian: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    """LR voxels spanned by output tiles ``(T, 3)`` through ``|d index_lr / d index_out|`` ``(3, 3)``."""
+    return np.ceil(tile @ np.abs(jacobian).T) + 1
+
+
+def tile_memory_bytes(tile: np.ndarray, lr: Sequence[tuple[np.ndarray, Sequence[int], int]], radius: int, margin: int,
+                      enc_bytes: int, map_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(memory, encoder voxels)`` per candidate output tile ``(T, 3)``; ``lr``: per LR grid
+    ``(jacobian, shape, encoders)``. Memory: the largest halo crop's encoder work + every core's
+    maps + input crops + the tile's query coordinates; voxels: encoder outputs incl. halos."""
+    tile = np.asarray(tile, dtype=np.float64).reshape(-1, 3)
+    work, maps, voxels = np.zeros(len(tile)), np.zeros(len(tile)), np.zeros(len(tile))
+    for jac, shape, n_enc in lr:
+        n = np.asarray(shape, dtype=np.float64)
+        core = np.minimum(_lr_extent(jac, tile) + 2 * margin + 1, n)
+        halo = np.minimum(core + 2 * radius, n).prod(1)
+        work = np.maximum(work, halo * enc_bytes)
+        maps += core.prod(1) * map_bytes + halo * 8
+        voxels += halo * n_enc
+    return work + maps + tile.prod(1) * 96, voxels
+
+
+def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor, lr: Mapping[str, tuple[Sequence[int], torch.Tensor]],
+                    network: nn.Module, budget_bytes: float, radius: int | None = None, margin: int | None = None) -> tuple[int, int, int]:
+    """Output-tile shape that minimises the encoder voxels computed (halos included, whole grid)
+    among the shapes whose :func:`tile_memory_bytes` fits ``budget_bytes`` (the smallest-memory
+    shape if none does). ``lr``: ``{modality: (LR shape, LR affine)}``."""
+    radius = encoder_radius(network) if radius is None else radius
+    margin = window_margin(network) if margin is None else margin
+    enc_bytes = max(encoder_bytes_per_voxel(e) for e in network.encoders.values())
+    c = int(getattr(network, "features", 64))
+    map_bytes = 4 * c * (len(network.encoders) // max(len(lr), 1) + 2)  # feature maps + KD-Attn keys/values
+    out_a = grid_affine.double().cpu()
+    per_grid = []
+    for m, (shape, affine) in lr.items():
+        jac = (torch.linalg.inv(affine.double().cpu()) @ out_a)[:3, :3].numpy()
+        n_enc = sum(1 for name in network.encoders if name.split("_")[0] == m)
+        per_grid.append((jac, [int(s) for s in shape[-3:]], n_enc))
+    axes = [sorted({math.ceil(int(n) / k) for k in range(1, min(int(n), 48) + 1)}) for n in grid_shape]
+    tiles = np.array(list(itertools.product(*axes)), dtype=np.float64)
+    memory, voxels = tile_memory_bytes(tiles, per_grid, radius, margin, enc_bytes, map_bytes)
+    counts = np.prod(np.ceil(np.asarray(grid_shape, dtype=np.float64) / tiles), axis=1)
+    cost = counts * voxels
+    fits = memory <= budget_bytes
+    best = int(np.argmin(np.where(fits, cost, np.inf))) if fits.any() else int(np.argmin(memory))
+    return tuple(int(v) for v in tiles[best])
