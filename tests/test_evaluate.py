@@ -166,9 +166,10 @@ def add_lesion_maps(root, which=(0,), value=1001):
     import json
 
     dl = json.loads((root / "dataset.json").read_text())
-    entries = sorted((e for split in dl.values() if isinstance(split, list) for e in split if isinstance(e, dict)), key=lambda e: e["subject"])
+    entries = [e for split in dl.values() if isinstance(split, list) for e in split if isinstance(e, dict)]
+    subjects = sorted({e["subject"] for e in entries})
     for i in which:
-        entry = entries[i]
+        entry = next(e for e in entries if e["subject"] == subjects[i])
         t2_path = str(root / entry["t2"])  # datalist paths are relative to its folder
         t2 = nib.load(t2_path)
         grid = np.indices(t2.shape)
@@ -176,7 +177,9 @@ def add_lesion_maps(root, which=(0,), value=1001):
         nib.save(nib.Nifti1Image(np.where(lesion, t2.get_fdata() + 300, t2.get_fdata()).astype(np.float32), t2.affine), t2_path)
         path = str(root / f"{entry['subject']}_lesions.nii.gz")
         nib.save(nib.Nifti1Image(np.where(lesion, value, 0).astype(np.int16), t2.affine), path)
-        entry["lesions"] = path  # absolute; the same dict object inside dl
+        for e in entries:  # every split listing the subject (bundle datasets list it in all three)
+            if e["subject"] == subjects[i]:
+                e["lesions"] = path  # absolute
     (root / "dataset.json").write_text(json.dumps(dl))
     return root
 
