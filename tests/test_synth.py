@@ -358,3 +358,36 @@ def test_synth_loads_through_the_brats_loader(runs):
     assert np.allclose(np.diag(data["t1"].affine.numpy())[:3], 2.0)
     assert set(np.unique(data["seg"].numpy()).tolist()) <= {0, 1, 2, 4}
     assert set(found[0]) >= {"t1", "t1ce", "t2", "flair", "seg"}
+
+
+def test_recorded_slice_profile_drives_the_acquisition_transform():
+    """The per-subject profile / width the datalist records reach the acquisition transforms."""
+    import torch
+    from monai.data import MetaTensor
+
+    from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisitiond, slice_profile_matrix
+
+    # boxcar of width 0.5 x 4 = 2 HR voxels centred on the slab centre n*4 + 1.5: voxels 1 and 2 only
+    w = slice_profile_matrix(8, 4, "boxcar", fwhm_scale=0.5).numpy()
+    np.testing.assert_allclose(w, [[0, 0.5, 0.5, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0.5, 0.5, 0]], atol=1e-12)
+    np.testing.assert_array_equal(slice_profile_matrix(40, 4, "boxcar", 1.0), slice_profile_matrix(40, 4, "boxcar"))
+    # a Gaussian row's variance grows with the square of the width (interior rows, uncut)
+    def variance(scale):
+        row = slice_profile_matrix(64, 4, "gaussian", scale)[8].numpy()
+        i = np.arange(64)
+        return float((row * (i - (row * i).sum()) ** 2).sum())
+
+    assert variance(1.2) / variance(1.0) == pytest.approx(1.44, rel=0.02)
+    with pytest.raises(ValueError, match="fwhm_scale"):
+        slice_profile_matrix(8, 2, "gaussian", 0.0)
+
+    image = MetaTensor(torch.rand(1, 6, 6, 16, generator=torch.Generator().manual_seed(0)), affine=torch.eye(4))
+    acquire = SimulateAnisotropicAcquisitiond("t1", "z", 4, "gaussian", output_keys="t1_lr",
+                                             profile_key="t1_slice_profile", fwhm_scale_key="t1_fwhm_scale")
+    per_subject = acquire({"t1": image, "t1_slice_profile": "boxcar", "t1_fwhm_scale": 0.5})["t1_lr"]
+    expected = (image[..., 1::4] + image[..., 2::4]) / 2
+    np.testing.assert_allclose(per_subject.numpy(), expected.numpy(), rtol=1e-6)
+    assert per_subject.meta["acquisition"] == {"axis": 2, "factor": 4.0, "profile": "boxcar", "fwhm_scale": 0.5}
+    default = acquire({"t1": image})["t1_lr"]  # keys absent: the protocol's own profile
+    plain = SimulateAnisotropicAcquisitiond("t1", "z", 4, "gaussian", output_keys="t1_lr")({"t1": image})["t1_lr"]
+    np.testing.assert_array_equal(default.numpy(), plain.numpy())

@@ -13,7 +13,6 @@ Every subject becomes a dict with canonical keys ``t1, t1ce, t2, flair, seg`` (p
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -25,7 +24,15 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform
 
-from nexus_monai.data.io import load_volume, write_text_atomic
+from nexus_monai.data.datalist import (  # noqa: F401  (re-exported: the public names of this module)
+    DEFAULT_PROPORTIONS,
+    default_cache_dir,
+    load_datalist,
+    make_datalist,
+    split_counts,
+    write_datalist,
+)
+from nexus_monai.data.io import load_volume
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import as_affine
 
@@ -45,7 +52,6 @@ __all__ = [
 
 MODALITIES = ("t1", "t1ce", "t2", "flair", "seg")
 BRATS_LABELS = (0, 1, 2, 4)
-DEFAULT_PROPORTIONS = (48, 10, 15)  # the paper's train / validation / test subjects (of 73)
 
 _SUFFIXES = {
     "2020": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
@@ -128,69 +134,6 @@ def discover_brats(root: str | os.PathLike, required: Sequence[str] = ("t1", "t2
     return subjects
 
 
-def split_counts(n: int, proportions: Sequence[float] = DEFAULT_PROPORTIONS) -> tuple[int, int, int]:
-    """``(train, validation, test)`` sizes for ``n`` subjects in the given proportions.
-
-    Validation and test get at least one subject each when ``n >= 3``; training gets the rest.
-    """
-    if n < 1:
-        raise ValueError("need at least one subject")
-    p = np.asarray(proportions, dtype=float)
-    if p.shape != (3,) or np.any(p < 0) or p.sum() <= 0:
-        raise ValueError(f"proportions must be three non-negative numbers, got {proportions}")
-    p = p / p.sum()
-    val, test = int(np.floor(n * p[1] + 0.5)), int(np.floor(n * p[2] + 0.5))  # rounded half up
-    if n >= 3:
-        val, test = max(val, 1 if p[1] > 0 else 0), max(test, 1 if p[2] > 0 else 0)
-    val, test = min(val, n), min(test, max(n - val, 0))
-    return n - val - test, val, test
-
-
-def make_datalist(subjects: Sequence[dict], seed: int = 0, proportions: Sequence[float] = DEFAULT_PROPORTIONS, base_dir: str | os.PathLike | None = None, **info) -> dict:
-    """A MONAI decathlon-style datalist with a seeded ``training``/``validation``/``test`` split.
-
-    Paths are written relative to ``base_dir`` (the folder the JSON will live in) when given.
-    """
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    n_train, n_val, _ = split_counts(len(subjects), proportions)
-    chosen = [dict(subjects[i]) for i in order]
-    if base_dir is not None:
-        for s in chosen:
-            for k in MODALITIES:
-                if k in s:
-                    s[k] = os.path.relpath(s[k], base_dir)
-    splits = {"training": chosen[:n_train], "validation": chosen[n_train : n_train + n_val], "test": chosen[n_train + n_val :]}
-    for part in splits.values():
-        part.sort(key=lambda s: s["subject"])
-    return {**info, "split_seed": seed, "proportions": list(proportions), **splits}
-
-
-def write_datalist(path: str | os.PathLike, datalist: dict) -> Path:
-    """Write the datalist JSON atomically."""
-    return write_text_atomic(path, json.dumps(datalist, indent=2) + "\n")
-
-
-def load_datalist(path: str | os.PathLike, split: str = "training") -> list[dict]:
-    """Entries of one split with modality paths made absolute (relative to the JSON's folder)."""
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NexusInputError(path, "datalist not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NexusInputError(path, f"not valid JSON ({err})") from err
-    if split not in content:
-        raise NexusInputError(path, f"no {split!r} split (has: {', '.join(k for k, v in content.items() if isinstance(v, list))})")
-    out = []
-    for entry in content[split]:
-        e = dict(entry)
-        for k in MODALITIES:
-            if k in e and not os.path.isabs(e[k]):
-                e[k] = str(path.parent / e[k])
-        out.append(e)
-    return out
-
-
 def resolve_datalist(dataset_dir: str | os.PathLike | None = None, seed: int = 0, embedded_subjects: int = 24) -> Path:
     """A datalist JSON for bundles: the embedded dataset, a folder's ``dataset.json``, or a BraTS root.
 
@@ -199,7 +142,7 @@ def resolve_datalist(dataset_dir: str | os.PathLike | None = None, seed: int = 0
     * a BraTS root: discovered, split with ``seed`` (48/10/15) and written (absolute paths) to
       ``<cache>/datalists/<folder name>_s<seed>.json``.
     """
-    from nexus_monai.data.synth import default_cache_dir, ensure_embedded_dataset
+    from nexus_monai.data.synth import ensure_embedded_dataset  # lazy: the generator is only needed here
 
     if dataset_dir in (None, "", "embedded"):
         return ensure_embedded_dataset(subjects=embedded_subjects, seed=seed)

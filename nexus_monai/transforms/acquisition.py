@@ -15,6 +15,12 @@ Profiles (weights over HR voxels ``i`` for LR slice ``n`` centred at ``p = n k +
 * ``none``: point sampling at ``p`` (linear interpolation between the two nearest HR voxels when
   ``p`` is not an integer), as in the SSMCSR code.
 
+``fwhm_scale`` (default 1) widens or narrows the profile: Gaussian FWHM ``= fwhm_scale * k``,
+boxcar width ``fwhm_scale * k`` centred on the slab centre (ignored by ``none``). The embedded
+dataset draws a profile and a scale in 0.8-1.2 per scan and records them in its datalist entries
+(``<contrast>_slice_profile``, ``<contrast>_fwhm_scale``); the dictionary transforms read them
+per subject when given ``profile_key`` / ``fwhm_scale_key`` (absent keys: the transform's own).
+
 Rows are normalised to sum 1. The Gaussian rows are tilted to first order so that their
 centroid is exactly the slab centre also for non-integer factors and at the volume border
 (where the cut kernel is renormalised). Boxcar rows for a non-integer factor keep the exact
@@ -54,9 +60,12 @@ def num_thick_slices(n_hr: int, factor: float) -> int:
     return int(math.floor(n_hr / float(factor) + 1e-9))
 
 
-def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian") -> torch.Tensor:
+def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0) -> torch.Tensor:
     """Weights ``(M, n_hr)`` (float64) mapping HR samples along the thick axis to ``M`` LR slices."""
     k = float(factor)
+    scale = float(fwhm_scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"fwhm_scale must be a finite number > 0, got {fwhm_scale}")
     if not (k >= 1.0 and math.isfinite(k)):
         raise ValueError(f"acquisition factor must be a finite number >= 1, got {factor}")
     if profile not in PROFILES:
@@ -68,7 +77,7 @@ def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian") ->
     n = torch.arange(m, dtype=torch.float64)[:, None]
     centre = n * k + (k - 1.0) / 2.0
     if profile == "gaussian":
-        sigma = k / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+        sigma = scale * k / (2.0 * math.sqrt(2.0 * math.log(2.0)))
         d = i - centre
         w = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 4.0 * sigma)
         # Sampled at integers around a non-integer centre (or cut at the border) the discrete
@@ -79,6 +88,8 @@ def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian") ->
         w = torch.clamp(w * (1.0 - tilt * d), min=0.0)
     elif profile == "boxcar":
         lo, hi = n * k - 0.5, (n + 1) * k - 0.5
+        if scale != 1.0:
+            lo, hi = centre - scale * k / 2.0, centre + scale * k / 2.0
         w = torch.clamp(torch.minimum(i + 0.5, hi) - torch.maximum(i - 0.5, lo), min=0.0)
     else:
         w = torch.clamp(1.0 - (i - centre).abs(), min=0.0)
@@ -103,16 +114,18 @@ class SimulateAnisotropicAcquisition(Transform):
         axis: thick axis, ``"x"/"y"/"z"`` or ``0/1/2`` (array axes i/j/k).
         factor: slab thickness in HR voxels (int or float >= 1).
         profile: ``"gaussian"`` (FWHM = factor voxels), ``"boxcar"`` or ``"none"``.
+        fwhm_scale: profile width relative to the factor (default 1).
 
     Output shape along ``axis``: ``floor(n / factor)``; other axes unchanged.
     """
 
-    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian"):
+    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0):
         self.axis = parse_axis(axis)
         self.factor = float(factor)
         if profile not in PROFILES:
             raise ValueError(f"slice profile must be one of {PROFILES}, got {profile!r}")
         self.profile = profile
+        self.fwhm_scale = float(fwhm_scale)
 
     def __call__(self, img: torch.Tensor) -> MetaTensor:
         if img.ndim != 4:
@@ -120,11 +133,13 @@ class SimulateAnisotropicAcquisition(Transform):
         affine = img.affine if isinstance(img, MetaTensor) else torch.eye(4, dtype=torch.float64)
         x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else torch.as_tensor(img)
         dim = self.axis + 1
-        w = slice_profile_matrix(x.shape[dim], self.factor, self.profile)
+        w = slice_profile_matrix(x.shape[dim], self.factor, self.profile, self.fwhm_scale)
         out = apply_along_axis(x.to(torch.float64), w, dim).to(x.dtype if x.is_floating_point() else torch.float32)
         meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
         meta.pop("affine", None)
         meta["acquisition"] = {"axis": self.axis, "factor": self.factor, "profile": self.profile}
+        if self.fwhm_scale != 1.0:
+            meta["acquisition"]["fwhm_scale"] = self.fwhm_scale
         return MetaTensor(out.contiguous(), affine=thick_slice_affine(affine, self.axis, self.factor), meta=meta)
 
 
@@ -197,6 +212,10 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
     ``output_keys`` (default: the same keys, overwritten) receive the LR volumes, so an HR key
     can be kept beside its LR version (e.g. ``keys="t1", output_keys="t1_lr"``). One acquisition
     setting per transform; compose two for two protocols (T1 z x 2, T2 y x 4).
+
+    ``profile_key`` / ``fwhm_scale_key`` (optional): data keys holding a per-subject slice profile
+    and width (e.g. the embedded dataset's ``t1_slice_profile`` / ``t1_fwhm_scale``); when such a
+    key is present in the data it overrides ``profile`` / the default width 1 for that call.
     """
 
     def __init__(
@@ -207,15 +226,26 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
         profile: str = "gaussian",
         output_keys: KeysCollection | None = None,
         allow_missing_keys: bool = False,
+        profile_key: str | None = None,
+        fwhm_scale_key: str | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_keys = _output_keys(self.keys, output_keys)
         self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile)
+        self.profile_key, self.fwhm_scale_key = profile_key, fwhm_scale_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
+        acquire = self.acquire
+        profile = d.get(self.profile_key) if self.profile_key else None
+        scale = d.get(self.fwhm_scale_key) if self.fwhm_scale_key else None
+        if profile is not None or scale is not None:
+            acquire = SimulateAnisotropicAcquisition(
+                acquire.axis, acquire.factor, str(profile) if profile is not None else acquire.profile,
+                float(scale) if scale is not None else 1.0,
+            )
         for key, out_key in zip(self.key_iterator(d), self.output_keys):
-            d[out_key] = self.acquire(d[key])
+            d[out_key] = acquire(d[key])
         return d
 
 
