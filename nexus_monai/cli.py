@@ -40,8 +40,8 @@ def _grid_from_args(args, image):
 def cmd_synth(args) -> int:
     from nexus_monai.data.synth import generate_dataset
 
-    path = generate_dataset(args.out, subjects=args.subjects, seed=args.seed, size=args.size)
-    print(f"wrote {args.subjects} simulated subjects and {path}")
+    path = generate_dataset(args.out, subjects=args.subjects, seed=args.seed, size=args.size, test_anatomy=args.test_anatomy)
+    print(f"wrote {args.subjects} simulated subjects + {args.test_anatomy} test-only-anatomy subjects and {path}")
     return 0
 
 
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-sr", description="Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write the embedded simulated BraTS-format dataset (MNI152 anatomy)")
+    s = sub.add_parser("synth", help="write the embedded simulated BraTS-format dataset (public template anatomy)")
     s.add_argument("--out", required=True)
     s.add_argument("--subjects", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the bundles' default simulated dataset)")
     e.add_argument("--methods", default="trilinear,cubic", help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
-    e.add_argument("--split", default="test", help="datalist split to evaluate (training, validation, test)")
+    e.add_argument("--split", default="test", help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only anatomy family)")
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
     e.add_argument("--max-subjects", type=int, default=None)
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     sv.add_argument("--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--test-anatomy", type=int, default=5, help="subjects of the test-only anatomy family (split test_anatomy)")
     sv.set_defaults(func=cmd_serve)
     fs = sub.add_parser("fit-subject", help="SSMCSR: fit a subject-specific INR on a subject's T1w + T2w LR scans (no HR data), write both SR volumes")
     fs.add_argument("--t1", required=True, help="T1w LR NIfTI")
