@@ -15,26 +15,59 @@ import argparse
 import sys
 from pathlib import Path
 
-from nexus_monai.errors import NexusInputError, find_input_error
+from nexus_monai.errors import NexusInputError, check_number, find_input_error
 
 __all__ = ["main", "build_parser"]
+
+MAX_GRID_VOXELS = 1.5e8  # upsample / baseline output grids (float64 temporaries: ~36 bytes per voxel)
 
 
 def _grid_from_args(args, image):
     from nexus_monai.data.io import load_volume
     from nexus_monai.geometry import TargetGrid
 
+    from nexus_monai.engines.predict import MAX_SPACING_MM, _check_reachable
+
     if args.like:
-        return TargetGrid.like(load_volume(args.like))
-    if args.spacing:
+        reference = load_volume(args.like)  # finite, invertible affine checked there
+        grid = TargetGrid.like(reference)
+    elif args.spacing:
         sp = args.spacing if len(args.spacing) == 3 else args.spacing * 3
         if len(args.spacing) not in (1, 3):
             raise NexusInputError(None, "--spacing takes one value (isotropic) or three (mm)")
+        for v in sp:
+            check_number("--spacing", v, 0, MAX_SPACING_MM, lo_open=True)
         try:
-            return TargetGrid.from_spacing(image.shape[1:], image.affine, sp)
+            grid = TargetGrid.from_spacing(image.shape[1:], image.affine, sp)
         except ValueError as err:
             raise NexusInputError(None, f"--spacing: {err}") from err
-    raise NexusInputError(None, "give a target grid: --spacing MM [MM MM] or --like IMAGE")
+    else:
+        raise NexusInputError(None, "give a target grid: --spacing MM [MM MM] or --like IMAGE")
+    _check_reachable(grid, {"image": image}, {"image": args.image}, MAX_GRID_VOXELS)
+    return grid
+
+
+def _check_early(args, command: str) -> None:
+    """predict / fit-subject: output folder, numbers and the target grid checked before anything loads."""
+    from nexus_monai.data.staging import check_output_dir
+    from nexus_monai.engines.predict import OUTPUT_NAMES, target_grid
+
+    owned = list(OUTPUT_NAMES.values()) + (["fit_log.json"] if command == "fit-subject" else [])
+    if command == "predict":
+        from nexus_monai.engines.consistency import CONSISTENCY_NAMES
+
+        owned += list(CONSISTENCY_NAMES.values())
+    check_output_dir(args.out, owned)
+    check_number("--threads", args.threads, 0, None, integer=True)
+    if getattr(args, "chunk_size", None) is not None:
+        check_number("--chunk-size", args.chunk_size, 1, None, integer=True)
+    if args.spacing:
+        from nexus_monai.engines.predict import MAX_SPACING_MM
+
+        for v in args.spacing:
+            check_number("--spacing", v, 0, MAX_SPACING_MM, lo_open=True)
+    if args.like:
+        target_grid(None, like=args.like)  # a reference grid that cannot be read or used: before any work
 
 
 def cmd_synth(args) -> int:
@@ -48,8 +81,12 @@ def cmd_synth(args) -> int:
 def cmd_degrade(args) -> int:
     from nexus_monai.data.io import load_volume, save_volume
     from nexus_monai.transforms.acquisition import AcquisitionRicianNoise, SimulateAnisotropicAcquisition, num_thick_slices
+    from nexus_monai.data.staging import check_output_file
     from nexus_monai.geometry import parse_axis
 
+    check_output_file(args.out)
+    check_number("--factor", args.factor, 1, None)
+    check_number("--noise", args.noise, 0, 10)
     image = load_volume(args.image)
     try:
         axis = parse_axis(args.axis)
@@ -70,7 +107,9 @@ def cmd_degrade(args) -> int:
 def cmd_upsample(args) -> int:
     from nexus_monai.baselines.interpolation import upsample
     from nexus_monai.data.io import load_volume, save_volume
+    from nexus_monai.data.staging import check_output_file
 
+    check_output_file(args.out)
     image = load_volume(args.image)
     grid = _grid_from_args(args, image)
     out = upsample(image, grid, args.method)
@@ -81,7 +120,9 @@ def cmd_upsample(args) -> int:
 
 def cmd_baseline(args) -> int:
     from nexus_monai.data.io import load_volume, save_volume
+    from nexus_monai.data.staging import check_output_file
 
+    check_output_file(args.out)
     image = load_volume(args.image)
     grid = _grid_from_args(args, image)
     if args.method == "lrtv":
@@ -121,7 +162,18 @@ def cmd_evaluate(args) -> int:
     options = _method_options(args.weights, "weights")
     for name, opts in _method_options(args.bundle, "bundle").items():
         options.setdefault(name, {}).update(opts)
-    protocol = load_protocol(args.protocol)
+    from nexus_monai.data.staging import check_output_dir
+
+    check_output_dir(args.out, None, what="evaluate output folder")
+    if args.max_subjects is not None:
+        check_number("--max-subjects", args.max_subjects, 1, None, integer=True)
+    try:
+        protocol = load_protocol(args.protocol)
+    except NexusInputError:
+        raise
+    except Exception as err:  # not YAML, not a protocol: one line naming the file
+        first = " ".join(str(err).split())[:160]
+        raise NexusInputError(args.protocol, f"not a protocol YAML file ({type(err).__name__}: {first})") from None
     subjects = select_subjects(args.data, args.split, seed=args.seed, max_subjects=args.max_subjects)
     downstream = [s.strip() for s in (args.downstream or "").split(",") if s.strip()]
     # every check before any work: method names, checkpoints, datalist files, segmenters
@@ -159,6 +211,7 @@ def cmd_predict(args) -> int:
     for c, path in (("t1", args.t1), ("t2", args.t2)):
         if not Path(path).is_file():
             raise NexusInputError(path, f"{c} input scan not found")
+    _check_early(args, "predict")
     network, inferer, _ = load_bundle(args.bundle, args.config or (), weights=args.weights, device=args.device)
     inferer.chunk_size = args.chunk_size
     inferer.progress = not args.quiet
@@ -226,6 +279,12 @@ def cmd_fit_subject(args) -> int:
 
     from nexus_monai.engines.subject_fit import SubjectFitter, fit_files
 
+    _check_early(args, "fit-subject")
+    check_number("--max-minutes", args.max_minutes, 0, None)
+    check_number("--lr", args.lr, 0, None, lo_open=True)
+    check_number("--point-warmup", args.point_warmup, 0, 1)
+    for name in ("epochs", "batch_size", "hidden", "trunk_layers", "head_hidden"):
+        check_number(f"--{name.replace('_', '-')}", getattr(args, name), 1, None, integer=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     fitter = SubjectFitter(variant=args.variant, forward_model=args.forward_model, profile=args.profile, hidden=args.hidden,

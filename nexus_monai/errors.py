@@ -6,6 +6,7 @@ message is a single line ``"<path>: <problem>"``; the CLI prints exactly that li
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -27,3 +28,18 @@ def find_input_error(err: BaseException) -> NexusInputError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 integer: bool = False) -> float:
+    """``value`` if it is a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); else a one-line
+    :class:`NexusInputError` naming the parameter ``name`` (e.g. ``--noise``) and the allowed range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if not ok:
+        left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+        right = "inf)" if hi is None else f"{hi:g}]"
+        kind = "an integer" if integer else "a finite number"
+        raise NexusInputError(None, f"{name} must be {kind} in {left}, {right}, got {value!r}")
+    return value

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 
 from nexus_monai.errors import NexusInputError
 
-__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic", "fsync_path"]
+__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic", "fsync_path", "check_nifti_file"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -36,6 +36,40 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise NexusInputError(path, f"not a NIfTI image ({type(img).__name__})")
     return img
+
+
+def check_nifti_file(path: str | os.PathLike) -> tuple[int, ...]:
+    """Open ``path`` without keeping its data: header readable, 3D, finite invertible affine, and every
+    data byte present (a ``.nii.gz`` is decompressed as a stream, so truncation shows). Returns the
+    shape; raises :class:`NexusInputError` otherwise. For checking a whole datalist before a long run.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    img = _read_nifti(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise NexusInputError(path, f"expected a 3D volume, got shape {tuple(img.shape)}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise NexusInputError(path, "affine is singular or not finite")
+    need = int(getattr(img.dataobj, "offset", 352)) + int(np.prod(shape)) * np.dtype(img.get_data_dtype()).itemsize
+    try:
+        if path.name.endswith(".gz"):
+            have = 0
+            with gzip.open(path, "rb") as f:
+                while have < need and (block := f.read(1 << 22)):
+                    have += len(block)
+        else:
+            have = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as err:
+        raise NexusInputError(path, f"corrupt or truncated image data ({type(err).__name__})") from None
+    if have < need:
+        raise NexusInputError(path, f"truncated: {have:,} of {need:,} bytes of header and image data")
+    return shape
 
 
 def check_volume(data: np.ndarray | torch.Tensor, source: str | os.PathLike | None, *, allow_4d: bool = False) -> None:

@@ -73,22 +73,23 @@ def check_output_file(path: str | os.PathLike, suffixes: Iterable[str] = (".nii.
     """Check an output FILE path before any work: right suffix, not a folder, parent creatable and writable."""
     path = Path(path)
     suffixes = tuple(suffixes)
+    if path.is_dir():
+        raise NexusInputError(path, f"{what} is an existing folder; give a file name ({' or '.join(suffixes) or 'any'})")
     if suffixes and not path.name.endswith(suffixes):
         raise NexusInputError(path, f"{what} must be a {' or '.join(suffixes)} file")
-    if path.is_dir():
-        raise NexusInputError(path, f"{what} is an existing folder; give a file name ({' or '.join(suffixes)})")
     _check_writable_parent(path, what)
     return path
 
 
-def check_output_dir(path: str | os.PathLike, owned: Iterable[str], what: str = "output folder") -> Path:
+def check_output_dir(path: str | os.PathLike, owned: Iterable[str] | None, what: str = "output folder") -> Path:
     """Check an output FOLDER before any work: not a file, creatable and writable, and holding nothing
-    but ``owned`` names (an earlier run's outputs, replaced as a whole) and stale temporaries."""
+    but ``owned`` names (an earlier run's outputs, replaced as a whole) and stale temporaries
+    (``owned=None``: a folder the command adds files to, any content allowed)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NexusInputError(path, f"{what} is an existing file, not a folder")
     _check_writable_parent(path / "x", what)
-    if path.is_dir():
+    if path.is_dir() and owned is not None:
         owned = set(owned)
         foreign = sorted(p.name for p in path.iterdir() if p.name not in owned and not _TMP_FILE.match(p.name))
         if foreign:

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist
 from nexus_monai.baselines.interpolation import upsample
-from nexus_monai.data.io import write_text_atomic
-from nexus_monai.errors import NexusInputError
+from nexus_monai.data.io import check_nifti_file, write_text_atomic
+from nexus_monai.errors import NexusInputError, find_input_error
 from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
 from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
 from nexus_monai.evaluation.panels import save_panel, to_uint8
@@ -62,6 +62,7 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
     if path.is_dir() and (path / "dataset.json").exists():
         path = path / "dataset.json"
     if path.is_file():
+        _check_datalist_json(path, split)
         subjects = load_datalist(path, split)
     else:
         datalist = make_datalist(discover_brats(path), seed=seed)
@@ -71,8 +72,28 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
     return subjects[:max_subjects] if max_subjects else subjects
 
 
+def _check_datalist_json(path: Path, split: str) -> None:
+    """A datalist is a JSON object whose splits are lists of subject entries (one-line error otherwise)."""
+    import json
+
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise NexusInputError(path, f"not a datalist: cannot read it as JSON ({type(err).__name__})") from None
+    if not isinstance(content, dict):
+        raise NexusInputError(path, f"not a datalist: expected a JSON object with split lists (training, validation, test), "
+                                    f"got a JSON {type(content).__name__}")
+    splits = [k for k, v in content.items() if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
+    if split not in content:
+        raise NexusInputError(path, f"no {split!r} split (has: {', '.join(splits) or 'none'})")
+    if not isinstance(content[split], list) or not all(isinstance(e, dict) for e in content[split]):
+        raise NexusInputError(path, f"split {split!r} is not a list of subject entries")
+
+
 def check_subject_files(subjects: Sequence[dict], keys: Sequence[str] = ("t1", "t2")) -> None:
-    """Every subject lists every modality in ``keys`` and each file exists (else one-line error)."""
+    """Every subject lists every modality in ``keys`` and each file is a complete, readable 3D NIfTI
+    (header, affine and every data byte checked up front by :func:`~nexus_monai.data.io.check_nifti_file`,
+    so a truncated file of the last subject stops the run before the first; else one-line error)."""
     for subject in subjects:
         sid = subject.get("subject", "?")
         for key in keys:
@@ -81,6 +102,7 @@ def check_subject_files(subjects: Sequence[dict], keys: Sequence[str] = ("t1", "
                 raise NexusInputError(subject.get("t1"), f"subject {sid} has no {key!r} entry in the datalist")
             if not Path(path).is_file():
                 raise NexusInputError(path, f"file not found ({key} of subject {sid} in the datalist)")
+            check_nifti_file(path)
 
 
 def check_lesion_files(subjects: Sequence[dict]) -> None:
@@ -152,10 +174,17 @@ def evaluate_methods(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fns = {m: get_method(m) for m in methods}
-    rows, seg_rows, panels = [], [], []
+    rows, seg_rows, panels, input_errors = [], [], [], []
     bar = tqdm(total=len(subjects) * len(methods), desc="evaluate", disable=not progress, unit="run")
     for s_idx, subject in enumerate(subjects):
-        data = prepare_subject(subject, protocol)
+        try:
+            data = prepare_subject(subject, protocol)
+        except Exception as err:  # an input that still fails: mark the subject failed, keep the others' rows
+            found = find_input_error(err) or NexusInputError(subject.get("t1"), f"{type(err).__name__}: {err}")
+            input_errors.append((subject.get("subject", "?"), found))
+            rows += [{"subject": subject.get("subject", "?"), "method": m, "error": f"input: {found}"} for m in methods]
+            bar.update(len(methods))
+            continue
         grid = TargetGrid.like(data["t1"])
         gt = {c: data[c][0].as_subclass(torch.Tensor) for c in CONTRASTS}
         preds, seg_inputs = {}, {}
@@ -181,9 +210,9 @@ def evaluate_methods(
                 preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
                 if segmenters:
                     seg_inputs[m] = {c: pred[c] for c in CONTRASTS}
-            except NexusInputError:
-                raise
             except Exception as err:  # reported in the table, not dropped
+                if find_input_error(err) is not None:
+                    input_errors.append((subject.get("subject", "?"), find_input_error(err)))
                 row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"
             rows.append(row)
             bar.update(1)
@@ -220,6 +249,10 @@ def evaluate_methods(
     if mlflow is not None:
         files = [out / n for n in ("per_subject.csv", "table1.csv", "table1.md", "table5_per_subject.csv", "table5.csv", "table5.md")]
         log_mlflow(table, [f for f in files if f.exists()] + panels, out_dir=out, **mlflow)
+    if input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
+        sid, first = input_errors[0]
+        raise NexusInputError(first.source, f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
+                                            f"per_subject.csv, the other rows kept)")
     return frame
 
 

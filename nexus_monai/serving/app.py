@@ -22,6 +22,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse
 
 import nexus_monai
 from nexus_monai.errors import NexusInputError, find_input_error
+from nexus_monai.serving.cancel import JobCancelled, cancellable
 from nexus_monai.serving.limits import BodySizeLimit, BodyTooLarge, InferenceQueue
 from nexus_monai.serving.models import BundleModel
 from nexus_monai.serving.params import LIKE_FIELD, InferParams, ServingError, parse_params
@@ -72,10 +74,36 @@ def _header_info(path: Path) -> dict:
             "affine": [[float(v) for v in row] for row in affine]}
 
 
-def _predict_job(model: BundleModel, scans: dict, out_dir: Path, params: InferParams, submitted: float) -> dict:
+def _predict_job(model: BundleModel, scans: dict, out_dir: Path, params: InferParams, submitted: float,
+                 cancel: threading.Event | None = None) -> dict:
     started = time.perf_counter()
-    result = model.predict(scans, out_dir, params)
+    event = cancel or threading.Event()
+    if event.is_set():
+        raise JobCancelled("the client disconnected before its job started")
+    with cancellable(event):
+        result = model.predict(scans, out_dir, params)
     return {"result": result, "queue_wait_s": started - submitted, "inference_s": time.perf_counter() - started}
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its job waited or ran (nobody to answer)."""
+
+
+async def _wait_unless_disconnected(future, request: Request, cancel: threading.Event, queue: InferenceQueue,
+                                    poll_s: float = 0.25):
+    """The job's result; if the client disconnects first, cancel the job (a queued one never starts, a
+    running one stops at its next network call) so the worker is free, and raise :class:`ClientGone`."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=poll_s)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            cancel.set()
+            future.cancel()
+            queue.note_cancelled()
+            logger.info("client disconnected; its job was cancelled")
+            raise ClientGone()
 
 
 def _remove_when_done(folder: Path, future) -> None:
@@ -191,9 +219,13 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
             if missing:
                 raise ServingError(400, f"missing modality {missing[0]}: {model} needs uploads {list(served.inputs)} (got {sorted(scans) or 'none'})", missing[0])
             submitted = time.perf_counter()
-            future = queue.submit(_predict_job, served, scans, folder / "out", params, submitted)
+            cancel = threading.Event()
+            future = queue.submit(_predict_job, served, scans, folder / "out", params, submitted, cancel)
             try:
-                job = await asyncio.wrap_future(future)
+                job = await _wait_unless_disconnected(future, request, cancel, queue)
+            except ClientGone:
+                return JSONResponse({"detail": "client closed the request", "status": 499, "source": "request",
+                                     "problem": "client closed the request"}, status_code=499)
             except ServingError:
                 raise
             except Exception as err:

@@ -108,6 +108,7 @@ class InferenceQueue:
         self.pending = 0
         self.completed = 0
         self.rejected = 0
+        self.cancelled = 0
 
     def _release(self, _future) -> None:
         with self._lock:
@@ -130,13 +131,18 @@ class InferenceQueue:
         future.add_done_callback(self._release)  # the slot is freed when the work ends, even if the client left
         return future
 
+    def note_cancelled(self) -> None:
+        """Count a job abandoned because its client disconnected."""
+        with self._lock:
+            self.cancelled += 1
+
     async def run(self, fn: Callable, *args):
         return await asyncio.wrap_future(self.submit(fn, *args))
 
     def stats(self) -> dict:
         with self._lock:
             return {"workers": self.workers, "max_pending": self.max_pending, "pending": self.pending,
-                    "completed": self.completed, "rejected": self.rejected}
+                    "completed": self.completed, "rejected": self.rejected, "cancelled": self.cancelled}
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

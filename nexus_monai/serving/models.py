@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nexus_monai.errors import NexusInputError
+from nexus_monai.serving.cancel import install_cancel_checks
 from nexus_monai.serving.params import InferParams, ServingError
 
 __all__ = ["BundleModel", "load_models", "split_model_option"]
@@ -59,6 +60,7 @@ class BundleModel:
         self.name = self.bundle.name
         self.network, self.inferer, parser = load_bundle(self.bundle, overlays, weights=weights, device=device)
         self.inferer.progress = False
+        install_cancel_checks(self.network)  # a disconnected client's job stops at its next module call
         if chunk_size:
             self.inferer.chunk_size = int(chunk_size)
         self.outputs: tuple[str, ...] = tuple(CONTRASTS)

@@ -27,6 +27,7 @@ __all__ = ["ServingError", "InferParams", "parse_params", "OUTPUT_KINDS", "LIKE_
 
 OUTPUT_KINDS = ("image", "zip", "all", "json")
 LIKE_FIELD = "like"
+MAX_SPACING_MM = 1000.0  # as nexus-sr predict (nexus_monai.engines.predict.MAX_SPACING_MM)
 _KNOWN = {"spacing", "target_spacing", "like", "contrast", "contrasts", "output", "modality", "modalities"}
 
 
@@ -63,13 +64,15 @@ def _as_list(value: Any) -> list:
 def _spacing(value: Any) -> tuple[float, float, float]:
     values = _as_list(value)
     try:
+        if any(isinstance(v, bool) for v in values):  # JSON true is not 1 mm
+            raise TypeError
         sp = [float(v) for v in values]
     except (TypeError, ValueError):
         raise ServingError(400, f"spacing must be numbers in mm, got {value!r}", "params") from None
     if len(sp) == 1:
         sp = sp * 3
-    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise ServingError(400, f"spacing must be one or three positive numbers in mm, got {value!r}", "params")
+    if len(sp) != 3 or not all(math.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in sp):
+        raise ServingError(400, f"spacing must be one or three finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {value!r}", "params")
     return (sp[0], sp[1], sp[2])
 
 
