@@ -62,14 +62,17 @@ def split_subjects(subjects: int, seed: int) -> dict[str, list[int]]:
 
 def _montage_png(subject: SimulatedSubject, spacing: float) -> bytes:
     """PNG bytes of a 6 x 3 panel montage (rows t1, t1ce, t2, flair, seg over FLAIR through the
-    tumour centroid, lesion classes over T2w through the lesions' centroid; columns axial,
+    tumour centroid, lesion classes over T2w through the slices richest in lesions; columns axial,
     coronal, sagittal), 1 pixel per mm; axial and coronal in neurological orientation (subject
     right on the right), anterior / superior up, sagittal with anterior on the left."""
     from PIL import Image, ImageDraw, ImageFont
 
     seg, lesions = subject.seg, subject.lesions
     centre = [int(round(v)) for v in np.argwhere(seg > 0).mean(0)] if seg.any() else [n // 2 for n in seg.shape]
-    les_centre = [int(round(v)) for v in np.argwhere(lesions > 0).mean(0)] if lesions.any() else centre
+    les_centre = (  # per view, the slice holding the most lesion voxels
+        [int(np.argmax((lesions > 0).sum(axis=tuple(b for b in range(3) if b != a)))) for a in range(3)]
+        if lesions.any() else centre
+    )
     zoom = max(1, int(round(spacing)))
     side = max(seg.shape) * zoom
 
