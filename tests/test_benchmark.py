@@ -28,11 +28,13 @@ POSITIVE_FIELDS = TIME_FIELDS + [
     "decoded_points_per_s", "ratio_nexus_to_trilinear", "rss_before_inference_gib", "rss_peak_inference_gib",
     "rss_peak_process_gib", "gemm_rows", "gemm_flops_per_s", "gemm_hidden_flops_per_s", "decoder_flops_per_point",
     "matmul_bound_s", "ratio_nexus_to_matmul_bound", "ratio_decoder_mlp_to_matmul_bound", "train_steps",
-    "train_steps_per_s", "network_params", "spacing_mm", "brain_voxels",
+    "train_steps_per_s", "network_params", "spacing_mm", "brain_voxels", "peak_gemm_flops_per_s", "flops", "attainable_s",
+    "whole_inference_ratio_to_attainable", "peak_rss_gib", "speedup_before_to_after",
 ]
 OTHER_FIELDS = ["machine", "output_shape", "t1_lr_shape", "t2_lr_shape", "chunk_size", "outside_network_s", "network", "weights",
                 "rss_increase_inference_gib", "rss_peak_inference_exact", "train_batch_size", "train_patch_size",
-                "train_num_points", "train_t1_lr_patch", "train_t2_lr_patch", "train_loss_terms", "config_files"]
+                "train_num_points", "train_t1_lr_patch", "train_t2_lr_patch", "train_loss_terms", "config_files", "parts",
+                "op_kinds", "plan", "before", "max_abs_diff_before_after", "attention_probe"]
 
 
 def _close(a, b):
@@ -67,6 +69,26 @@ def _check_result(r, size=TINY_SIZE, train_steps=2):
     assert r["rss_peak_inference_gib"] >= r["rss_before_inference_gib"] - 1e-9
     assert r["rss_peak_process_gib"] >= r["rss_peak_inference_gib"] - 1e-9
     assert {"sr_t1", "sr_t2", "seg"} <= set(r["train_loss_terms"])
+    # every FLOP: the parts add up to the whole, each ratio is time / (FLOPs / peak GEMM)
+    peak = r["peak_gemm_flops_per_s"]
+    assert r["plan"]["tiled"] and r["max_abs_diff_before_after"] <= 1e-4  # tiled "after" == untiled "before"
+    for result in (r, r["before"]):
+        parts = result["parts"]
+        assert set(parts) == {"encoders", "attention", "fusion_mlps", "decoder_mlps", "other"}
+        assert _close(sum(p["flops"] for p in parts.values()), result["flops"])
+        assert _close(sum(p["seconds"] for p in parts.values()), result["nexus_s"])
+        assert _close(result["attainable_s"], result["flops"] / peak)
+        assert _close(result["whole_inference_ratio_to_attainable"], result["nexus_s"] / result["attainable_s"])
+        for p in parts.values():
+            assert _close(p["attainable_s"], p["flops"] / peak)
+        assert parts["encoders"]["flops"] > 0 and parts["attention"]["flops"] > 0 and parts["decoder_mlps"]["flops"] > 0
+        assert parts["other"]["flops"] == 0
+    # the untiled run computes every LR voxel; the tiled one skips background tiles and recomputes halos
+    assert _close(r["speedup_before_to_after"], r["before"]["nexus_s"] / r["nexus_s"])
+    assert r["before"]["decoded_points"] == r["decoded_points"]
+    assert r["peak_rss_gib"] == r["rss_peak_inference_gib"]
+    assert any(k["kind"].startswith("conv3d 3x3x3") for k in r["op_kinds"])
+    assert any(k["kind"] == "window attention q.k + attn.v" for k in r["op_kinds"])
     json.dumps(r)  # serialisable as written by --json
 
 
@@ -114,7 +136,7 @@ def test_benchmark_tiny_network(one_thread):
     assert r["decoded_points"] < r["output_voxels"]  # the zero background was skipped
     assert r["train_batch_size"] == 1 and r["train_t1_lr_patch"] == [8, 8, 4] and r["train_t2_lr_patch"] == [8, 2, 8]
     text = format_report(r)
-    for line in ("Nexus-INR (predict_volumes", "trilinear", "ratio Nexus-INR / trilinear", "peak of the process",
+    for line in ("Nexus-INR (predict_volumes", "trilinear", "peak fp32 GEMM", "whole inference", "speed-up before / after", "ratio Nexus-INR / trilinear", "peak of the process",
                  "matmul-bound decoder time", "whole inference / matmul bound", "steps/s", "torch"):
         assert line in text
 

@@ -1,0 +1,239 @@
+"""Every multiply-add of a network, counted from its modules while it runs, with the time of each part.
+
+:class:`NetworkProfile` (a context manager) hooks the modules of a network (NexusINR-like) and, for
+every call, counts multiply-adds (MACs; FLOPs = 2 x MACs) and measures the time:
+
+* ``nn.Conv3d``: output voxels x kernel volume x in / groups x out (per batch item);
+* ``nn.Linear``: rows x in x out;
+* the KD-Attn window attention (:class:`~nexus_monai.networks.attention.LocalWindowCrossAttention`,
+  recognised by its ``offsets`` / ``heads``): its own products q.k and attn.v, 2 x points x window x
+  heads x head dims (its Linear layers -- queries, keys/values, positional MLP, output -- count as
+  Linear layers).
+
+Normalisations, activations, softmax, gathers and interpolations are not multiply-add products and are
+not counted (their time is in the parts' times). Parts, by the module's name in the network:
+``encoders`` (``encoders.*``), ``attention`` (``attn_*``, incl. its key projection on the key grid),
+``fusion_mlps`` (MMF ``proj``, SEL ``seg_head`` / ``seg_fuse``, ``modality_classifier``),
+``decoder_mlps`` (``decoders.*``), ``other`` (anything else, e.g. a positional encoding).
+Op kinds (``conv3d 3x3x3 48->16``, ``linear 33->128``, ``window attention q.k + attn.v``) get their
+own calls, MACs and seconds: their rates at the shapes the inference really uses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+__all__ = ["PARTS", "NetworkProfile", "part_of", "module_macs", "attention_macs", "attention_probe"]
+
+PARTS = ("encoders", "attention", "fusion_mlps", "decoder_mlps", "other")
+_FUSION = ("proj", "seg_head", "seg_fuse", "modality_classifier")
+
+
+def part_of(name: str) -> str:
+    """The part of a module by its qualified name in the network."""
+    head = name.split(".")[0]
+    if head == "encoders":
+        return "encoders"
+    if head.startswith("attn"):
+        return "attention"
+    if head in _FUSION:
+        return "fusion_mlps"
+    if head == "decoders":
+        return "decoder_mlps"
+    return "other"
+
+
+def _is_window_attention(m: nn.Module) -> bool:
+    return hasattr(m, "offsets") and hasattr(m, "heads") and hasattr(m, "window")
+
+
+def module_macs(m: nn.Module, inputs: tuple, output) -> int:
+    """Multiply-adds of one call of a Conv3d / Linear (0 for other modules)."""
+    if isinstance(m, nn.Conv3d):
+        kernel = math.prod(m.kernel_size)
+        return int(output.numel() * kernel * (m.in_channels // m.groups))  # numel = batch x out voxels x out channels
+    if isinstance(m, nn.Linear):
+        return int(output.numel() // m.out_features * m.in_features * m.out_features)
+    return 0
+
+
+def attention_macs(m: nn.Module, query: torch.Tensor) -> int:
+    """The window attention's own products: q.k and attn.v, each points x window x C (C = heads x dims)."""
+    points = query.numel() // query.shape[-1]
+    return int(2 * points * len(m.offsets) * m.dim)
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv3d):
+        k = "x".join(str(s) for s in m.kernel_size)
+        return f"conv3d {k} {m.in_channels}->{m.out_channels}"
+    if isinstance(m, nn.Linear):
+        return f"linear {m.in_features}->{m.out_features}"
+    return "window attention q.k + attn.v"
+
+
+class NetworkProfile:
+    """While active: MACs and seconds per part and per op kind, the time of the parts' calls, and
+    the points decoded (rows entering the first decoder). ``summary()`` gives a JSON-ready dict."""
+
+    def __init__(self, network: nn.Module):
+        self.net = network.module if hasattr(network, "module") else network
+        self.macs = defaultdict(int)
+        self.part_seconds = defaultdict(float)
+        self.kinds: dict[str, dict] = {}
+        self.method_seconds = defaultdict(float)
+        self.points = self.max_rows = self.calls = 0
+        self._start: dict[int, list[float]] = defaultdict(list)
+        self._handles: list = []
+        self._wrapped: list[str] = []
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _leaf(self, name: str, m: nn.Module) -> None:
+        part, kind = part_of(name), _kind(m)
+
+        def pre(mod, inputs):
+            self._start[id(mod)].append(time.perf_counter())
+
+        def post(mod, inputs, output):
+            seconds = time.perf_counter() - self._start[id(mod)].pop()
+            macs = attention_macs(mod, inputs[0]) if _is_window_attention(mod) else module_macs(mod, inputs, output)
+            self.macs[part] += macs
+            entry = self.kinds.setdefault(kind, {"kind": kind, "calls": 0, "macs": 0, "seconds": 0.0})
+            entry["calls"] += 1
+            entry["macs"] += macs
+            if not _is_window_attention(mod):  # the attention call's time includes its Linear layers
+                entry["seconds"] += seconds
+
+        self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def _timed_part(self, m: nn.Module, part: str, count_points: bool = False) -> None:
+        def pre(mod, inputs):
+            if count_points:
+                x = inputs[0]
+                rows = x.numel() // max(x.shape[-1], 1)
+                self.points += rows
+                self.max_rows = max(self.max_rows, rows)
+                self.calls += 1
+            self._start[-id(mod)].append(time.perf_counter())
+
+        def post(mod, inputs, output):
+            self.part_seconds[part] += time.perf_counter() - self._start[-id(mod)].pop()
+
+        self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def _timed_method(self, owner: nn.Module, name: str, key: str) -> None:
+        method = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            self.method_seconds[key] += time.perf_counter() - t0
+            return out
+
+        setattr(owner, name, timed)  # an instance attribute over the method, removed on exit
+        self._wrapped.append((owner, name))
+
+    def __enter__(self) -> "NetworkProfile":
+        for name, m in self.net.named_modules():
+            if isinstance(m, (nn.Conv3d, nn.Linear)) or _is_window_attention(m):
+                self._leaf(name, m)
+        for enc in getattr(self.net, "encoders", {}).values():
+            self._timed_part(enc, "encoders")
+        first = next(iter(self.net.decoders)) if hasattr(self.net, "decoders") else None
+        for name, dec in getattr(self.net, "decoders", {}).items():
+            self._timed_part(dec, "decoder_mlps", count_points=name == first)
+        for name in ("attn_t2", "attn_t1"):
+            attn = getattr(self.net, name, None)
+            if isinstance(attn, nn.Module):
+                self._timed_part(attn, "attention")
+                self._timed_method(attn, "project_keys", "attention_keys")
+        for name in _FUSION:
+            mod = getattr(self.net, name, None)
+            if isinstance(mod, nn.ModuleDict):
+                for sub in mod.values():
+                    self._timed_part(sub, "fusion_mlps")
+            elif isinstance(mod, nn.Module):
+                self._timed_part(mod, "fusion_mlps")
+        for name in ("encode", "add_attention_keys", "decode"):
+            if hasattr(self.net, name):
+                self._timed_method(self.net, name, name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for owner, name in reversed(self._wrapped):
+            delattr(owner, name)
+        self._wrapped.clear()
+
+    # -- results -------------------------------------------------------------------------------
+    def summary(self, total_seconds: float, peak_flops_per_s: float) -> dict:
+        """Per part and for the whole call: seconds, FLOPs, attainable seconds at ``peak_flops_per_s``, ratio.
+
+        ``attention`` time = the attention calls + the key projection on the key grid; ``other``
+        time = everything of the whole call not in a listed part (lookups, concatenations, the empty
+        test, tiling, intensity scaling).
+        """
+        seconds = {p: self.part_seconds.get(p, 0.0) for p in PARTS}
+        seconds["attention"] += self.method_seconds.get("attention_keys", 0.0)
+        seconds["other"] = total_seconds - sum(seconds[p] for p in PARTS if p != "other")
+
+        def row(secs: float, macs: int) -> dict:
+            flops = 2.0 * macs
+            attainable = flops / peak_flops_per_s
+            return {"seconds": secs, "flops": flops, "attainable_s": attainable,
+                    "ratio_to_attainable": secs / attainable if attainable > 0 else None}
+
+        parts = {p: row(seconds[p], self.macs.get(p, 0)) for p in PARTS}
+        kinds = []
+        for entry in sorted(self.kinds.values(), key=lambda e: -e["macs"]):
+            flops = 2.0 * entry["macs"]
+            secs = entry["seconds"] if entry["seconds"] > 0 else None
+            kinds.append({**entry, "flops": flops, "flops_per_s": flops / secs if secs else None,
+                          "fraction_of_peak": flops / secs / peak_flops_per_s if secs else None})
+        return {"parts": parts, "whole": row(total_seconds, sum(self.macs.values())), "op_kinds": kinds,
+                "points": int(self.points), "calls": int(self.calls), "max_rows": int(self.max_rows),
+                "method_seconds": dict(self.method_seconds)}
+
+
+def attention_probe(network: nn.Module, key_shape, points: int, peak_flops_per_s: float, repeats: int = 3,
+                    seed: int = 0) -> dict | None:
+    """The window attention's own steps timed alone at a real shape: ``points`` queries into a key map
+    of ``key_shape`` (the gather of keys/values, the positional MLP, q.k + softmax + attn.v), with the
+    network's first attention module. ``None`` for a network without one."""
+    net = network.module if hasattr(network, "module") else network
+    attn = next((m for m in net.modules() if _is_window_attention(m)), None)
+    if attn is None:
+        return None
+    from nexus_monai.benchmark.machine import best_seconds
+
+    gen = torch.Generator().manual_seed(seed)
+    c, w = attn.dim, len(attn.offsets)
+    shape = [int(s) for s in key_shape]
+    key_map = torch.randn(1, c, *shape, generator=gen)
+    index = torch.rand(1, points, 3, generator=gen) * (torch.tensor(shape, dtype=torch.float32) - 1)
+    query = torch.randn(1, points, c, generator=gen)
+    with torch.inference_mode():
+        kv = attn.project_keys(key_map)
+        flat = torch.randint(0, kv.shape[1], (1, points * w), generator=gen)
+        gather_s = best_seconds(lambda: torch.gather(kv, 1, flat[..., None].expand(-1, -1, 2 * c)), repeats)
+        rel = torch.rand(1, points, w, 3, generator=gen) - 0.5
+        pos_s = best_seconds(lambda: attn.pos(rel), repeats)
+        whole_s = best_seconds(lambda: attn(query, key_map, index, kv), repeats)
+    pos_macs = points * w * sum(m.in_features * m.out_features for m in attn.pos.modules() if isinstance(m, nn.Linear))
+    own_macs = 2 * points * w * c
+    linear_macs = points * (c * c + c * c) + pos_macs  # to_q, out, positional MLP
+    return {
+        "points": int(points), "window": int(w), "dim": int(c), "heads": int(attn.heads), "key_shape": shape,
+        "gather_s": gather_s, "gather_bytes_per_s": points * w * 2 * c * 4 / gather_s,
+        "positional_mlp_s": pos_s, "positional_mlp_flops_per_s": 2 * pos_macs / pos_s,
+        "forward_s": whole_s, "forward_flops": 2.0 * (own_macs + linear_macs),
+        "forward_flops_per_s": 2.0 * (own_macs + linear_macs) / whole_s,
+        "forward_fraction_of_peak": 2.0 * (own_macs + linear_macs) / whole_s / peak_flops_per_s,
+    }

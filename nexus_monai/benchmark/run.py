@@ -1,0 +1,172 @@
+"""``run_benchmark``: every measurement of :mod:`nexus_monai.benchmark` in one process, one flat JSON-ready dict."""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nexus_monai.benchmark.flops import attention_probe
+from nexus_monai.benchmark.inputs import (DEFAULT_SIZE, T1_ACQUISITION, T2_ACQUISITION, benchmark_inputs, decoder_flops_per_point,
+                                          describe_network, load_benchmark_network)
+from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib
+from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
+from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB
+from nexus_monai.errors import NexusInputError
+
+__all__ = ["run_benchmark", "apply_peak"]
+
+
+def apply_peak(profile: Mapping, peak: float) -> dict:
+    """``profile`` (``NetworkProfile.summary``) with attainable times and ratios at the GEMM rate ``peak``."""
+    out = {"parts": {}, "op_kinds": []}
+    for name, row in list(profile["parts"].items()) + [("whole", profile["whole"])]:
+        att = row["flops"] / peak
+        new = {**row, "attainable_s": att, "ratio_to_attainable": row["seconds"] / att if att > 0 else None}
+        if name == "whole":
+            out["whole"] = new
+        else:
+            out["parts"][name] = new
+    for k in profile["op_kinds"]:
+        rate = k["flops_per_s"]
+        out["op_kinds"].append({**k, "fraction_of_peak": rate / peak if rate else None})
+    return out
+
+
+def _inference_fields(r: Mapping, peak: float) -> dict:
+    prof = apply_peak(r["profile"], peak)
+    return {
+        "nexus_s": r["seconds"], "encode_s": r["encode_s"], "decode_s": r["decode_s"],
+        "decoder_mlp_s": r["decoder_mlp_s"], "attention_s": r["attention_s"],
+        "outside_network_s": r["seconds"] - r["encode_s"] - r["decode_s"],
+        "flops": prof["whole"]["flops"], "attainable_s": prof["whole"]["attainable_s"],
+        "whole_inference_ratio_to_attainable": prof["whole"]["ratio_to_attainable"],
+        "parts": prof["parts"], "op_kinds": prof["op_kinds"], "plan": r["plan"],
+        "peak_rss_gib": r["rss_peak_inference_gib"],
+    }
+
+
+def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Sequence[str] = (),
+                  weights: str | os.PathLike | None = None, random_weights: bool = False, size: Sequence[int] = DEFAULT_SIZE,
+                  chunk_size: int = 32768, threads: int = 0, train_steps: int = 20, skip_train: bool = False,
+                  network: nn.Module | None = None, loss: nn.Module | None = None, settings: Mapping | None = None,
+                  gemm_repeats: int = 5, max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB, compare_before: bool = True,
+                  fit: bool = False, fit_author_seconds: float = 120.0, peak_gemm_n: int = 2048,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Every measurement of the package docstring; a flat JSON-serialisable dict.
+
+    ``network`` / ``loss`` / ``settings`` replace the bundle's (tests use a tiny network);
+    ``settings`` then needs ``patch_size``, ``num_points``, ``batch_size``, ``learning_rate``.
+    """
+    log = log or (lambda msg: None)
+    if chunk_size < 1:
+        raise NexusInputError(None, f"--chunk-size must be >= 1, got {chunk_size}")
+    if train_steps < 1 and not skip_train:
+        raise NexusInputError(None, f"--train-steps must be >= 1, got {train_steps}")
+    if not max_memory_gib > 0:
+        raise NexusInputError(None, f"--max-memory-gib must be > 0, got {max_memory_gib}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    result: dict = {"machine": machine_info()}
+    if network is None:
+        network, bundle_loss, bundle_settings, weights_desc = load_benchmark_network(bundle, overlays, weights, random_weights)
+        loss = loss if loss is not None else bundle_loss
+        settings = {**bundle_settings, **(settings or {})}
+    else:
+        weights_desc = "given network"
+        settings = dict(settings or {})
+        settings.setdefault("config_files", [])
+    network = network.cpu().eval()
+    log(f"inputs: MNI152 template on a {'x'.join(str(s) for s in size)} grid")
+    inputs = benchmark_inputs(size)
+    gc.collect()
+    result.update({
+        "input": "nilearn MNI152 2009 T1 template (skull-stripped, zero background); T2 = 1.05 - T1 inside the brain mask",
+        "spacing_mm": inputs["spacing_mm"], "brain_voxels": inputs["brain_voxels"],
+        "t1_lr_shape": list(inputs["t1_lr"].shape[1:]), "t2_lr_shape": list(inputs["t2_lr"].shape[1:]),
+        "t1_acquisition": f"{T1_ACQUISITION[0]} x {T1_ACQUISITION[1]}", "t2_acquisition": f"{T2_ACQUISITION[0]} x {T2_ACQUISITION[1]}",
+        "network": describe_network(network), "network_params": int(sum(p.numel() for p in network.parameters())),
+        "weights": weights_desc, "config_files": list(settings.get("config_files", [])), "device": "cpu",
+        "output_shape": list(inputs["grid"].shape), "output_voxels": inputs["grid"].num_voxels, "chunk_size": int(chunk_size),
+        "max_memory_gib": float(max_memory_gib),
+    })
+    from nexus_monai.engines.inr import ImplicitGridInferer
+
+    log(f"peak GEMM: {peak_gemm_n}^3 matmul at {torch.get_num_threads()} threads")
+    peak_runs = [measure_peak_gemm(peak_gemm_n, gemm_repeats)]
+    log(f"inference (after): tiled encoders, max {max_memory_gib} GiB")
+    after = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=max_memory_gib),
+                           peak_runs[0]["peak_gemm_flops_per_s"], keep_output=compare_before)
+    peak_before_reset = after.pop("_ru_maxrss_before_reset_gib")
+    before = None
+    if compare_before:
+        log("inference (before): encoders on the whole volumes, default layout")
+        before = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=None, channels_last=False),
+                                peak_runs[0]["peak_gemm_flops_per_s"], keep_output=True)
+        before.pop("_ru_maxrss_before_reset_gib")
+    peak_runs.append(measure_peak_gemm(peak_gemm_n, gemm_repeats))
+    peak = max(p["peak_gemm_flops_per_s"] for p in peak_runs)
+    result.update({"peak_gemm_n": peak_gemm_n, "peak_gemm_threads": torch.get_num_threads(), "peak_gemm_flops_per_s": peak,
+                   "peak_gemm_runs_flops_per_s": [p["peak_gemm_flops_per_s"] for p in peak_runs]})
+    result.update(_inference_fields(after, peak))
+    for k in ("decoded_points", "decoder_calls", "max_points_per_call", "rss_before_inference_gib", "rss_peak_inference_gib",
+              "rss_peak_inference_exact", "rss_increase_inference_gib"):
+        result[k] = after[k]
+    v = result["output_voxels"]
+    result.update({"decoded_fraction": after["decoded_points"] / v, "voxels_per_s": v / after["seconds"],
+                   "decoded_points_per_s": after["decoded_points"] / after["seconds"]})
+    if before is not None:
+        b = _inference_fields(before, peak)
+        b["decoded_points"] = before["decoded_points"]
+        result["before"] = b
+        result["speedup_before_to_after"] = before["seconds"] / after["seconds"]
+        result["max_abs_diff_before_after"] = max(float((after["_pred"][c] - before["_pred"][c]).abs().max()) for c in ("t1", "t2"))
+        result["max_abs_before"] = max(float(before["_pred"][c].abs().max()) for c in ("t1", "t2"))
+    after.pop("_pred", None)
+    del before
+    log("inference: trilinear")
+    result.update(time_trilinear(inputs))
+    result["ratio_nexus_to_trilinear"] = result["nexus_s"] / result["trilinear_s"]
+    key_shape = [min(int(s), 64) for s in inputs["t1_lr"].shape[1:]]
+    del inputs
+    gc.collect()
+    log("attention probe and GEMM at the decoder shapes")
+    result["attention_probe"] = attention_probe(network, key_shape, min(chunk_size, result["plan"].get("chunk_size", chunk_size)),
+                                                peak, gemm_repeats)
+    result.update(measure_gemm(network, result["max_points_per_call"] or chunk_size, gemm_repeats))
+    result["decoder_flops_per_point"] = decoder_flops_per_point(network)
+    result["matmul_bound_s"] = result["decoded_points"] * result["decoder_flops_per_point"] / result["gemm_flops_per_s"]
+    bound = result["matmul_bound_s"]
+    result["ratio_nexus_to_matmul_bound"] = result["nexus_s"] / bound if bound > 0 else float("nan")
+    result["ratio_decoder_mlp_to_matmul_bound"] = result["decoder_mlp_s"] / bound if bound > 0 else float("nan")
+    if skip_train:
+        result.update({"train_steps": 0, "train_steps_per_s": None})
+    else:
+        log(f"training: {train_steps} steps at batch {settings['batch_size']}, patch {settings['patch_size']}, {settings['num_points']} points")
+        if loss is None:
+            from nexus_monai.losses import NexusINRLoss
+
+            loss = NexusINRLoss()
+        result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"], settings["num_points"],
+                                    settings["learning_rate"], steps=train_steps))
+    if fit:
+        from nexus_monai.benchmark.fit import AUTHORS, embedded_subject, time_fit
+
+        t1_lr, t2_lr, subject = embedded_subject()
+        runs = []
+        for model in ("point", "profile"):
+            log(f"SSMCSR fit-subject: one epoch, split-head, {model} forward model ({subject})")
+            runs.append(time_fit(t1_lr, t2_lr, model, peak))
+        log(f"SSMCSR fit-subject at the authors' size (4 x 1024 trunk, batch 1000), {fit_author_seconds:g} s extrapolated")
+        runs.append(time_fit(t1_lr, t2_lr, "point", peak, max_seconds=fit_author_seconds, hidden=AUTHORS["hidden"],
+                             trunk_layers=AUTHORS["trunk_layers"], head_hidden=AUTHORS["head_hidden"],
+                             batch_size=AUTHORS["batch_size"]))
+        result["fit"] = {"subject": subject, "runs": runs, "authors_epochs_in_14_min": AUTHORS["epochs_in_14_min"],
+                         "t1_lr_shape": list(t1_lr.shape[1:]), "t2_lr_shape": list(t2_lr.shape[1:])}
+    result["rss_peak_process_gib"] = max(peak_before_reset, ru_maxrss_gib())
+    result["machine"]["torch_threads"] = torch.get_num_threads()
+    result["machine"]["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return result
