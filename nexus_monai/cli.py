@@ -214,6 +214,8 @@ def cmd_predict(args) -> int:
     _check_early(args, "predict")
     network, inferer, _ = load_bundle(args.bundle, args.config or (), weights=args.weights, device=args.device)
     inferer.chunk_size = args.chunk_size
+    if args.max_memory_gib is not None:  # else the bundle inferer's budget (ImplicitGridInferer default 1.75 GiB)
+        inferer.max_memory_gib = check_number("--max-memory-gib", args.max_memory_gib, 0, None, lo_open=True)
     inferer.progress = not args.quiet
     spacing = None
     if args.spacing:
@@ -239,7 +241,9 @@ def cmd_benchmark(args) -> int:
     result = run_benchmark(bundle=args.bundle, overlays=args.config or (), weights=args.weights, random_weights=args.random_weights,
                            size=args.size,
                            chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
-                           skip_train=args.skip_train, log=log)
+                           skip_train=args.skip_train, compare_before=not args.skip_before, fit=args.fit,
+                           fit_author_seconds=args.fit_author_seconds, log=log,
+                           **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}))
     print(format_report(result))
     if args.json:
         out = Path(args.json)
@@ -358,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: cuda if available)")
     pr.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    pr.add_argument("--max-memory-gib", type=float, default=None,
+                    help="target peak RSS in GiB: the encoders run on tiles of the LR volumes sized to it (default 1.75)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -389,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     bm.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 2 warm-up steps)")
     bm.add_argument("--skip-train", action="store_true", help="skip the training measurement")
+    bm.add_argument("--max-memory-gib", type=float, default=None,
+                    help="target peak RSS of the inference in GiB; sets the encoder tiles (default 1.75)")
+    bm.add_argument("--skip-before", action="store_true", help="skip the untiled 'before' inference (the same-run comparison)")
+    bm.add_argument("--fit", action="store_true", help="also time SSMCSR fit-subject epochs on the 2 mm embedded subject")
+    bm.add_argument("--fit-author-seconds", type=float, default=120.0,
+                    help="with --fit: seconds of fitting at the authors' network size (epoch time extrapolated)")
     bm.add_argument("--json", help="also write every number to this JSON file")
     bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"), help=argparse.SUPPRESS)  # tests: a tiny volume
