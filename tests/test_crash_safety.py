@@ -142,3 +142,222 @@ def test_rows_1_2_kills_while_writing_checkpoints_and_resume_from_the_newest_tha
     assert "skipped newer checkpoint_epoch=4.pt: unreadable" in line and "finished at epoch 5" in out
     # row 12: the stale (skipped) checkpoint is gone once the resumed run saved its own
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_epoch=5.pt", "model.pt"]
+
+
+# --- outputs of predict / fit-subject: kill between the output renames (row 3) ------------------
+TINY_OVERLAY = """network_def:
+  _target_: nexus_monai.networks.NexusINR
+  encoder: rdn
+  features: 4
+  encoder_options: {blocks: 1, layers: 1, growth: 4}
+  decoder: mlp
+  decoder_hidden: 8
+  decoder_layers: 2
+  attn_heads: 2
+  pe_frequencies: 2
+"""
+BUNDLE = REPO / "bundles" / "nexus_inr"
+
+
+def make_tiny_pair(d: Path) -> dict:
+    """A 16^3 phantom's T1w (z x2) / T2w (y x4) LR scans, a tiny network overlay and seeded weights."""
+    from monai.bundle import ConfigParser
+
+    from nexus_monai.transforms import SimulateAnisotropicAcquisition
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    vol = (ndimage.gaussian_filter(rng.standard_normal((16, 16, 16)), 2.0) > 0) * 80.0 + 100
+    hr = MetaTensor(torch.as_tensor(vol, dtype=torch.float32)[None], affine=make_affine((1.0, 1.0, 1.0), (-8.0, -8.0, -8.0)))
+    save_volume(hr, d / "hr.nii.gz")
+    save_volume(SimulateAnisotropicAcquisition("z", 2)(hr), d / "t1_lr.nii.gz")
+    save_volume(SimulateAnisotropicAcquisition("y", 4)(hr), d / "t2_lr.nii.gz")
+    (d / "tiny.yaml").write_text(TINY_OVERLAY)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(d / "tiny.yaml")])
+    torch.manual_seed(0)
+    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, d / "w.pt")
+    return {"dir": d, "hr": d / "hr.nii.gz", "t1": d / "t1_lr.nii.gz", "t2": d / "t2_lr.nii.gz", "overlay": d / "tiny.yaml",
+            "weights": d / "w.pt"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_tiny_pair(tmp_path_factory.mktemp("crash_pair"))
+
+
+def predict_args(pair, out, *grid):
+    return ["predict", "--bundle", str(BUNDLE), "--config", str(pair["overlay"]), "--weights", str(pair["weights"]),
+            "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--threads", "1", "--quiet"]
+
+
+def fit_args(pair, out, *grid):
+    return ["fit-subject", "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--epochs", "1",
+            "--hidden", "8", "--trunk-layers", "1", "--head-hidden", "8", "--batch-size", "512", "--threads", "1", "--quiet"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+_CLI = _HANG + "\nfrom nexus_monai.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+@pytest.mark.parametrize("command", ["predict", "fit-subject"])
+def test_row3_kill_between_the_output_renames_leaves_the_previous_output_whole(command, pair, tmp_path):
+    args = predict_args if command == "predict" else fit_args
+    out = tmp_path / "out"
+    assert main(args(pair, out, "--spacing", "2")) == 0
+    before = _snapshot(out)
+    # the next run (another grid) is killed just before its second file rename
+    rc, log = _run(_CLI, args(pair, out, "--spacing", "1"), tmp_path, hang={"replace": 2})
+    assert rc == -signal.SIGKILL, log[-2000:]
+    assert _snapshot(out) == before  # the previous complete output, not a mix
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the killed run's staging folder
+    # the next run replaces the output as a whole and removes the killed run's temporaries
+    assert main(args(pair, out, "--spacing", "1")) == 0
+    after = _snapshot(out)
+    assert set(after) == set(before)
+    assert all(nib.load(str(out / n)).shape == (16, 16, 16) for n in after if n.endswith(".nii.gz"))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+# --- parameters and paths checked before any work (rows 4, 5, 7, 8, 9, 12) -----------------------
+def _nan_affine_nifti(path: Path) -> Path:
+    """A NIfTI whose sform has a NaN (nibabel refuses to write one, so the header bytes are patched)."""
+    import struct
+
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    img.set_qform(None, code=0)
+    img.set_sform(np.eye(4), code=1)
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[280:284] = struct.pack("<f", float("nan"))  # srow_x[0]
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the long work starts (prediction, fitting, resampling)."""
+    import nexus_monai.baselines.interpolation as interp
+    import nexus_monai.engines.predict as predict
+    import nexus_monai.engines.subject_fit as subject_fit
+
+    def boom(*_a, **_k):
+        raise AssertionError("work started before the bad parameter was caught")
+
+    monkeypatch.setattr(predict, "predict_volumes", boom)
+    monkeypatch.setattr(predict, "load_bundle", boom)
+    monkeypatch.setattr(subject_fit.SubjectFitter, "fit", boom)
+    monkeypatch.setattr(interp, "upsample", boom)
+
+
+def _bad_cli_cases(pair, tmp):
+    hr = str(pair["hr"])
+    (tmp / "a_file").write_text("x")
+    (tmp / "a_dir").mkdir()
+    nan_like = str(_nan_affine_nifti(tmp / "nan_like.nii"))
+    deg = ["degrade", "--image", hr, "--axis", "z", "--factor", "2"]
+    up = ["upsample", "--image", hr]
+    return {
+        "row4 degrade noise nan": ([*deg, "--noise", "nan", "--out", str(tmp / "o.nii.gz")], "--noise must be a finite number"),
+        "row4 degrade noise -1": ([*deg, "--noise", "-1", "--out", str(tmp / "o.nii.gz")], "--noise must be a finite number"),
+        "row4 degrade factor inf": (["degrade", "--image", hr, "--axis", "z", "--factor", "inf", "--out", str(tmp / "o.nii.gz")], "--factor"),
+        "row5 out parent is a file": ([*deg, "--out", str(tmp / "a_file" / "o.nii.gz")], "is a file, not a folder"),
+        "row5 out is a folder": ([*deg, "--out", str(tmp / "a_dir")], "is an existing folder"),
+        "row5 out png": ([*up, "--spacing", "1", "--out", str(tmp / "x.png")], "must be a .nii.gz or .nii file"),
+        "row5 out unwritable": ([*up, "--spacing", "1", "--out", "/proc/nexus_out.nii.gz"], "cannot write the output"),
+        "row5 predict out is a file": (predict_args(pair, tmp / "a_file", "--spacing", "1"), "is an existing file"),
+        "row5 predict out unwritable": (predict_args(pair, "/proc/nexus_out", "--spacing", "1"), "not writable"),
+        "row5 fit out unwritable (default 14 min budget)": (["fit-subject", "--t1", str(pair["t1"]), "--t2", str(pair["t2"]),
+                                                             "--spacing", "1", "--out", "/proc/nexus_out"], "not writable"),
+        "row7 predict like NaN affine": (predict_args(pair, tmp / "p", "--like", nan_like), "not finite"),
+        "row7 upsample like NaN affine": ([*up, "--like", nan_like, "--out", str(tmp / "o.nii.gz")], "not finite"),
+        "row8 spacing nan": ([*up, "--spacing", "nan", "--out", str(tmp / "o.nii.gz")], "--spacing must be a finite number"),
+        "row8 spacing inf predict": (predict_args(pair, tmp / "p", "--spacing", "inf"), "--spacing must be a finite number"),
+        "row8 spacing 1e308 fit": (fit_args(pair, tmp / "p", "--spacing", "1e308"), "--spacing must be a finite number"),
+        "row9 upsample spacing 1e-4": ([*up, "--spacing", "0.0001", "--out", str(tmp / "o.nii.gz")], "above the limit of 150,000,000"),
+        "row12 upsample onto a grid that misses the scan": ([*up, "--like", str(_far_grid(tmp)), "--out", str(tmp / "o.nii.gz")],
+                                                          "does not overlap"),
+        "fit epochs 0": (fit_args(pair, tmp / "p", "--spacing", "1") + ["--epochs", "0"], "--epochs must be an integer"),
+        "fit lr nan": (fit_args(pair, tmp / "p", "--spacing", "1") + ["--lr", "nan"], "--lr must be a finite number"),
+        "fit max-minutes -1": (fit_args(pair, tmp / "p", "--spacing", "1") + ["--max-minutes", "-1"], "--max-minutes"),
+        "predict chunk-size 0": (predict_args(pair, tmp / "p", "--spacing", "1") + ["--chunk-size", "0"], "--chunk-size"),
+    }
+
+
+def _far_grid(tmp: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), make_affine((1.0, 1.0, 1.0), (900.0, 0.0, 0.0)).numpy()),
+             str(tmp / "far.nii.gz"))
+    return tmp / "far.nii.gz"
+
+
+CASE_NAMES = ["row4 degrade noise nan", "row4 degrade noise -1", "row4 degrade factor inf", "row5 out parent is a file",
+              "row5 out is a folder", "row5 out png", "row5 out unwritable", "row5 predict out is a file",
+              "row5 predict out unwritable", "row5 fit out unwritable (default 14 min budget)", "row7 predict like NaN affine",
+              "row7 upsample like NaN affine", "row8 spacing nan", "row8 spacing inf predict", "row8 spacing 1e308 fit",
+              "row9 upsample spacing 1e-4", "row12 upsample onto a grid that misses the scan", "fit epochs 0", "fit lr nan",
+              "fit max-minutes -1", "predict chunk-size 0"]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_parameters_are_one_line_exit_2_before_any_work(name, pair, tmp_path, capsys, monkeypatch):
+    argv, message = _bad_cli_cases(pair, tmp_path)[name]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    _no_work(monkeypatch)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_row8_spacing_bounds_in_server_params():
+    from nexus_monai.serving.params import ServingError, parse_params
+
+    for raw in ('{"spacing": 1e308}', '{"spacing": [1, 1, NaN]}', '{"spacing": true}', '{"spacing": Infinity}'):
+        with pytest.raises(ServingError) as err:
+            parse_params(raw)
+        assert err.value.status == 400
+
+
+# --- evaluate (rows 6, 10) ---------------------------------------------------------------------
+def test_row6_evaluate_checks_every_file_up_front_and_keeps_finished_rows(tmp_path, capsys):
+    import pandas as pd
+    from test_evaluate import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=3)
+    subjects = json.loads((data / "dataset.json").read_text())["test"]
+    third = data / subjects[2]["t2"]
+    raw = third.read_bytes()
+    third.write_bytes(raw[: len(raw) // 2])  # truncated: found before any subject runs
+    argv = ["evaluate", "--data", str(data), "--methods", "trilinear", "--out", str(tmp_path / "r"), "--quiet", "--no-mlflow",
+            "--no-lpips"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(third.name) in err[0] and ("truncated" in err[0] or "corrupt" in err[0])
+    assert not (tmp_path / "r" / "per_subject.csv").exists()
+    # a subject that still fails mid-run (NaN voxels: readable file, unusable data) is marked; the others' rows are kept
+    third.write_bytes(raw)
+    img = nib.load(str(third))
+    vol = np.asarray(img.dataobj, np.float32).copy()
+    vol[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(vol, img.affine), str(third))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN" in err[0] and subjects[2]["subject"] in err[0]
+    rows = pd.read_csv(tmp_path / "r" / "per_subject.csv")
+    assert len(rows) == 3 and rows["error"].fillna("").str.startswith("input:").sum() == 1
+    assert np.isfinite(rows.loc[rows["error"].isna(), "psnr_t1"]).all()
+    assert int(pd.read_csv(tmp_path / "r" / "table1.csv")["failed"].iloc[0]) == 1
+
+
+@pytest.mark.parametrize("kind", ["list", "protocol"])
+def test_row10_evaluate_datalist_list_and_non_yaml_protocol_are_one_line(kind, tmp_path, capsys):
+    (tmp_path / "list.json").write_text('[{"t1": "a.nii.gz", "t2": "b.nii.gz"}]')
+    (tmp_path / "dl.json").write_text('{"test": [{"subject": "s", "t1": "a.nii.gz", "t2": "b.nii.gz"}]}')
+    (tmp_path / "p.bin").write_bytes(b"\x00\x01binary\xff")
+    argv = ["evaluate", "--data", str(tmp_path / ("list.json" if kind == "list" else "dl.json")), "--out", str(tmp_path / "r"),
+            "--no-mlflow", "--quiet"] + (["--protocol", str(tmp_path / "p.bin")] if kind == "protocol" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("not a datalist" in err[0] if kind == "list" else "not a protocol YAML" in err[0])
