@@ -28,7 +28,7 @@ from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.checkpoints import AtomicCheckpointSaver, load_newest
 from nexus_monai.engines.inr import CONTRASTS, subject_scores
-from nexus_monai.evaluation.panels import save_panel, to_uint8
+from nexus_monai.visualize import save_panel, to_uint8
 from nexus_monai.metrics.image_quality import intensity_scale
 
 __all__ = ["AuxLossWarmup", "LossTermsHandler", "SRValidationReport", "TrainingCheckpoint", "find_mlflow_handler"]
