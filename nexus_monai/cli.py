@@ -196,7 +196,9 @@ def cmd_evaluate(args) -> int:
     if segmenters:
         print((Path(args.out) / "table5.md").read_text())
     if mlflow is not None:
-        uri = args.tracking_uri or f"sqlite:///{(Path(args.out) / 'mlruns.db').resolve()}"
+        from nexus_monai.engines.mlflow_logging import tracking_uri as project_tracking_uri
+
+        uri = project_tracking_uri(args.tracking_uri)
         print(f"MLflow run {mlflow['run_name']!r} logged to {uri} (mlflow ui --backend-store-uri {uri})")
     return 0
 
@@ -379,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", action="append", metavar="METHOD=CKPT", help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable")
     e.add_argument("--bundle", action="append", metavar="METHOD=FOLDER", help="bundle folder of a cohort method instead of bundles/<method>; repeatable")
     e.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
-    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlruns.db)")
+    e.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the project store ~/.cache/nexus_monai/mlflow/mlruns.db)")
     e.add_argument("--experiment", default="nexus_monai_evaluate", help="MLflow experiment name")
     e.add_argument("--run-name", default=None, help="MLflow run name (default evaluate_<protocol>_<split>)")
     e.add_argument("--quiet", action="store_true")

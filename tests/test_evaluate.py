@@ -123,12 +123,14 @@ def test_unknown_method_and_missing_datalist_file_fail_before_any_work(tmp_path,
 
 def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")  # honoured (one store everywhere)
     data = make_tiny_dataset(tmp_path / "data", n=2)
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear,broken_for_test", "--no-lpips", "--quiet", "--run-name", "tiny_eval", "--out", str(out)]) == 0
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    assert not (out / "mlruns.db").exists()  # no private store per output folder
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
     exp = client.get_experiment_by_name("nexus_monai_evaluate")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "tiny_eval" and run.info.status == "FINISHED"
@@ -138,6 +140,8 @@ def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monke
     assert run.data.metrics["broken_for_test/failed"] == 2 and "always fails" in run.data.tags["failed/broken_for_test"]
     names = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "panels")}
     assert {"per_subject.csv", "table1.csv", "table1.md"} <= names and any(n.endswith(".png") for n in names)
+    assert "table1.json" in names  # the table as an MLflow table
+    assert any(a.path.startswith("images/panel_") for a in client.list_artifacts(run.info.run_id, "images"))
 
 
 def test_select_subjects_embedded_uses_the_bundles_datalist(tmp_path, monkeypatch):
@@ -186,6 +190,7 @@ def add_lesion_maps(root, which=(0,), value=1001):
 
 def test_evaluate_reports_lesion_fidelity_and_training_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     data = add_lesion_maps(make_tiny_dataset(tmp_path / "data", n=2))
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear,oracle_for_test", "--no-lpips", "--quiet", "--out", str(out)]) == 0
@@ -208,7 +213,7 @@ def test_evaluate_reports_lesion_fidelity_and_training_budget(tmp_path, monkeypa
     assert "Lesion fidelity (subjects with a lesion instance map)" in md
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("nexus_monai_evaluate").experiment_id])
     assert run.data.metrics["oracle_for_test/lesion_contrast_t2_mean"] == pytest.approx(1.0)
     assert run.data.metrics["trilinear/lesion_kept_t2_mean"] in (0.0, 1.0)

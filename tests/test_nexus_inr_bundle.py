@@ -105,11 +105,17 @@ def test_training_writes_checkpoints_reports_and_mlflow_run(trained_bundle):
     assert {"val_psnr_avg", "val_psnr_t1", "val_psnr_t2", "val_ssim_t1", "val_ssim_t2", "trilinear_psnr_t1"} <= keys
     assert {"train_loss_sr_t1", "train_loss_sr_t2", "train_loss_kd", "train_loss_t2self", "train_loss_cmfa",
             "train_loss_fdl", "train_loss_seg"} <= keys
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "panels" in artifacts
-    panels = {a.path for a in client.list_artifacts(run.info.run_id, "panels")}
-    assert any(p.endswith(".png") for p in panels)
-    assert run.data.params  # the executed config's parameters
+    params = run.data.params  # hyper-parameters of the executed config (MLflowRunLogger)
+    assert params["network_def.kd_attn"] == "true" and params["network_def.features"] == str(TINY["network_def#features"])
+    assert params["batch_size"] and params["learning_rate"] and params["patch_size"] and "loss.w_kd" in params
+    assert run.data.tags["bundle"] == "nexus_inr" and run.data.tags["protocol"] == "nexus" and run.data.tags["git_commit"]
+    import hashlib
+
+    assert run.data.tags["model_sha256"] == hashlib.sha256((models / "model.pt").read_bytes()).hexdigest()
+    images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+    assert any("validation_panel+step+2+" in p and p.endswith(".png") for p in images)  # MLflow image, one per epoch
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert {"validation/epoch_0001.json", "validation/epoch_0002.json"} <= tables  # MLflow tables of subject rows
 
 
 def test_evaluating_writes_metrics(trained_bundle, tiny_data, monkeypatch):

@@ -6,7 +6,8 @@
 * :class:`SRValidationReport` -- after each validation: per-subject CSV of Nexus-INR and
   trilinear PSNR/SSIM (``<prefix>_subjects.csv``), a JSON summary, trilinear reference metrics
   into ``state.metrics`` (``trilinear_psnr_t1``...), and a PNG panel (LR / trilinear / model / GT
-  for T1w and T2w) written to ``output_dir`` and logged to the run of an attached MLFlowHandler.
+  for T1w and T2w) written to ``output_dir``; panel and rows are left in ``state.validation_report``
+  for :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger` (MLflow image and table).
 * :class:`TrainingCheckpoint` -- periodic full-state checkpoints (network, optimizer, scheduler,
   trainer) written atomically and, on start, resume from the newest one that loads, so a killed
   run continues (even one killed while writing a checkpoint).
@@ -31,7 +32,7 @@ from nexus_monai.engines.inr import CONTRASTS, subject_scores
 from nexus_monai.visualize import save_panel, to_uint8
 from nexus_monai.metrics.image_quality import intensity_scale
 
-__all__ = ["AuxLossWarmup", "LossTermsHandler", "SRValidationReport", "TrainingCheckpoint", "find_mlflow_handler"]
+__all__ = ["AuxLossWarmup", "LossTermsHandler", "SRValidationReport", "TrainingCheckpoint"]
 
 
 class LossTermsHandler:
@@ -91,16 +92,6 @@ class AuxLossWarmup:
         on = engine.state.epoch > self.warmup_epochs  # state.epoch is 1-based inside EPOCH_STARTED
         for k in self.terms:
             self.loss.w[k] = self.weights[k] if on else 0.0
-
-
-def find_mlflow_handler(engine: Engine):
-    """The MLFlowHandler attached to ``engine`` (by ``--tracking mlflow``), or None."""
-    for handlers in engine._event_handlers.values():
-        for func, *_ in handlers:
-            owner = getattr(func, "__self__", None)
-            if owner is not None and type(owner).__name__ == "MLFlowHandler":
-                return owner
-    return None
 
 
 class SRValidationReport:
@@ -170,9 +161,8 @@ class SRValidationReport:
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
         panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
         save_panel(self.panel, panel, row_labels=["T1w", "T2w"], col_labels=["LR (nearest)", "trilinear", "model", "GT HR"])
-        mlflow_handler = find_mlflow_handler(engine)
-        if mlflow_handler is not None and getattr(mlflow_handler, "cur_run", None) is not None:
-            mlflow_handler.client.log_artifact(mlflow_handler.cur_run.info.run_id, str(panel), artifact_path="panels")
+        # for the tracking handler (nexus_monai.engines.mlflow_logging.MLflowRunLogger): an MLflow image and table
+        engine.state.validation_report = {"epoch": epoch, "panel": str(panel), "rows": list(self.rows)}
 
 
 class TrainingCheckpoint:

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist
@@ -260,17 +261,18 @@ def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os
                run_name: str = "evaluate", experiment: str = "nexus_monai_evaluate", params: Mapping | None = None) -> str:
     """One MLflow run: ``params``, every numeric table column as ``<method>/<column>``, the files as artifacts.
 
-    ``tracking_uri`` default: ``sqlite:///<out_dir>/mlruns.db``; a new experiment keeps its
-    artifacts in ``<out_dir>/mlartifacts``. NaN values (e.g. LPIPS unavailable) are not logged.
-    Returns the run id.
+    ``tracking_uri`` default: ``MLFLOW_TRACKING_URI``, else the project's one store
+    (:func:`nexus_monai.engines.mlflow_logging.tracking_uri`), so evaluations sit beside training runs;
+    the table is also an MLflow table (``table1.json``) and each panel an MLflow image. NaN values
+    (e.g. LPIPS unavailable) are not logged. Returns the run id.
     """
     from mlflow.tracking import MlflowClient
 
-    out = Path(out_dir).resolve()
-    uri = tracking_uri or f"sqlite:///{out / 'mlruns.db'}"
+    from nexus_monai.engines.mlflow_logging import ensure_experiment, tracking_uri as project_uri
+
+    uri = project_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment, artifact_location=(out / "mlartifacts").as_uri())
+    exp_id = client.get_experiment_by_name(ensure_experiment(experiment, uri)).experiment_id
     run = client.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     try:
@@ -286,6 +288,9 @@ def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os
                 client.set_tag(run_id, f"failed/{r['method']}", r["first_error"][:4000])
         for path in artifacts:
             client.log_artifact(run_id, str(path), artifact_path="panels" if str(path).endswith(".png") else None)
+            if str(path).endswith(".png"):
+                client.log_image(run_id, np.asarray(Image.open(path).convert("RGB")), key=Path(path).stem)
+        client.log_table(run_id, data=table.astype(object).where(table.notna(), None), artifact_file="table1.json")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -1,0 +1,131 @@
+"""MLflowRunLogger: hyper-parameters as params, tags, the model with its sha256, validation panels as MLflow
+images and rows as MLflow tables, in the run MONAI's MLFlowHandler opened; one tracking URI everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from PIL import Image
+
+from nexus_monai.engines import mlflow_logging as ml
+
+RAW_CONFIG = {
+    "imports": ["$import torch"],
+    "learning_rate": 0.001,
+    "batch_size": 2,
+    "patch_size": [32, 32, 32],
+    "dataset_dir": "embedded",
+    "seed": 7,
+    "ckpt_dir": "$@bundle_root + '/models'",
+    "protocol": {"name": "nexus", "contrasts": {"t1": {"axis": "z", "factor": 2}}},
+    "network_def": {"_target_": "nexus_monai.networks.NexusINR", "features": "@width", "mmf": True, "kd_attn": False},
+    "width": 16,
+    "loss": {"_target_": "nexus_monai.losses.NexusINRLoss", "w_kd": 0.01, "w_seg": 0.0},
+    "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate"},
+    "train": {"trainer": {"_target_": "SupervisedTrainer"}},
+}
+
+
+def test_config_params_flattens_literals_and_resolves_references():
+    params = ml.config_params(RAW_CONFIG)
+    assert params["learning_rate"] == "0.001" and params["batch_size"] == "2" and params["seed"] == "7"
+    assert params["patch_size"] == "[32, 32, 32]" and params["dataset_dir"] == "embedded"
+    assert params["network_def.features"] == "16"  # @width resolved
+    assert params["network_def.mmf"] == "true" and params["network_def.kd_attn"] == "false"
+    assert params["network_def._target_"] == "nexus_monai.networks.NexusINR"
+    assert params["loss.w_kd"] == "0.01" and params["optimizer.lr"] == "0.001"
+    assert params["protocol.contrasts.t1.factor"] == "2"
+    assert not any(k.startswith(("imports", "train", "ckpt_dir", "optimizer.params")) for k in params)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEXUS_MONAI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = ml.tracking_uri()
+    assert default == f"sqlite:///{tmp_path / 'cache' / 'mlflow' / 'mlruns.db'}"
+    assert (tmp_path / "cache" / "mlflow").is_dir()
+    assert ml.artifact_location(default) == (tmp_path / "cache" / "mlflow" / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert ml.tracking_uri() == "sqlite:///elsewhere.db"
+    assert ml.tracking_uri("sqlite:///explicit.db") == "sqlite:///explicit.db"
+
+
+def test_logger_is_inert_without_tracking(tmp_path):
+    logger = ml.MLflowRunLogger(executed_config=True, tracking_uri=f"sqlite:///{tmp_path}/x.db", run_name="r")
+    engine = Engine(lambda e, b: None)
+    logger.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert not (tmp_path / "x.db").exists()  # nothing created, nothing logged
+
+
+def test_run_with_params_tags_model_images_and_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}"
+    (tmp_path / "store").mkdir()
+    executed = tmp_path / "config_20260101_000000.json"
+    executed.write_text(json.dumps(RAW_CONFIG))
+    model = tmp_path / "models" / "model.pt"
+    model.parent.mkdir()
+    torch.save({"w": torch.arange(4.0)}, model)
+    panel = tmp_path / "panel.png"
+    Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3)).save(panel)
+
+    common = {"tracking_uri": uri, "experiment_name": "unit_sr", "run_name": "unit_run"}
+    trainer = Engine(lambda e, b: {"loss": 0.5})
+    evaluator = Engine(lambda e, b: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def report(engine):  # what SRValidationReport leaves for the logger
+        engine.state.validation_report = {"epoch": trainer.state.epoch, "panel": str(panel),
+                                          "rows": [{"subject": "s1", "psnr": 30.5}, {"subject": "s2", "psnr": float("nan")}]}
+
+    ml.MLflowRunLogger(executed_config=str(executed), tags={"bundle": "nexus_inr", "protocol": "nexus"},
+                       model_file=str(model), **common).attach(trainer)
+    ml.MLflowRunLogger(executed_config=str(executed), report=True, **common).attach(evaluator)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0], max_epochs=1))
+    # MONAI's own handlers, as `--tracking mlflow` appends them (after ours)
+    MLFlowHandler(close_on_complete=True, output_transform=lambda o: o["loss"], **common).attach(trainer)
+    MLFlowHandler(iteration_log=False, **common).attach(evaluator)
+    trainer.run([0, 1], max_epochs=2)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("unit_sr")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # MONAI's handlers and ours share ONE run
+    run = runs[0]
+    assert run.info.run_name == "unit_run" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["learning_rate"] == "0.001" and params["network_def.mmf"] == "true" and params["loss.w_kd"] == "0.01"
+    tags = run.data.tags
+    assert tags["bundle"] == "nexus_inr" and tags["protocol"] == "nexus"
+    assert tags["git_commit"] and tags["nexus_monai_version"]
+    assert tags["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+    # images: one per validation, keyed and stepped
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
+    assert steps == [1, 2] and all("validation_panel" in p for p in images)
+    # tables: MLflow's table JSON per validation
+    tables = sorted(a.path for a in client.list_artifacts(run.info.run_id, "validation"))
+    assert tables == ["validation/epoch_0001.json", "validation/epoch_0002.json"]
+    local = client.download_artifacts(run.info.run_id, "validation/epoch_0002.json", str(tmp_path / "dl"))
+    table = json.loads(open(local).read())
+    assert table["columns"] == ["subject", "psnr"] and table["data"][0] == ["s1", 30.5] and table["data"][1][1] is None
+    # artifacts sit beside the sqlite store, not in the working directory
+    assert experiment.artifact_location.startswith((tmp_path / "store").as_uri())
+    assert not os.path.exists("mlruns") or os.path.abspath("mlruns") != str(tmp_path / "store" / "mlruns")
+
+
+@pytest.mark.parametrize("value, expected", [(float("inf"), None), (np.float32(1.5), 1.5), ("a", "a")])
+def test_table_cells(value, expected):
+    assert ml._cell(value) == expected
