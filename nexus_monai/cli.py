@@ -207,7 +207,9 @@ def cmd_predict(args) -> int:
     import torch
 
     from nexus_monai.engines.predict import load_bundle, predict_files
+    from nexus_monai.engines.refine import check_refine_seconds
 
+    refine = check_refine_seconds(args.refine, "--refine") if args.refine is not None else 0.0
     if args.threads:
         torch.set_num_threads(args.threads)
     for c, path in (("t1", args.t1), ("t2", args.t2)):
@@ -224,8 +226,20 @@ def cmd_predict(args) -> int:
         if len(args.spacing) not in (1, 3):
             raise NexusInputError(None, "--spacing takes one value (isotropic) or three (mm)")
         spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
-    result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer)
+    result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer,
+                           refine_seconds=refine, guard=args.guard)
     print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
+    if "refine" in result:
+        log = result["refine"]
+        print(f"refinement: {log['iterations']} steps in {log['seconds']:.1f} s; "
+              + ", ".join(f"{c} {log['chosen'][c]} (held-out MSE {log['cohort_holdout_mse'][c]:.3g} -> {log['best_holdout_mse'][c]:.3g})"
+                          for c in ("t1", "t2")))
+    if "consistency" in result:
+        rep = result["consistency"]
+        print("consistency guard: " + ", ".join(
+            f"{c} LR residual RMS {rep[c]['residual_rms_before']:.4g} -> {rep[c]['residual_rms_after']:.4g}, "
+            f"{rep[c]['voxels_above_before']} -> {rep[c]['voxels_above_after']} LR voxels above {rep[c]['threshold']:.4g}"
+            for c in ("t1", "t2")) + f"; maps {result['t1_consistency'].name}, {result['t2_consistency'].name}")
     return 0
 
 
@@ -279,6 +293,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from nexus_monai.experiments import run_experiment
+
+    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data, max_epochs=args.max_epochs,
+                             jobs=args.jobs, overrides=args.override or (), lpips=not args.no_lpips)
+    print("wrote", written["csv"], written["md"])
+    return 0
+
+
 def cmd_fit_subject(args) -> int:
     """SSMCSR: fit a subject-specific INR on one subject's T1w + T2w LR scans, write both SR volumes + a JSON log."""
     import torch
@@ -327,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", choices=("small", "full"), default="small", help="small: 2 mm voxels; full: 240x240x155 at 1 mm")
+    s.add_argument("--test-anatomy", type=int, default=5, help="subjects of the test-only anatomy family (split test_anatomy)")
     s.set_defaults(func=cmd_synth)
 
     d = sub.add_parser("degrade", help="simulate a thick-slice LR acquisition of an HR scan")
@@ -366,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     pr.add_argument("--max-memory-gib", type=float, default=None,
                     help="target peak RSS in GiB: the encoders run on tiles of the LR volumes sized to it (default 1.75)")
+    pr.add_argument("--refine", metavar="SECONDS", default=None,
+                    help="test-time refinement: fine-tune a copy of the model on these two scans for SECONDS through the "
+                         "acquisition model; held-out LR voxels decide per contrast whether the refined model is used")
+    pr.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                    help="data-consistency guard (default on): correct the output where its re-acquisition departs from the "
+                         "input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual on the output grid)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -424,7 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     sv.add_argument("--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.add_argument("--test-anatomy", type=int, default=5, help="subjects of the test-only anatomy family (split test_anatomy)")
     sv.set_defaults(func=cmd_serve)
     fs = sub.add_parser("fit-subject", help="SSMCSR: fit a subject-specific INR on a subject's T1w + T2w LR scans (no HR data), write both SR volumes")
     fs.add_argument("--t1", required=True, help="T1w LR NIfTI")
@@ -449,6 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fit_subject)
+
+    ex = sub.add_parser("experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate")
+    ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")
+    ex.add_argument("--form", default="default", help="default (CPU default, ours) or paper_cpu (the paper's form at CPU width)")
+    ex.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    ex.add_argument("--max-epochs", type=int, default=None, help="training epochs per run (default: the form's)")
+    ex.add_argument("--data", default="embedded", help="dataset folder / datalist JSON / BraTS root, or embedded")
+    ex.add_argument("--jobs", type=int, default=1, help="trainings at once (>1: OMP_NUM_THREADS=1 each)")
+    ex.add_argument("--override", action="append", metavar="KEY=VALUE", help="bundle config override for every run (YAML value); repeatable")
+    ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    ex.add_argument("--out", required=True, help="output folder (runs/, tableN.csv, tableN.md, mlruns.db)")
+    ex.set_defaults(func=cmd_experiment)
     return p
 
 

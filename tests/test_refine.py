@@ -1,0 +1,201 @@
+"""Test-time refinement (``nexus-sr predict --refine``) and the data-consistency guard.
+
+Tiny phantom (16^3, T1w z x 2 / T2w y x 4 by the acquisition transform) and a tiny seeded Nexus-INR
+written as a bundle overlay + checkpoint, as in test_serving. The guard is checked against a case
+built by hand: an HR volume with a small bright blob, its LR scans, and a "raw output" without
+the blob.
+"""
+
+import hashlib
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from scipy import ndimage
+
+from nexus_monai.cli import main
+from nexus_monai.data.io import load_volume, save_volume
+from nexus_monai.engines.consistency import CONSISTENCY_NAMES, GuardOptions, consistency_guard
+from nexus_monai.engines.predict import predict_volumes
+from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, lr_consistency_loss, refine_network
+from nexus_monai.errors import NexusInputError
+from nexus_monai.geometry import TargetGrid, make_affine
+from nexus_monai.transforms import SimulateAnisotropicAcquisition
+from nexus_monai.transforms.consistency import AcquisitionModel, lr_residual
+
+from test_serving import BUNDLE, TINY_OVERLAY
+
+
+def _phantom(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 2.0)
+    vol = (vol > 0) * 80.0 + ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 1.5) * 40 + 100
+    vol[:2] = 0
+    return vol.astype(np.float32)
+
+
+def _acquire(hr: MetaTensor) -> dict:
+    """Both LR scans as a reader would see them (no acquisition metadata: thick axis from the affine)."""
+    out = {}
+    for c, (axis, k) in {"t1": ("z", 2), "t2": ("y", 4)}.items():
+        lr = SimulateAnisotropicAcquisition(axis, k)(hr)
+        out[c] = MetaTensor(lr.as_tensor().clone(), affine=lr.affine.clone())
+    return out
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refine_case")
+    hr = MetaTensor(torch.as_tensor(_phantom())[None], affine=make_affine((1.0, 1.0, 1.0), (-8.0, -8.0, -8.0)))
+    lr = _acquire(hr)
+    for c in lr:
+        save_volume(lr[c], d / f"{c}_lr.nii.gz")
+    (d / "tiny.yaml").write_text(TINY_OVERLAY.replace("decoder_hidden: 8", "decoder_hidden: 32"))  # learns within 60 steps
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(d / "tiny.yaml")])
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    torch.save({"model": net.state_dict()}, d / "w.pt")
+    net.eval()
+    return {"dir": d, "hr": hr, "lr": {c: load_volume(d / f"{c}_lr.nii.gz") for c in lr}, "net": net,
+            "files": {c: d / f"{c}_lr.nii.gz" for c in lr}}
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_refinement_lowers_the_lr_consistency_loss_and_leaves_the_cohort_network_alone(case):
+    net, lr = case["net"], case["lr"]
+    before_state = {k: v.clone() for k, v in net.state_dict().items()}
+    before = lr_consistency_loss(net, lr["t1"], lr["t2"])
+    opts = RefineOptions(max_seconds=600, max_iterations=60, learning_rate=3e-3, batch_size=512, eval_every=10)
+    result = refine_network(net, lr["t1"], lr["t2"], opts)
+    after = lr_consistency_loss(result.network, lr["t1"], lr["t2"])
+    assert result.log["iterations"] == 60 and result.log["stop_reason"] == "max_iterations"
+    assert "refined" in result.chosen.values()
+    for c in ("t1", "t2"):
+        if result.chosen[c] == "refined":  # the held-out rule accepted it: it must fit the data better
+            assert after[c] < before[c]
+            assert result.log["best_holdout_mse"][c] < 0.99 * result.log["cohort_holdout_mse"][c]
+        else:
+            assert after[c] == before[c]
+    assert sum(after.values()) < sum(before.values())
+    for k, v in net.state_dict().items():  # the cohort model is a copy source, never modified
+        assert torch.equal(v, before_state[k])
+
+
+def test_safeguard_returns_the_cohort_output_unchanged_when_refinement_does_not_help(case):
+    net, lr = case["net"], case["lr"]
+    grid = TargetGrid.like(case["hr"])
+    # a learning rate so large that every step wrecks the decoder: held-out MSE never beats the cohort's
+    opts = RefineOptions(max_seconds=600, max_iterations=10, learning_rate=50.0, batch_size=256, eval_every=5)
+    result = refine_network(net, lr["t1"], lr["t2"], opts)
+    assert result.chosen == {"t1": "cohort", "t2": "cohort"} and result.network is net
+    ref = predict_volumes(net, lr["t1"], lr["t2"], grid)
+    out = predict_volumes(result.network, lr["t1"], lr["t2"], grid)
+    for c in ("t1", "t2"):
+        assert torch.equal(out[c].as_tensor(), ref[c].as_tensor())
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "abc"])
+def test_check_refine_seconds_refuses_bad_budgets(value):
+    with pytest.raises(NexusInputError, match="refine"):
+        check_refine_seconds(value, "--refine")
+    assert check_refine_seconds("0") == 0.0 and check_refine_seconds(2.5) == 2.5
+
+
+def _predict(case, out, *extra):
+    return main(["predict", "--bundle", str(BUNDLE), "--config", str(case["dir"] / "tiny.yaml"), "--weights", str(case["dir"] / "w.pt"),
+                 "--t1", str(case["files"]["t1"]), "--t2", str(case["files"]["t2"]), "--spacing", "1", "--out", str(out),
+                 "--threads", "1", "--quiet", *extra])
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "ten"])
+def test_predict_refine_bad_value_is_one_line_exit_2(case, tmp_path, capsys, value):
+    out = tmp_path / "out"
+    code = _predict(case, out, f"--refine={value}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --refine: ")
+    assert not out.exists()
+
+
+def test_predict_refine_and_guard_write_outputs_and_leave_inputs_untouched(case, tmp_path):
+    hashes = {c: _sha(p) for c, p in case["files"].items()}
+    assert _predict(case, tmp_path / "refined", "--refine", "2") == 0
+    assert {c: _sha(p) for c, p in case["files"].items()} == hashes
+    for c in ("t1", "t2"):
+        sr = nib.load(str(tmp_path / "refined" / f"{c}w_sr.nii.gz"))
+        res = nib.load(str(tmp_path / "refined" / CONSISTENCY_NAMES[c]))
+        assert res.shape == sr.shape == (16, 16, 16)
+        assert np.allclose(res.affine, sr.affine) and np.allclose(sr.affine, case["hr"].affine.numpy(), atol=1e-5)
+        assert np.isfinite(np.asarray(res.dataobj)).all()
+    # --no-guard: the network's raw output, no residual maps
+    assert _predict(case, tmp_path / "raw", "--no-guard") == 0
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["t1w_sr.nii.gz", "t2w_sr.nii.gz"]
+    raw = predict_volumes(case["net"], case["lr"]["t1"], case["lr"]["t2"], TargetGrid.like(case["hr"]))
+    for c in ("t1", "t2"):
+        np.testing.assert_allclose(np.asarray(nib.load(str(tmp_path / "raw" / f"{c}w_sr.nii.gz")).dataobj), raw[c][0].numpy(),
+                                   rtol=1e-6, atol=1e-4)
+
+
+def _lesion_case():
+    """HR phantom + a bright blob of radius 2.5 voxels; LR of both; a raw output that lost the blob."""
+    vol = _phantom(20, seed=1)
+    idx = np.indices(vol.shape)
+    blob = ((idx - np.array([10, 11, 10])[:, None, None, None]) ** 2).sum(0) <= 2.5 ** 2
+    affine = make_affine((1.0, 1.0, 1.0), (-10.0, -10.0, -10.0))
+    hr = MetaTensor(torch.as_tensor(vol + 120.0 * blob)[None], affine=affine)
+    raw = MetaTensor(torch.as_tensor(vol)[None], affine=affine)
+    return hr, raw, _acquire(hr), torch.as_tensor(blob)
+
+
+def test_guard_restores_a_lost_lesion_and_lowers_the_lr_residual():
+    hr, raw, lr, blob = _lesion_case()
+    grid = TargetGrid.like(hr)
+    out, maps, report = consistency_guard({"t1": raw, "t2": raw}, lr, grid)
+    truth, lost = hr[0], raw[0]
+    for c in ("t1", "t2"):
+        model = AcquisitionModel.of(lr[c], grid)
+        before = lr_residual(model, lost).norm()
+        after = lr_residual(model, out[c][0]).norm()
+        assert after < 0.5 * before, c
+        assert report[c]["corrected"] and report[c]["residual_rms_after"] < report[c]["residual_rms_before"]
+        # the blob comes partly back: its mean moves at least 40 % of the way toward the truth
+        restored = (out[c][0][blob].mean() - lost[blob].mean()) / (truth[blob].mean() - lost[blob].mean())
+        assert restored > 0.4, (c, float(restored))
+        # far from the blob (more than a slab away) nothing changes
+        far = torch.ones_like(blob)
+        far[4:17, 4:18, 4:17] = False
+        assert torch.equal(out[c][0][far], lost[far])
+        # the residual map: output grid and affine, largest where the lesion was lost
+        assert tuple(maps[c].shape[-3:]) == grid.shape and torch.allclose(maps[c].affine, grid.affine)
+    raw_maps = consistency_guard({"t1": raw}, lr, grid, GuardOptions(correct=False))[1]
+    peak = np.unravel_index(int(raw_maps["t1"][0].argmax()), grid.shape)
+    assert blob[peak], "the raw output's residual peaks inside the lost lesion"
+
+
+def test_guard_leaves_a_consistent_output_alone():
+    hr, _, lr, _ = _lesion_case()
+    out, maps, report = consistency_guard({"t1": hr, "t2": hr}, lr, TargetGrid.like(hr))
+    for c in ("t1", "t2"):
+        assert report[c]["voxels_above_before"] == 0 and not report[c]["corrected"]
+        assert torch.equal(out[c].as_tensor(), hr.as_tensor())
+        assert float(maps[c].abs().max()) < 1e-3
+
+
+def test_nexus_inr_refined_method_is_registered_with_a_budget_option(case, monkeypatch):
+    from nexus_monai.evaluation.methods import METHODS
+
+    assert "nexus_inr_refined" in METHODS and getattr(METHODS["nexus_inr_refined"], "bundle", None) == "bundles/nexus_inr"
+    method = METHODS["nexus_inr_refined"]
+    monkeypatch.setattr("nexus_monai.evaluation.methods.bundle_model", lambda *a, **k: (case["net"], None))
+    monkeypatch.setenv("NEXUS_REFINE_OPTIONS", '{"max_iterations": 3, "batch_size": 64}')
+    inputs = {"t1_lr": case["lr"]["t1"], "t2_lr": case["lr"]["t2"]}
+    pred = method(inputs, TargetGrid.like(case["hr"]), max_seconds=600)
+    assert set(pred) == {"t1", "t2"} and tuple(pred["t1"].shape) == (1, 16, 16, 16)
+    assert math.isfinite(float(pred["t2"].sum()))
