@@ -361,3 +361,58 @@ def test_row10_evaluate_datalist_list_and_non_yaml_protocol_are_one_line(kind, t
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("not a datalist" in err[0] if kind == "list" else "not a protocol YAML" in err[0])
+
+
+# --- server: a client that disconnects mid-inference frees the worker (row 11) -------------------
+def test_row11_disconnected_client_job_is_cancelled_and_the_worker_freed(pair, tmp_path):
+    import socket
+    import threading
+
+    import requests
+    import uvicorn
+
+    from nexus_monai.serving.app import create_app
+    from nexus_monai.serving.models import BundleModel
+    from nexus_monai.serving.server import bind_socket
+
+    model = BundleModel(BUNDLE, [str(pair["overlay"])], weights=pair["weights"], device="cpu")
+    slow = {"on": True}
+    model.network.register_forward_pre_hook(lambda *_: time.sleep(0.5) if slow["on"] else None)  # a deliberately slow network
+    app = create_app({"nexus_inr": model}, workers=1, max_queue=4, workdir=tmp_path / "work")
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while not srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        files = {"t1": ("t1.nii.gz", pair["t1"].read_bytes()), "t2": ("t2.nii.gz", pair["t2"].read_bytes())}
+        body, ctype = requests.models.RequestEncodingMixin._encode_files(files, {"params": '{"spacing": 0.5}'})
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(f"POST /infer/nexus_inr HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 60
+        while requests.get(f"{url}/info/", timeout=30).json()["queue"]["pending"] == 0:  # the job is running
+            assert time.time() < deadline
+            time.sleep(0.05)
+        client.close()  # the client goes away mid-inference
+        deadline = time.time() + 60  # the slow job alone would take minutes; cancelled, it ends within one module call
+        while (q := requests.get(f"{url}/info/", timeout=30).json()["queue"])["pending"] != 0:
+            assert time.time() < deadline, q
+            time.sleep(0.1)
+        assert q["cancelled"] == 1
+        slow["on"] = False
+        r = requests.post(f"{url}/infer/nexus_inr", files=files, data={"params": '{"spacing": 2}'}, params={"output": "json"},
+                          timeout=120)
+        assert r.status_code == 200  # the worker is free for the next request
+        deadline = time.time() + 10
+        while any((tmp_path / "work").iterdir()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any((tmp_path / "work").iterdir())
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
