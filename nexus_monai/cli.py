@@ -302,6 +302,15 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from nexus_monai.experiments import run_experiment
+
+    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data, max_epochs=args.max_epochs,
+                             jobs=args.jobs, overrides=args.override or (), lpips=not args.no_lpips)
+    print("wrote", written["csv"], written["md"])
+    return 0
+
+
 def cmd_fit_subject(args) -> int:
     """SSMCSR: fit a subject-specific INR on one subject's T1w + T2w LR scans, write both SR volumes + a JSON log."""
     import torch
@@ -478,6 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fit_subject)
+
+    ex = sub.add_parser("experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate")
+    ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")
+    ex.add_argument("--form", default="default", help="default (CPU default, ours) or paper_cpu (the paper's form at CPU width)")
+    ex.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    ex.add_argument("--max-epochs", type=int, default=None, help="training epochs per run (default: the form's)")
+    ex.add_argument("--data", default="embedded", help="dataset folder / datalist JSON / BraTS root, or embedded")
+    ex.add_argument("--jobs", type=int, default=1, help="trainings at once (>1: OMP_NUM_THREADS=1 each)")
+    ex.add_argument("--override", action="append", metavar="KEY=VALUE", help="bundle config override for every run (YAML value); repeatable")
+    ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    ex.add_argument("--out", required=True, help="output folder (runs/, tableN.csv, tableN.md, mlruns.db)")
+    ex.set_defaults(func=cmd_experiment)
 
     ex = sub.add_parser("experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate")
     ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")

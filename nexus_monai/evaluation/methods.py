@@ -105,14 +105,17 @@ def register_cohort_bundle(name: str, bundle: str | None = None, description: st
     ``encode`` / ``decode`` interface) and ``inferer`` (``inferer(t1_lr, t2_lr, network, grid)``);
     prediction is :func:`nexus_monai.engines.predict.predict_volumes` (each LR scan scaled by its
     own 99.5th percentile, outputs scaled back). Options ``bundle=`` / ``weights=`` override the
-    folder / checkpoint per call (``nexus-sr evaluate --weights NAME=CKPT``).
+    folder / checkpoint per call (``nexus-sr evaluate --weights NAME=CKPT``); ``overlays=`` (a
+    list of config files merged over ``inference.yaml``: the form / experiment overlays the
+    checkpoint was trained with, as ``nexus-sr experiment`` passes them).
     """
     folder = bundle or f"bundles/{name}"
 
-    def method(inputs: Mapping, grid: TargetGrid, bundle: str = folder, weights: str | None = None, **_) -> dict:
+    def method(inputs: Mapping, grid: TargetGrid, bundle: str = folder, weights: str | None = None, overlays: Sequence[str] = (),
+               **_) -> dict:
         from nexus_monai.engines.predict import predict_volumes
 
-        network, inferer = bundle_model(bundle, weights=weights)
+        network, inferer = bundle_model(bundle, overlays=tuple(overlays), weights=weights)
         return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
 
     method.__name__ = f"{name}_method"
@@ -140,7 +143,7 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
     for n in names:
         opts = dict(options.get(n, {}))
         if getattr(METHODS[n], "bundle", None):
-            bundle_model(opts.get("bundle", METHODS[n].bundle), weights=opts.get("weights"))
+            bundle_model(opts.get("bundle", METHODS[n].bundle), overlays=tuple(opts.get("overlays", ())), weights=opts.get("weights"))
         elif "weights" in opts:
             raise NexusInputError(opts["weights"], f"method {n!r} is not a cohort bundle; it takes no checkpoint")
 
