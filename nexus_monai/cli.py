@@ -285,20 +285,13 @@ def cmd_serve(args) -> int:
         raise NexusInputError(None, "--workers must be >= 1, --max-queue >= --workers and --max-upload-mb > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = load_models(args.bundle or ["bundles/nexus_inr"], args.config, args.weights, device=args.device,
-                         chunk_size=args.chunk_size, max_output_voxels=args.max_output_voxels)
+                         chunk_size=args.chunk_size, max_output_voxels=args.max_output_voxels,
+                         max_memory_gib=None if args.max_memory_gib is None else check_number("--max-memory-gib", args.max_memory_gib,
+                                                                                               0, None, lo_open=True))
     app = create_app(models, max_upload_bytes=int(args.max_upload_mb * 2**20), workers=args.workers, max_queue=args.max_queue,
                      workdir=args.workdir)
     print(f"models: {', '.join(f'{n} ({m.version}, {m.device})' for n, m in models.items())}", flush=True)
     run_server(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-def cmd_experiment(args) -> int:
-    from nexus_monai.experiments import run_experiment
-
-    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data, max_epochs=args.max_epochs,
-                             jobs=args.jobs, overrides=args.override or (), lpips=not args.no_lpips)
-    print("wrote", written["csv"], written["md"])
     return 0
 
 
@@ -461,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body in MiB (413 above)")
     sv.add_argument("--max-output-voxels", type=float, default=1.5e8, help="largest volume in voxels: target grid (422 above) and uploads by their header (413 above)")
     sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
+    sv.add_argument("--max-memory-gib", type=float, default=None,
+                    help="target peak RSS of an inference in GiB (encoder tiles, as for predict; default 1.75)")
     sv.add_argument("--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
@@ -487,18 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fit_subject)
-
-    ex = sub.add_parser("experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate")
-    ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")
-    ex.add_argument("--form", default="default", help="default (CPU default, ours) or paper_cpu (the paper's form at CPU width)")
-    ex.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    ex.add_argument("--max-epochs", type=int, default=None, help="training epochs per run (default: the form's)")
-    ex.add_argument("--data", default="embedded", help="dataset folder / datalist JSON / BraTS root, or embedded")
-    ex.add_argument("--jobs", type=int, default=1, help="trainings at once (>1: OMP_NUM_THREADS=1 each)")
-    ex.add_argument("--override", action="append", metavar="KEY=VALUE", help="bundle config override for every run (YAML value); repeatable")
-    ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    ex.add_argument("--out", required=True, help="output folder (runs/, tableN.csv, tableN.md, mlruns.db)")
-    ex.set_defaults(func=cmd_experiment)
 
     ex = sub.add_parser("experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate")
     ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")

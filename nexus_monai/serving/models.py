@@ -47,12 +47,16 @@ class BundleModel:
         chunk_size: query points decoded at once (bounds peak memory per request).
         max_output_voxels: the largest volume in voxels: larger target grids are refused (422) and
             larger uploads (by their header) 413, before any work.
+        max_memory_gib: target peak RSS of an inference (the encoder tiles are planned from it, as for
+            ``nexus-sr predict``; None: the bundle inferer's, ``ImplicitGridInferer``'s default). Each
+            request plans against the process RSS at its start, so concurrent workers shrink their tiles.
     """
 
     inputs: tuple[str, ...] = ("t1", "t2")
 
     def __init__(self, bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,
-                 device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8):
+                 device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8,
+                 max_memory_gib: float | None = None):
         from nexus_monai.engines.inr import CONTRASTS
         from nexus_monai.engines.predict import load_bundle
 
@@ -63,6 +67,8 @@ class BundleModel:
         install_cancel_checks(self.network)  # a disconnected client's job stops at its next module call
         if chunk_size:
             self.inferer.chunk_size = int(chunk_size)
+        if max_memory_gib is not None and hasattr(self.inferer, "max_memory_gib"):
+            self.inferer.max_memory_gib = float(max_memory_gib)
         self.outputs: tuple[str, ...] = tuple(CONTRASTS)
         self.max_output_voxels = float(max_output_voxels)
         self.default_spacing = tuple(float(s) for s in (parser.get("target_spacing") or [1.0, 1.0, 1.0]))
@@ -96,7 +102,8 @@ class BundleModel:
             "weights": {"file": self.weights.name, "sha256": self.weights_sha256},
             "network_parameters": self.num_parameters,
             "config": {"spacing": list(self.default_spacing), "like": None, "contrasts": list(self.outputs), "output": "image",
-                       "device": self.device, "chunk_size": self.inferer.chunk_size, "max_output_voxels": int(self.max_output_voxels)},
+                       "device": self.device, "chunk_size": self.inferer.chunk_size, "max_output_voxels": int(self.max_output_voxels),
+                       "max_memory_gib": getattr(self.inferer, "max_memory_gib", None)},
         }
 
     def predict(self, scans: Mapping[str, Path], out_dir: Path, params: InferParams) -> dict:
@@ -141,13 +148,15 @@ def split_model_option(values: Sequence[str] | None, names: Sequence[str], optio
 
 
 def load_models(bundles: Sequence[str], configs: Sequence[str] | None = None, weights: Sequence[str] | None = None,
-                device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8) -> dict[str, BundleModel]:
+                device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8,
+                max_memory_gib: float | None = None) -> dict[str, BundleModel]:
     """Load every ``--bundle`` once; ``{name: BundleModel}`` in the order given (names must be distinct)."""
     names = [Path(b).resolve().name for b in bundles]
     if len(set(names)) != len(names):
         raise NexusInputError(None, f"--bundle: two bundles share a folder name ({names}); models are named by their folder")
     cfg = split_model_option(configs, names, "--config")
     wts = split_model_option(weights, names, "--weights")
-    return {n: BundleModel(b, cfg[n], (wts[n] or [None])[0], device=device, chunk_size=chunk_size, max_output_voxels=max_output_voxels)
+    return {n: BundleModel(b, cfg[n], (wts[n] or [None])[0], device=device, chunk_size=chunk_size, max_output_voxels=max_output_voxels,
+                           max_memory_gib=max_memory_gib)
             for n, b in zip(names, bundles)}
 
