@@ -24,7 +24,7 @@ from nexus_monai.engines.subject_fit import MIPlateau, SubjectFitter, lr_observa
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, make_affine
 from nexus_monai.networks.ssmcsr import SSMCSRNet
-from nexus_monai.transforms import SimulateAnisotropicAcquisition
+from nexus_monai.transforms import SimulateAnisotropicAcquisition, observations
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden=32, trunk_layers=2, head_hidden=16, num_frequencies=16, mi_points=2000, batch_size=256)
@@ -116,10 +116,10 @@ def test_profile_model_equals_the_acquisition_of_the_hr_function(axis, factor, r
 
 
 def test_taps_threshold_keeps_most_of_the_profile():
-    off, w = subject_fit._profile_taps(20, 4.0, "gaussian", 0.02)
+    off, w = observations._profile_taps(20, 4.0, "gaussian", 0.02)
     assert off.shape[1] == 10 and torch.allclose(w.sum(1), torch.ones(20))
     assert torch.allclose(off[5], torch.arange(-4.5, 5.0, 1.0))  # interior slab: +-4.5 HR voxels
-    off2, _ = subject_fit._profile_taps(20, 2.0, "gaussian", 0.02)
+    off2, _ = observations._profile_taps(20, 2.0, "gaussian", 0.02)
     assert torch.allclose(off2[5], torch.tensor([-1.5, -0.5, 0.5, 1.5]))
 
 

@@ -44,16 +44,15 @@ requested grid differs, the solution is resampled onto it with trilinear interpo
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.errors import NexusInputError
-from nexus_monai.geometry import TargetGrid, as_affine, hr_affine_of_thick_slices, parse_axis, spacing, thick_slice_affine
-from nexus_monai.transforms.acquisition import apply_along_axis, num_thick_slices, slice_profile_matrix
+from nexus_monai.geometry import TargetGrid, as_affine, parse_axis, spacing
+from nexus_monai.transforms.acquisition import apply_along_axis, slice_profile_matrix
+from nexus_monai.transforms.consistency import natural_hr_grid
 
 __all__ = ["lrtv", "detect_thick_axis", "natural_hr_grid"]
 
@@ -74,20 +73,6 @@ def detect_thick_axis(affine, source=None) -> tuple[int, float]:
             source, f"no thick axis: volume is isotropic (spacing {', '.join(f'{s:g}' for s in sp)} mm); LRTV needs a thick-slice scan"
         )
     return axis, factor
-
-
-def natural_hr_grid(lr_shape, lr_affine, axis: int, factor: float) -> TargetGrid:
-    """The HR grid whose thick-slice acquisition (axis, factor) is exactly the LR grid."""
-    k = float(factor)
-    shape = [int(s) for s in lr_shape[-3:]]
-    hr_affine = hr_affine_of_thick_slices(lr_affine, axis, k)
-    n_hr = int(math.ceil(shape[axis] * k - 1e-6))
-    if num_thick_slices(n_hr, k) != shape[axis]:  # pragma: no cover - guarded by the ceil above
-        n_hr += 1
-    shape[axis] = n_hr
-    grid = TargetGrid(tuple(shape), hr_affine)
-    assert torch.allclose(thick_slice_affine(grid.affine, axis, k), as_affine(lr_affine), atol=1e-6)
-    return grid
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

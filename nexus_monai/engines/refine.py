@@ -11,7 +11,7 @@ Forward model. Every LR voxel inside its scan's signal (non-zero voxels dilated 
 SR field at the HR sample positions of its slab along the scan's thick axis, with the weights of
 the acquisition operator itself (:func:`~nexus_monai.transforms.acquisition.slice_profile_matrix`).
 These are the observations of SSMCSR's ``profile`` forward model
-(:func:`~nexus_monai.engines.subject_fit.lr_observations`); here the field is the Nexus-INR's
+(:func:`~nexus_monai.transforms.observations.lr_observations`); here the field is the Nexus-INR's
 output queried at world positions, in the intensity units of prediction (each scan divided by
 its 99.5th percentile of non-zero voxels, exactly as :func:`~nexus_monai.engines.predict.predict_volumes`).
 
@@ -46,7 +46,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from nexus_monai.engines.inr import CONTRASTS
-from nexus_monai.engines.subject_fit import lr_observations
+from nexus_monai.transforms.observations import lr_observations
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import WorldNormalizer, as_affine, world_to_voxel
 from nexus_monai.transforms.acquisition import PROFILES

@@ -13,7 +13,7 @@ Forward models (how the INR ``f`` renders one LR voxel; ``forward_model``):
 * ``"profile"`` (OURS, beyond the paper): the slice-profile-weighted average of ``f`` at the HR
   sample positions of the voxel's slab, with the weights of the acquisition operator itself
   (:func:`~nexus_monai.transforms.acquisition.slice_profile_matrix` on the HR grid whose thick-slice
-  acquisition is exactly the LR grid, :func:`~nexus_monai.baselines.lrtv.natural_hr_grid`). Taps
+  acquisition is exactly the LR grid, :func:`~nexus_monai.transforms.consistency.natural_hr_grid`). Taps
   below ``tap_threshold`` x the row's largest weight are dropped and the rest renormalised
   (0.02 keeps 4 taps at factor 2 and 10 at factor 4 for the Gaussian profile, >98 % of the mass).
   The thick axis and factor come from the scan's ``meta["acquisition"]`` when it was simulated here,
@@ -60,16 +60,16 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from scipy import ndimage
 
 from nexus_monai.data.io import save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.errors import NexusInputError
-from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, sample_at_world, spacing, voxel_to_world
+from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, sample_at_world, spacing
 from nexus_monai.metrics.image_quality import intensity_scale
 from nexus_monai.metrics.mutual_information import mutual_information
 from nexus_monai.networks.ssmcsr import SSMCSR_VARIANTS, SSMCSRNet
-from nexus_monai.transforms.acquisition import PROFILES, slice_profile_matrix
+from nexus_monai.transforms.acquisition import PROFILES
+from nexus_monai.transforms.observations import LRObservations, lr_observations
 from nexus_monai.transforms.query import iter_query_chunks
 
 __all__ = ["FORWARD_MODELS", "CONTRASTS", "OUTPUT_NAMES", "LRObservations", "lr_observations", "MIPlateau",
@@ -87,97 +87,6 @@ def _plain(x) -> torch.Tensor:
 def _source(img, default: str) -> str:
     meta = getattr(img, "meta", None) or {}
     return str(meta.get("filename_or_obj") or default)
-
-
-@dataclass
-class LRObservations:
-    """The observed voxels of one LR scan and how the INR renders them.
-
-    ``centres``: ``(N, 3)`` normalised positions of the LR voxel centres; ``targets``: ``(N,)``
-    scaled intensities; ``slab``: ``(N,)`` index of each voxel's slab (its LR index along the thick
-    axis); ``offsets`` / ``weights``: ``(M, T)`` tap positions (HR voxels from the slab centre) and
-    weights per slab (padded taps have weight 0); ``step``: ``(3,)`` one HR voxel along the thick
-    axis, in normalised units. The point model is ``T = 1``, offset 0, weight 1.
-    """
-
-    centres: torch.Tensor
-    targets: torch.Tensor
-    slab: torch.Tensor
-    offsets: torch.Tensor
-    weights: torch.Tensor
-    step: torch.Tensor
-    thick_axis: int | None = None
-    factor: float = 1.0
-
-    @property
-    def taps(self) -> int:
-        return int(self.offsets.shape[1])
-
-    def render(self, network: torch.nn.Module, index: torch.Tensor, channel: int, point: bool = False) -> torch.Tensor:
-        """Predicted LR intensities ``(B,)`` of observations ``index`` ``(B,)`` from output ``channel``
-        (``point``: the INR at the voxel centres, whatever the forward model)."""
-        if point:
-            return network(self.centres[index])[..., channel]
-        slab = self.slab[index]
-        off, w = self.offsets[slab], self.weights[slab]  # (B, T)
-        pts = self.centres[index][:, None, :] + off[..., None] * self.step  # (B, T, 3)
-        out = network(pts)[..., channel]
-        return (out * w).sum(-1)
-
-
-def _profile_taps(n_slabs: int, factor: float, profile: str, tap_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-slab tap offsets (HR voxels from the slab centre) and weights, ``(M, T)`` each."""
-    from nexus_monai.transforms.acquisition import num_thick_slices
-
-    n_hr = int(math.ceil(n_slabs * factor - 1e-6))
-    if num_thick_slices(n_hr, factor) != n_slabs:
-        n_hr += 1
-    w = slice_profile_matrix(n_hr, factor, profile)[:n_slabs]  # (M, n_hr) the acquisition operator
-    keep = w > tap_threshold * w.max(dim=1, keepdim=True).values
-    w = torch.where(keep, w, torch.zeros_like(w))
-    w = w / w.sum(dim=1, keepdim=True)
-    taps = int(keep.sum(1).max())
-    centre = torch.arange(n_slabs, dtype=torch.float64) * factor + (factor - 1.0) / 2.0
-    offsets = torch.zeros(n_slabs, taps, dtype=torch.float64)
-    weights = torch.zeros(n_slabs, taps, dtype=torch.float64)
-    for n in range(n_slabs):
-        idx = torch.nonzero(keep[n])[:, 0]
-        offsets[n, : idx.numel()] = idx.to(torch.float64) - centre[n]
-        weights[n, : idx.numel()] = w[n, idx]
-    return offsets.float(), weights.float()
-
-
-def lr_observations(lr: MetaTensor, scale: float, normalizer: WorldNormalizer, forward_model: str = "point",
-                    profile: str = "gaussian", tap_threshold: float = 0.02, mask_dilation: int = 1) -> LRObservations:
-    """Observations of one LR scan ``(1, x, y, z)`` (see :class:`LRObservations`)."""
-    from nexus_monai.baselines.lrtv import detect_thick_axis, natural_hr_grid
-
-    src = _source(lr, "LR scan")
-    x = _plain(lr)[0].float() / scale
-    affine = as_affine(lr.affine)
-    signal = (x != 0).numpy()
-    if not signal.any():
-        raise NexusInputError(src, "the scan has no non-zero voxel to fit")
-    mask = ndimage.binary_dilation(signal, iterations=int(mask_dilation)) if mask_dilation > 0 else signal
-    index = torch.as_tensor(np.argwhere(mask))
-    centres = normalizer(voxel_to_world(index.to(torch.float64), affine)).float()
-    targets = x[index[:, 0], index[:, 1], index[:, 2]].contiguous()
-    axis, factor = None, 1.0
-    acquired = (getattr(lr, "meta", None) or {}).get("acquisition")
-    if forward_model == "profile" and isinstance(acquired, Mapping) and float(acquired.get("factor", 1.0)) > 1.0:
-        axis, factor = int(acquired["axis"]), float(acquired["factor"])  # simulated here: the exact setting
-    elif forward_model == "profile":
-        try:
-            axis, factor = detect_thick_axis(affine, src)
-        except NexusInputError:  # isotropic scan: the point model is its exact forward model
-            axis = None
-    if axis is None:
-        return LRObservations(centres, targets, torch.zeros(len(targets), dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1),
-                              torch.zeros(3), None, 1.0)
-    hr = natural_hr_grid(x.shape, affine, axis, factor)
-    step = (hr.affine[:3, axis] / normalizer.scale).float()  # one HR voxel along the thick axis
-    offsets, weights = _profile_taps(x.shape[axis], factor, profile, tap_threshold)
-    return LRObservations(centres, targets, index[:, axis].contiguous(), offsets, weights, step, axis, factor)
 
 
 class MIPlateau:
