@@ -169,10 +169,10 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
 def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", overlays: Sequence[str] = ()):
     """Parse ``<bundle>/configs/<config>`` (+ ``overlays``) with MONAI's ``ConfigParser``.
 
-    Yields ``(parser, bundle_root, files)`` with the working directory set to the repository root
-    (``<bundle>/../..``) while the block runs, because bundle configs use paths relative to it
-    (``bundles/...``, ``transforms/...``); ``bundle_root`` is already set in the parser. A missing
-    config or overlay raises a one-line :class:`NexusInputError` before anything is parsed.
+    Yields ``(parser, bundle_root, files)``; ``bundle_root`` is already set in the parser. Bundle
+    configs are self-contained (no paths relative to the working directory), so nothing here
+    changes the process's working directory (safe in a threaded server). A missing config or
+    overlay raises a one-line :class:`NexusInputError` before anything is parsed.
     """
     from monai.bundle import ConfigParser
     from monai.bundle.utils import merge_kv
@@ -185,21 +185,16 @@ def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", ove
     for f in files[1:]:
         if not Path(f).is_file():
             raise NexusInputError(f, "config overlay not found")
-    cwd = os.getcwd()
-    os.chdir(root.parent.parent)
-    try:
-        parser = ConfigParser()
-        parser.read_config(files[0])
-        for overlay in files[1:]:  # a training overlay's keys inside sections this config lacks (loss#..., train#...) are skipped
-            for key, value in ConfigParser.load_config_file(overlay).items():
-                nested = str(key).replace("::", "#")
-                if "#" in nested and nested.lstrip("+").split("#")[0] not in parser.config:
-                    continue
-                merge_kv(parser, key, value)
-        parser["bundle_root"] = str(root)
-        yield parser, root, files
-    finally:
-        os.chdir(cwd)
+    parser = ConfigParser()
+    parser.read_config(files[0])
+    for overlay in files[1:]:  # a training overlay's keys inside sections this config lacks (loss#..., train#...) are skipped
+        for key, value in ConfigParser.load_config_file(overlay).items():
+            nested = str(key).replace("::", "#")
+            if "#" in nested and nested.lstrip("+").split("#")[0] not in parser.config:
+                continue
+            merge_kv(parser, key, value)
+    parser["bundle_root"] = str(root)
+    yield parser, root, files
 
 
 def load_bundle(bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,

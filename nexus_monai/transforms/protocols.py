@@ -1,4 +1,4 @@
-"""Acquisition protocols as data: the YAML fragments in the repository's top-level ``transforms/``.
+"""Acquisition protocols as data: the YAMLs of the top-level ``transforms/`` (``nexus_monai/protocols/`` in a wheel).
 
 ``load_protocol("nexus")`` reads ``transforms/brats_t1axial_t2coronal.yaml``;
 ``load_protocol("ssmcsr")`` reads ``transforms/ssmcsr_x4.yaml`` on top of the file it
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from monai.bundle import ConfigParser
@@ -23,9 +24,16 @@ PROTOCOLS = {"nexus": "brats_t1axial_t2coronal.yaml", "ssmcsr": "ssmcsr_x4.yaml"
 
 
 def protocols_dir() -> Path:
-    """The top-level ``transforms/`` folder (``NEXUS_MONAI_TRANSFORMS`` overrides it)."""
+    """Where the protocol YAMLs are: ``NEXUS_MONAI_TRANSFORMS`` if set, else the package data of an
+    installed wheel (``nexus_monai/protocols/``, via ``importlib.resources``), else the source
+    checkout's top-level ``transforms/`` (see ``setup.py``: the wheel ships that folder)."""
     env = os.environ.get("NEXUS_MONAI_TRANSFORMS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "transforms"
+    if env:
+        return Path(env)
+    shipped = Path(str(resources.files("nexus_monai").joinpath("protocols")))
+    if (shipped / PROTOCOLS["nexus"]).is_file():
+        return shipped
+    return Path(__file__).resolve().parents[2] / "transforms"
 
 
 @dataclass
