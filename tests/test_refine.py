@@ -199,3 +199,16 @@ def test_nexus_inr_refined_method_is_registered_with_a_budget_option(case, monke
     pred = method(inputs, TargetGrid.like(case["hr"]), max_seconds=600)
     assert set(pred) == {"t1", "t2"} and tuple(pred["t1"].shape) == (1, 16, 16, 16)
     assert math.isfinite(float(pred["t2"].sum()))
+
+
+def test_serving_params_refine_seconds_and_guard():
+    from nexus_monai.serving.params import MAX_REFINE_SECONDS, ServingError, parse_params
+
+    p = parse_params({"refine_seconds": 30, "guard": False})
+    assert p.refine_seconds == 30.0 and p.guard is False and p.ignored == ()
+    assert parse_params(None).refine_seconds == 0.0 and parse_params(None).guard is True
+    for bad in (-1, "nan", float("inf"), MAX_REFINE_SECONDS + 1, True, "soon"):
+        with pytest.raises(ServingError, match="refine_seconds"):
+            parse_params({"refine_seconds": bad})
+    with pytest.raises(ServingError, match="guard"):
+        parse_params({"guard": "maybe"})

@@ -210,11 +210,14 @@ def test_output_kinds_and_file_parts(server, pair, predicted):
     msg = email.message_from_bytes(b"content-type: " + r.headers["content-type"].encode() + b"\r\n\r\n" + r.content,
                                    policy=email.policy.HTTP)
     parts = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
-    assert set(parts) == {"params", "t1", "t2"}
+    assert set(parts) == {"params", "t1", "t2", "t1_consistency", "t2_consistency"}  # + the guard's residual maps
     assert json.loads(parts["params"].get_payload(decode=True))["ignored_params"] == ["device"]
     for c in ("t1", "t2"):
         assert parts[c].get_filename() == f"{c}w_sr.nii.gz"
         _same(_nifti(parts[c].get_payload(decode=True)), ref[c])
+        assert parts[f"{c}_consistency"].get_filename() == f"{c}w_consistency.nii.gz"
+        residual = _nifti(parts[f"{c}_consistency"].get_payload(decode=True))
+        assert residual.shape == ref[c].shape and np.allclose(residual.affine, ref[c].affine)
 
 
 def test_eight_concurrent_clients(server, pair, predicted):

@@ -148,9 +148,6 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
             raise NexusInputError(opts["weights"], f"method {n!r} is not a cohort bundle; it takes no checkpoint")
 
 
-nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
-arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
-cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
 def training_budget(name: str, options: Mapping | None = None) -> dict:
     """``{"train_steps", "train_seconds"}`` of a cohort method's bundle training (NaN when not recorded).
 
@@ -174,6 +171,39 @@ def training_budget(name: str, options: Mapping | None = None) -> dict:
     return {"train_steps": float(record.get("steps", math.nan)), "train_seconds": float(record.get("seconds", math.nan))}
 
 
+nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
+
+
+@register_method("nexus_inr_refined", bundle="bundles/nexus_inr")
+def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr", weights: str | None = None,
+                             **options) -> dict:
+    """Nexus-INR refined on the subject's own two LR scans (ours, :mod:`nexus_monai.engines.refine`).
+
+    The cohort model of ``bundles/nexus_inr`` is copied and fine-tuned through the acquisition model
+    under the held-out safeguard, then predicts like ``nexus_inr`` (no consistency guard). Settings:
+    :class:`~nexus_monai.engines.refine.RefineOptions` defaults (60 s), overridden by the JSON object
+    in the environment variable ``NEXUS_REFINE_OPTIONS`` (e.g. ``{"max_seconds": 180}``), then by
+    keyword ``options``.
+    """
+    import json
+
+    from nexus_monai.engines.predict import predict_volumes
+    from nexus_monai.engines.refine import RefineOptions, refine_network
+    from nexus_monai.errors import NexusInputError
+
+    settings = {**json.loads(os.environ.get("NEXUS_REFINE_OPTIONS") or "{}"), **options}
+    try:
+        refine_options = RefineOptions(**settings)
+    except TypeError as err:
+        raise NexusInputError(None, f"nexus_inr_refined: {err}") from None
+    network, inferer = bundle_model(bundle, weights=weights)
+    result = refine_network(network, inputs["t1_lr"], inputs["t2_lr"], refine_options,
+                            intensity_norm=getattr(inferer, "intensity_norm", "percentile"))
+    return predict_volumes(result.network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+
+
+arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
+cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
 
 
 @register_method("smore")

@@ -241,15 +241,20 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
                 "grid": _header_info(files[params.contrasts[0]]),
                 "inputs": {c: {"upload": labels[str(p)], **{k: v for k, v in _header_info(p).items() if k != "affine"}} for c, p in scans.items()},
                 "params": {"spacing_mm": None if params.spacing_mm is None else list(params.spacing_mm), "like": params.like,
-                           "output": params.output},
+                           "output": params.output, "refine_seconds": params.refine_seconds, "guard": params.guard},
                 "ignored_params": list(params.ignored),
                 "latency_s": {"queue_wait": round(job["queue_wait_s"], 4), "inference": round(job["inference_s"], 4),
                               "total": round(time.perf_counter() - submitted, 4)},
             }
+            if "consistency" in result:
+                meta["consistency"] = {c: result["consistency"][c] for c in params.contrasts}
+            if "refine" in result:
+                meta["refine"] = {k: result["refine"][k] for k in ("chosen", "iterations", "seconds", "cohort_holdout_mse", "best_holdout_mse")}
             if params.output == "json":
                 return json_response(meta)
-            if params.output == "all":
-                return multipart_response(files, meta)
+            if params.output == "all":  # with the guard's residual maps (parts t1_consistency / t2_consistency)
+                maps = {f"{c}_consistency": Path(result[f"{c}_consistency"]) for c in params.contrasts if f"{c}_consistency" in result}
+                return multipart_response({**files, **maps}, meta)
             if params.output == "image" and len(files) == 1:
                 return nifti_response(next(iter(files.values())), meta)
             return zip_response(files, meta, archive_name=f"{model}_sr.zip")

@@ -124,7 +124,8 @@ class BundleModel:
             like = scans[params.like]
         spacing = params.spacing_mm if (params.spacing_mm is not None or like is not None) else self.default_spacing
         return predict_files(self.network, scans["t1"], scans["t2"], out_dir, spacing_mm=None if like else spacing, like=like,
-                             inferer=self.inferer, max_voxels=self.max_output_voxels)
+                             inferer=self.inferer, max_voxels=self.max_output_voxels, refine_seconds=params.refine_seconds,
+                             guard=params.guard)
 
 
 def split_model_option(values: Sequence[str] | None, names: Sequence[str], option: str) -> dict[str, list[str]]:

@@ -14,6 +14,10 @@ extra ones such as ``device`` or ``result_extension``):
 * ``output``: ``image`` | ``zip`` | ``all`` | ``json`` (the query parameter ``?output=`` wins).
 * ``modalities``: the contrasts of the ``file`` parts in upload order (default ``["t1", "t2"]``),
   for clients that, like MONAI Label's, upload every scan as ``file``.
+* ``refine_seconds``: test-time refinement budget (``nexus-sr predict --refine``), a number of
+  seconds in ``[0, MAX_REFINE_SECONDS]`` (default 0: none).
+* ``guard``: the data-consistency guard (``true`` by default, as ``nexus-sr predict``); with
+  ``output=all`` the residual maps come back as parts ``t1_consistency`` / ``t2_consistency``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ __all__ = ["ServingError", "InferParams", "parse_params", "OUTPUT_KINDS", "LIKE_
 OUTPUT_KINDS = ("image", "zip", "all", "json")
 LIKE_FIELD = "like"
 MAX_SPACING_MM = 1000.0  # as nexus-sr predict (nexus_monai.engines.predict.MAX_SPACING_MM)
-_KNOWN = {"spacing", "target_spacing", "like", "contrast", "contrasts", "output", "modality", "modalities"}
+_KNOWN = {"spacing", "target_spacing", "like", "contrast", "contrasts", "output", "modality", "modalities", "refine_seconds", "guard"}
+MAX_REFINE_SECONDS = 600.0  # one request may hold a worker for at most this long refining
 
 
 class ServingError(Exception):
@@ -55,6 +60,8 @@ class InferParams:
     output: str = "image"
     modalities: tuple[str, ...] = ("t1", "t2")
     ignored: tuple[str, ...] = field(default_factory=tuple)
+    refine_seconds: float = 0.0
+    guard: bool = True
 
 
 def _as_list(value: Any) -> list:
@@ -116,4 +123,23 @@ def parse_params(raw: str | Mapping | None, inputs: Sequence[str] = ("t1", "t2")
         raise ServingError(400, f"output must be one of {list(OUTPUT_KINDS)}, got {output!r}", "params" if query_output is None else "output")
     modalities = _names(p.get("modalities", p.get("modality", list(inputs))), inputs, "modalities")
     return InferParams(spacing_mm=None if spacing is None else _spacing(spacing), like=like, contrasts=contrasts,
-                       output=output, modalities=modalities, ignored=tuple(sorted(set(p) - _KNOWN)))
+                       output=output, modalities=modalities, ignored=tuple(sorted(set(p) - _KNOWN)),
+                       refine_seconds=_refine_seconds(p.get("refine_seconds", 0)), guard=_flag(p.get("guard", True), "guard"))
+
+
+def _refine_seconds(value: Any) -> float:
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_REFINE_SECONDS):
+        raise ServingError(400, f"refine_seconds must be a number of seconds in [0, {MAX_REFINE_SECONDS:g}], got {value!r}", "params")
+    return seconds
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ServingError(400, f"{key} must be true or false, got {value!r}", "params")
