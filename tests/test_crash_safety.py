@@ -6,6 +6,7 @@ sleeps; the test then SIGKILLs the process, exactly while a checkpoint is being 
 between two output renames. Each case is one row of the crash-safety issue's table.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -416,3 +417,46 @@ def test_row11_disconnected_client_job_is_cancelled_and_the_worker_freed(pair, t
         srv.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextlib.contextmanager
+def _live_server(app):
+    """``app`` on uvicorn in a thread, 127.0.0.1 and a free port; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from nexus_monai.serving.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_rows_7_8_server_bad_grids_are_4xx(pair, tmp_path):
+    import requests
+
+    from nexus_monai.serving.app import create_app
+    from nexus_monai.serving.models import BundleModel
+
+    model = BundleModel(BUNDLE, [str(pair["overlay"])], weights=pair["weights"], device="cpu")
+    files = {"t1": ("t1.nii.gz", pair["t1"].read_bytes()), "t2": ("t2.nii.gz", pair["t2"].read_bytes())}
+    nan_like = _nan_affine_nifti(tmp_path / "nan_like.nii").read_bytes()
+    with _live_server(create_app({"nexus_inr": model}, workdir=tmp_path / "work")) as url:
+        for output in ("json", "zip"):
+            for extra, params in (({}, '{"spacing": 1e308}'), ({}, '{"spacing": 1e-300}'),
+                                  ({"like": ("like.nii", nan_like)}, '{"like": "like"}')):
+                r = requests.post(f"{url}/infer/nexus_inr", files={**files, **extra}, data={"params": params},
+                                  params={"output": output}, timeout=120)
+                assert 400 <= r.status_code < 500, (params, output, r.status_code, r.text[:300])
+                assert set(r.json()) == {"detail", "status", "source", "problem"}

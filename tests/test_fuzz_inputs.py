@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from nexus_monai.cli import main
-from test_crash_safety import BUNDLE, fit_args, make_tiny_pair, predict_args
+from test_crash_safety import BUNDLE, _live_server, fit_args, make_tiny_pair, predict_args
 
 SEED = 13
 N_CLI = 190
@@ -103,31 +103,6 @@ def _cli_case(rng, files: dict, pair: dict, out: Path) -> list[str]:
 
 def _files_in(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
-
-
-@contextlib.contextmanager
-def _live_server(app):
-    """``app`` on uvicorn in a thread, 127.0.0.1 and a free port; yields its URL."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from nexus_monai.serving.server import bind_socket
-
-    sock = bind_socket("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
