@@ -212,3 +212,16 @@ def test_serving_params_refine_seconds_and_guard():
             parse_params({"refine_seconds": bad})
     with pytest.raises(ServingError, match="guard"):
         parse_params({"guard": "maybe"})
+
+
+def test_bundle_inference_takes_refine_seconds_and_guard(case, tmp_path, monkeypatch):
+    from monai.bundle import run as bundle_run
+
+    monkeypatch.chdir(BUNDLE.parents[1])
+    files = [str(BUNDLE / "configs" / "inference.yaml"), str(case["dir"] / "tiny.yaml")]
+    common = dict(config_file=files, ckpt_path=str(case["dir"] / "w.pt"), input_t1=str(case["files"]["t1"]),
+                  input_t2=str(case["files"]["t2"]), target_spacing=[1.0, 1.0, 1.0], progress=False, device="$torch.device('cpu')")
+    bundle_run("inference", output_dir=str(tmp_path / "a"), refine_seconds=1, **common)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["t1w_sr.nii.gz", "t2w_sr.nii.gz", *CONSISTENCY_NAMES.values()])
+    bundle_run("inference", output_dir=str(tmp_path / "b"), guard=False, **common)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["t1w_sr.nii.gz", "t2w_sr.nii.gz"]

@@ -76,8 +76,10 @@ class RefineOptions:
         learning_rate: Adam's initial rate, decayed by a cosine to 0 over the budget.
         batch_size: LR observations per step (both scans shuffled together).
         holdout_fraction, holdout_max: held-out observations per scan (fraction, cap).
-        eval_every: iterations between held-out checks. min_improvement: relative held-out gain a
-            refined state needs over the cohort model to be used.
+        eval_every, eval_seconds: a held-out check after every ``eval_every`` iterations and whenever
+            ``eval_seconds`` have passed since the last one (``None``: an eighth of ``max_seconds``),
+            so slow steps still get checked. min_improvement: relative held-out gain a refined state
+            needs over the cohort model to be used.
         train_encoder: also tune the encoders (re-encodes both scans every step: slower).
         profile, tap_threshold, mask_dilation: the forward model (as SSMCSR's ``profile`` model).
         max_iterations: optional cap on steps (``None``: the budget alone). seed: split, batches.
@@ -89,6 +91,7 @@ class RefineOptions:
     holdout_fraction: float = 0.1
     holdout_max: int = 4096
     eval_every: int = 20
+    eval_seconds: float | None = None
     min_improvement: float = 0.01
     train_encoder: bool = False
     profile: str = "gaussian"
@@ -103,6 +106,8 @@ class RefineOptions:
             raise NexusInputError(None, f"unknown slice profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if not (0.0 < self.holdout_fraction < 1.0) or int(self.holdout_max) < 1:
             raise NexusInputError(None, "holdout_fraction must be in (0, 1) and holdout_max >= 1")
+        if self.eval_seconds is not None and not self.eval_seconds > 0:
+            raise NexusInputError(None, "eval_seconds must be > 0 (or None)")
         if int(self.batch_size) < 1 or int(self.eval_every) < 1 or not self.learning_rate > 0 or not 0 <= self.min_improvement < 1:
             raise NexusInputError(None, "batch_size and eval_every must be >= 1, learning_rate > 0, 0 <= min_improvement < 1")
 
@@ -295,7 +300,13 @@ def refine_network(network: nn.Module, t1_lr, t2_lr, options: RefineOptions | No
                 best[c] = (held[c], it, {k: v.detach().clone() for k, v in net.state_dict().items()})
 
     engine = Engine(step)
-    engine.add_event_handler(Events.ITERATION_COMPLETED(every=int(o.eval_every)), check)
+    eval_seconds = o.eval_seconds if o.eval_seconds is not None else o.max_seconds / 8.0
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _check(eng: Engine) -> None:
+        last = log["curve"][-1]["seconds"] if log["curve"] else log["seconds_setup"]
+        if eng.state.iteration % int(o.eval_every) == 0 or time.perf_counter() - t_start - last >= eval_seconds:
+            check(eng)
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _stop(eng: Engine) -> None:
