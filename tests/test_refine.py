@@ -225,3 +225,17 @@ def test_bundle_inference_takes_refine_seconds_and_guard(case, tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["t1w_sr.nii.gz", "t2w_sr.nii.gz", *CONSISTENCY_NAMES.values()])
     bundle_run("inference", output_dir=str(tmp_path / "b"), guard=False, **common)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["t1w_sr.nii.gz", "t2w_sr.nii.gz"]
+
+
+def test_monailabel_request_passes_refine_and_guard_and_reports_the_residual(case, tmp_path):
+    from nexus_monai.serving.models import BundleModel
+    from nexus_monai.serving.monailabel_app.lib.infers.sr_request import predict_request, prepare_request, write_result
+
+    model = BundleModel(BUNDLE, [str(case["dir"] / "tiny.yaml")], weights=case["dir"] / "w.pt", device="cpu")
+    data = prepare_request({"image": str(case["files"]["t2"]), "refine_seconds": "1", "guard": True, "spacing": 2})
+    assert data["sr_params"].refine_seconds == 1.0 and data["sr_params"].guard is True
+    path, info = write_result(predict_request(model, data, tmp_path), model.name)
+    assert info["contrast"] == "t2" and info["refine"]["chosen"]["t2"] in ("refined", "cohort")
+    assert info["consistency"]["threshold"] > 0 and nib.load(path).shape == (8, 8, 8)
+    data = prepare_request({"image": str(case["files"]["t1"]), "guard": "false", "spacing": 2})
+    assert "consistency" not in write_result(predict_request(model, data, tmp_path), model.name)[1]

@@ -33,8 +33,11 @@ class NexusSRInfer(BasicInferTask):
 
     Request keys (MONAI Label merges the client's ``params`` into the request): ``spacing`` (mm,
     1 or 3 numbers) or ``like`` (``"t1"``/``"t2"``: the grid of that scan), ``contrast``
-    (default: the contrast of ``image``). The result is that contrast's SR volume (a NIfTI with
-    the target grid's affine) and a JSON with the grid.
+    (default: the contrast of ``image``), ``refine_seconds`` (test-time refinement budget, default 0)
+    and ``guard`` (data-consistency guard, default true). The result is that contrast's SR volume (a
+    NIfTI with the target grid's affine) and a JSON with the grid and the guard's residual summary
+    (MONAI Label returns one image, so the residual map itself is not sent; ``nexus-sr serve`` with
+    ``output=all`` sends it).
     """
 
     def __init__(self, model: BundleModel, workdir: str | None = None):
@@ -47,7 +50,7 @@ class NexusSRInfer(BasicInferTask):
             labels=[],
             dimension=3,
             description=model.info()["description"],
-            config={"spacing": "", "like": "", "contrast": ""},  # shown to clients; empty = the model default
+            config={"spacing": "", "like": "", "contrast": "", "refine_seconds": "", "guard": ""},  # shown to clients; empty = the model default
             load_strict=True,
         )
 

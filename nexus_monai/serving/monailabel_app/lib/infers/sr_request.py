@@ -88,7 +88,8 @@ def prepare_request(data: dict, inputs=("t1", "t2"), outputs=("t1", "t2")) -> di
             raise ServingError(400, f"missing modality {other}: no {other} scan beside {Path(image).name!r} (same name, contrast token "
                                     f"{'/'.join(CONTRAST_TOKENS[other])})", other)
         scans[other] = Path(companion)
-    params = {k: data[k] for k in ("spacing", "target_spacing", "like", "contrast", "contrasts") if data.get(k) not in (None, "")}
+    params = {k: data[k] for k in ("spacing", "target_spacing", "like", "contrast", "contrasts", "refine_seconds", "guard")
+              if data.get(k) not in (None, "")}
     if "contrast" not in params and "contrasts" not in params:
         params["contrast"] = own  # the viewer gets back the contrast it sent
     parsed = parse_params(params, inputs, outputs)
@@ -131,6 +132,11 @@ def write_result(data: dict, model_name: str = "nexus_inr") -> tuple[str, dict[s
     finally:
         shutil.rmtree(data["sr_folder"], ignore_errors=True)
     result = data["sr_result"]
-    return target, {"model": model_name, "contrast": contrast, "grid_shape": list(result["grid_shape"]),
-                    "spacing_mm": list(result["spacing_mm"]), "inputs": {c: Path(p).name for c, p in data["sr_scans"].items()}}
+    info = {"model": model_name, "contrast": contrast, "grid_shape": list(result["grid_shape"]),
+            "spacing_mm": list(result["spacing_mm"]), "inputs": {c: Path(p).name for c, p in data["sr_scans"].items()}}
+    if "consistency" in result:  # MONAI Label returns one image: the guard's residual is summarised here
+        info["consistency"] = result["consistency"][contrast]
+    if "refine" in result:
+        info["refine"] = {k: result["refine"][k] for k in ("chosen", "iterations", "seconds")}
+    return target, info
 
