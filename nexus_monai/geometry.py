@@ -31,6 +31,8 @@ __all__ = [
     "AXES",
     "parse_axis",
     "as_affine",
+    "batched_affine",
+    "plain_tensor",
     "spacing",
     "world_to_voxel",
     "voxel_to_world",
@@ -73,6 +75,17 @@ def as_affine(affine) -> torch.Tensor:
     if out.shape[-2:] != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {tuple(out.shape)}")
     return out
+
+
+def batched_affine(image, batch: int) -> torch.Tensor:
+    """The float64 affine of ``image`` as ``(batch, 4, 4)``: a single ``(4, 4)`` affine repeated (a view)."""
+    a = as_affine(image.affine)
+    return a.expand(batch, 4, 4) if a.ndim == 2 else a
+
+
+def plain_tensor(x) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor`` (a MetaTensor's data without its metadata, no copy)."""
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
 def spacing(affine) -> torch.Tensor:

@@ -146,12 +146,12 @@ def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monke
 
 def test_select_subjects_embedded_uses_the_bundles_datalist(tmp_path, monkeypatch):
     """``--data embedded`` resolves to the same datalist the bundles train on (dataset_dir: embedded)."""
-    import nexus_monai.data.brats as brats
+    import nexus_monai.evaluation.table1 as table1
     from nexus_monai.evaluation.table1 import select_subjects
 
     data = make_tiny_dataset(tmp_path / "data")
     seen = []
-    monkeypatch.setattr(brats, "resolve_datalist", lambda d, seed=0: seen.append((d, seed)) or data / "dataset.json")
+    monkeypatch.setattr(table1, "resolve_datalist", lambda d, seed=0: seen.append((d, seed)) or data / "dataset.json")
     subjects = select_subjects("embedded", "test", seed=3)
     assert seen == [("embedded", 3)] and len(subjects) == 3
 

@@ -41,9 +41,13 @@ from monai.transforms import MapTransform
 
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.baselines.lrtv import detect_thick_axis, natural_hr_grid
+from nexus_monai.data.brats import load_datalist
+from nexus_monai.data.io import load_volume, save_volume
+from nexus_monai.engines.bundle_model import bundle_model
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, as_affine, parse_axis, spacing, thick_slice_affine
 from nexus_monai.metrics.image_quality import intensity_scale
+from nexus_monai.paths import REPO_BUNDLES
 from nexus_monai.transforms.acquisition import apply_along_axis, slice_profile_matrix
 
 __all__ = [
@@ -62,8 +66,6 @@ __all__ = [
     "cohort_network",
     "super_resolve_files",
 ]
-
-REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def check_thick_scan(lr, axis=None, factor=None, source=None, method: str = "this method") -> tuple[int, float, torch.Tensor]:
@@ -170,8 +172,6 @@ def contrast_items(datalist: str | os.PathLike, split: str, protocol: Mapping, c
 
     ``{"image": path, "contrast": c, "axis": "z", "factor": 2.0, "profile": "gaussian"}``.
     """
-    from nexus_monai.data.brats import load_datalist
-
     items = []
     for subject in load_datalist(datalist, split):
         for c in contrasts:
@@ -227,11 +227,9 @@ def predict_thick_axis(lr, grid: TargetGrid, network: torch.nn.Module, *, neighb
 def cohort_network(name: str, bundle: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """The trained network of ``bundles/<name>`` (``models/model.pt`` or ``weights``), loaded once per process.
 
-    Shares the cache of :func:`nexus_monai.evaluation.methods.bundle_model`. A missing checkpoint
+    Shares the cache of :func:`nexus_monai.engines.bundle_model.bundle_model`. A missing checkpoint
     raises one line: ``<path>: checkpoint not found (train the bundle first ...)``.
     """
-    from nexus_monai.evaluation.methods import bundle_model
-
     network, _ = bundle_model(bundle if bundle is not None else REPO_BUNDLES / name, weights=weights)
     return network
 
@@ -242,8 +240,6 @@ def super_resolve_files(fn, images: Sequence[str], output_dir: str | os.PathLike
     The grid is ``like``'s, or each input's field of view at ``spacing_mm`` (default: the natural
     HR grid of the scan). Outputs are written atomically.
     """
-    from nexus_monai.data.io import load_volume, save_volume
-
     out_dir = Path(output_dir)
     written = []
     for path in images:

@@ -16,7 +16,8 @@ from typing import Mapping
 
 import torch
 
-from nexus_monai.engines.inr import CONTRASTS, _batched_affine, _plain
+from nexus_monai.geometry import batched_affine, plain_tensor
+from nexus_monai.keys import CONTRASTS
 
 __all__ = ["CycleINRTrainStep", "cycleinr_predict_lines"]
 
@@ -28,9 +29,9 @@ def cycleinr_predict_lines(network, batch: Mapping, device: torch.device | str =
     for c in CONTRASTS:
         if f"{c}_lines_world" not in batch:
             continue
-        image = _plain(batch[f"{c}_lr"]).float().to(device)
-        affine = _batched_affine(batch[f"{c}_lr"], image.shape[0]).to(device)
-        world = _plain(batch[f"{c}_lines_world"]).float().to(device)
+        image = plain_tensor(batch[f"{c}_lr"]).float().to(device)
+        affine = batched_affine(batch[f"{c}_lr"], image.shape[0]).to(device)
+        world = plain_tensor(batch[f"{c}_lines_world"]).float().to(device)
         lines, n = batch[f"{c}_lines_hr"].shape[-2:]
         preds[c] = net.nets[c](image, affine, world).reshape(image.shape[0], lines, n)
     return preds

@@ -26,9 +26,9 @@ from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
 from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB, tiled_decode
-from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, sample_at_world
-from nexus_monai.keys import LESIONS
-from nexus_monai.metrics.image_quality import _as_mask, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, batched_affine, plain_tensor, sample_at_world
+from nexus_monai.keys import CONTRASTS, LESIONS, QUERY_LABEL, QUERY_NORM, QUERY_WORLD, lr_key, query_key
+from nexus_monai.metrics.image_quality import as_mask, erode_mask, intensity_scale, psnr, ssim3d
 from nexus_monai.metrics.lesion import lesion_fidelity_row
 from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
 from nexus_monai.transforms.intensity import INTENSITY_NORMS
@@ -37,33 +37,19 @@ from nexus_monai.transforms.query import iter_query_chunks
 __all__ = ["inr_inputs", "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS",
            "unnormalise", "normalised_zero"]
 
-CONTRASTS = ("t1", "t2")
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-
-
-def _batched_affine(image, batch: int) -> torch.Tensor:
-    a = as_affine(image.affine)
-    return a.expand(batch, 4, 4) if a.ndim == 2 else a
-
 
 def inr_inputs(batch: Mapping, device: torch.device | str = "cpu") -> tuple[dict, dict]:
     """``(network kwargs, targets)`` from a collated batch of paired patches and query points."""
-    b = batch["t1_lr"].shape[0]
-    kwargs = {
-        "t1": _plain(batch["t1_lr"]).float().to(device),
-        "t2": _plain(batch["t2_lr"]).float().to(device),
-        "t1_affine": _batched_affine(batch["t1_lr"], b).to(device),
-        "t2_affine": _batched_affine(batch["t2_lr"], b).to(device),
-        "query_world": _plain(batch["query_world"]).float().to(device),
-        "query_norm": _plain(batch["query_norm"]).float().to(device),
-    }
-    targets = {"target_t1": _plain(batch["query_t1"])[..., 0].float().to(device),
-               "target_t2": _plain(batch["query_t2"])[..., 0].float().to(device)}
-    if "query_label" in batch:
-        targets["label"] = _plain(batch["query_label"]).to(device)
+    b = batch[lr_key("t1")].shape[0]
+    kwargs = {}
+    for c in CONTRASTS:
+        kwargs[c] = plain_tensor(batch[lr_key(c)]).float().to(device)
+        kwargs[f"{c}_affine"] = batched_affine(batch[lr_key(c)], b).to(device)
+    kwargs[QUERY_WORLD] = plain_tensor(batch[QUERY_WORLD]).float().to(device)
+    kwargs[QUERY_NORM] = plain_tensor(batch[QUERY_NORM]).float().to(device)
+    targets = {f"target_{c}": plain_tensor(batch[query_key(c)])[..., 0].float().to(device) for c in CONTRASTS}
+    if QUERY_LABEL in batch:
+        targets["label"] = plain_tensor(batch[QUERY_LABEL]).to(device)
     return kwargs, targets
 
 
@@ -149,7 +135,7 @@ class ImplicitGridInferer(Inferer):
         device = next(net.parameters()).device
         vols = {}
         for c, img in (("t1", t1_lr), ("t2", t2_lr)):
-            v = _plain(img).float()
+            v = plain_tensor(img).float()
             vols[c] = (v[None] if v.ndim == 4 else v).to(device)
         affines = {c: as_affine(img.affine).reshape(-1, 4, 4)[:1].to(device) for c, img in (("t1", t1_lr), ("t2", t2_lr))}
         if normalizer is None:
@@ -203,12 +189,12 @@ class INRValidationStep:
         lr = {c: batch[f"{c}_lr"][0] for c in CONTRASTS}
         for c in CONTRASTS:
             lr[c].affine = as_affine(batch[f"{c}_lr"].affine).reshape(-1, 4, 4)[0]
-        stats = {c: (float(_plain(batch[f"{c}_lr_zscore"]["mean"]).reshape(-1)[0]),
-                     float(_plain(batch[f"{c}_lr_zscore"]["std"]).reshape(-1)[0]))
+        stats = {c: (float(plain_tensor(batch[f"{c}_lr_zscore"]["mean"]).reshape(-1)[0]),
+                     float(plain_tensor(batch[f"{c}_lr_zscore"]["std"]).reshape(-1)[0]))
                  for c in CONTRASTS if f"{c}_lr_zscore" in batch}
         background = {c: normalised_zero(m, s) for c, (m, s) in stats.items()}
         pred = engine.inferer(lr["t1"], lr["t2"], engine.network, grid, background=background)
-        gt = {c: _plain(batch[c])[0, 0].float() for c in CONTRASTS}
+        gt = {c: plain_tensor(batch[c])[0, 0].float() for c in CONTRASTS}
         for c, (m, s) in stats.items():
             pred[c], gt[c] = unnormalise(pred[c], m, s), unnormalise(gt[c], m, s)
             restored = unnormalise(lr[c].as_subclass(torch.Tensor), m, s)
@@ -216,7 +202,7 @@ class INRValidationStep:
         subject = batch.get("subject", ["?"])
         out = {"pred": pred, "gt": gt, "lr": lr, "grid": grid, "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
         if LESIONS in batch:  # the subject's lesion instance map, for the lesion-fidelity scores
-            out[LESIONS] = _plain(batch[LESIONS])[0, 0]
+            out[LESIONS] = plain_tensor(batch[LESIONS])[0, 0]
         return out
 
 
@@ -240,7 +226,7 @@ def subject_scores(gt: Mapping, pred: Mapping, lesions=None) -> dict:
     (``lesion_contrast_t2``, ``lesion_kept_t2``, ``imprint_t1``, ...; :mod:`nexus_monai.metrics.lesion`).
     """
     g0 = gt["t1"].numpy()
-    mask = _as_mask(g0 > 0, g0.shape)
+    mask = as_mask(g0 > 0, g0.shape)
     eroded = erode_mask(mask, ERODE_VOXELS)
     row = {}
     for c in CONTRASTS:

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.checkpoints import AtomicCheckpointSaver, load_newest
-from nexus_monai.engines.inr import CONTRASTS, subject_scores
-from nexus_monai.visualize import save_panel, to_uint8
+from nexus_monai.engines.inr import subject_scores
+from nexus_monai.keys import CONTRASTS
 from nexus_monai.metrics.image_quality import intensity_scale
+from nexus_monai.transforms.interpolation import upsample
+from nexus_monai.visualize import save_panel, to_uint8
 
 __all__ = ["AuxLossWarmup", "LossTermsHandler", "SRValidationReport", "TrainingCheckpoint"]
 

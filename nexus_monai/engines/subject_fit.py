@@ -57,25 +57,31 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
 
-from nexus_monai.data.io import save_volume, write_text_atomic
+from nexus_monai.data.io import load_volume, save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
+from nexus_monai.engines.predict import _check_reachable, target_grid
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, sample_at_world, spacing
+from nexus_monai.keys import CONTRASTS
+from nexus_monai.metrics import subject_metric_row
 from nexus_monai.metrics.image_quality import intensity_scale
 from nexus_monai.metrics.mutual_information import mutual_information
 from nexus_monai.networks.ssmcsr import SSMCSR_VARIANTS, SSMCSRNet
 from nexus_monai.transforms.acquisition import PROFILES
+from nexus_monai.transforms.interpolation import upsample
 from nexus_monai.transforms.observations import LRObservations, lr_observations
+from nexus_monai.transforms.protocols import load_protocol
 from nexus_monai.transforms.query import iter_query_chunks
 
 __all__ = ["FORWARD_MODELS", "CONTRASTS", "OUTPUT_NAMES", "LRObservations", "lr_observations", "MIPlateau",
            "SubjectFitter", "SubjectFit", "render_grid", "write_fit_outputs"]
 
-CONTRASTS = ("t1", "t2")
 FORWARD_MODELS = ("point", "profile")
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz", "log": "fit_log.json"}
 
@@ -357,8 +363,6 @@ class SubjectFitter:
                     eng.terminate()
 
         if self.progress:
-            from ignite.handlers import ProgressBar
-
             ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
         engine.run(batches, max_epochs=o["epochs"])
         if log["stop_reason"] == "time_budget" and (not log["mi_curve"] or log["mi_curve"][-1]["iteration"] != engine.state.iteration):
@@ -427,10 +431,6 @@ class FitSubjectStep:
         self._protocol = None
 
     def __call__(self, engine: Engine, entry: Mapping) -> dict:
-        from nexus_monai.data.io import load_volume
-        from nexus_monai.engines.predict import target_grid
-        from nexus_monai.metrics import subject_metric_row
-
         entry = entry[0] if isinstance(entry, (list, tuple)) else entry
         name = str(entry.get("subject") or Path(str(entry.get("t1_lr", entry.get("t1")))).name.split(".")[0])
         gt = None
@@ -438,11 +438,8 @@ class FitSubjectStep:
             lr = {c: load_volume(entry[f"{c}_lr"]) for c in CONTRASTS}
             grid = target_grid(lr["t1"], list(self.target_spacing))
         else:
-            from nexus_monai.evaluation.table1 import prepare_subject
-            from nexus_monai.transforms.protocols import load_protocol
-
             self._protocol = self._protocol or load_protocol(self.protocol_name)
-            data = prepare_subject(dict(entry), self._protocol)
+            data = self._protocol.prepare_subject(dict(entry))
             lr = {c: data[f"{c}_lr"] for c in CONTRASTS}
             grid = TargetGrid.like(data["t1"])
             gt = {c: _plain(data[c])[0] for c in CONTRASTS}
@@ -458,8 +455,6 @@ class FitSubjectStep:
             scores = subject_metric_row(gt, {c: _plain(pred[c])[0] for c in CONTRASTS}, None, lpips=self.lpips)
             row.update({k: v for k, v in scores.items() if k != "lpips_status"})
             if self.compare_trilinear:
-                from nexus_monai.baselines.interpolation import upsample
-
                 tri = {c: _plain(upsample(lr[c], grid, "trilinear"))[0] for c in CONTRASTS}
                 ref = subject_metric_row(gt, tri, None, lpips=False)
                 for c in CONTRASTS:
@@ -483,8 +478,6 @@ class FitSubjectsReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _write(self, engine: Engine) -> None:
-        import pandas as pd
-
         frame = pd.DataFrame(self.rows)
         write_text_atomic(self.output_dir / f"{self.prefix}_subjects.csv", frame.to_csv(index=False))
         summary = {}
@@ -502,9 +495,6 @@ def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLik
     """Fit on two LR NIfTI files and write both SR volumes + ``fit_log.json`` (``nexus-sr fit-subject``
     and the bundle's ``inference``). The grid is ``spacing_mm`` over the T1w field of view or the grid
     of ``like``; inputs and grid are checked before any fitting (one-line :class:`NexusInputError`)."""
-    from nexus_monai.data.io import load_volume
-    from nexus_monai.engines.predict import _check_reachable, target_grid
-
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():

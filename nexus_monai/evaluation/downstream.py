@@ -25,11 +25,11 @@ from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, as_affine
 from nexus_monai.metrics.segmentation import EMPTY_POLICY, REGIONS, brats_regions, dice_hd95
+from nexus_monai.paths import REPO_BUNDLES
 
 __all__ = ["FrozenSegmenter", "load_segmenters", "segmentation_rows", "table5_markdown", "summarise_table5"]
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class FrozenSegmenter:
@@ -37,8 +37,8 @@ class FrozenSegmenter:
 
     def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu", overrides: Mapping | None = None):
         bundle = Path(bundle_dir)
-        if not bundle.is_dir() and (REPO_ROOT / "bundles" / str(bundle_dir)).is_dir():
-            bundle = REPO_ROOT / "bundles" / str(bundle_dir)
+        if not bundle.is_dir() and (REPO_BUNDLES / str(bundle_dir)).is_dir():
+            bundle = REPO_BUNDLES / str(bundle_dir)
         config = bundle / "configs" / "inference.yaml"
         weights = bundle / "models" / "model.pt"
         if not config.exists():

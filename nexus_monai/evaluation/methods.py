@@ -8,12 +8,26 @@ to predict both contrasts on. Later issues register cohort and subject-specific 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from nexus_monai.baselines.i3net import i3net
 from nexus_monai.baselines.interpolation import upsample
+from nexus_monai.baselines.lrtv import lrtv
+from nexus_monai.baselines.saint import saint
+from nexus_monai.baselines.smore import smore
+from nexus_monai.data.io import write_text_atomic
+from nexus_monai.engines.bundle_model import bundle_folder, bundle_model
+from nexus_monai.engines.predict import predict_volumes
+from nexus_monai.engines.refine import RefineOptions, refine_network
+from nexus_monai.engines.run_record import read_run_record
+from nexus_monai.engines.subject_fit import SubjectFitter
+from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid
+from nexus_monai.keys import CONTRASTS
 
 __all__ = ["METHODS", "register_method", "get_method", "register_cohort_bundle", "bundle_model", "check_methods",
            "training_budget"]
@@ -48,56 +62,22 @@ def get_method(name: str) -> Callable:
 @register_method("trilinear")
 def trilinear(inputs: Mapping, grid: TargetGrid, **_) -> dict:
     """Trilinear interpolation of each LR scan onto ``grid`` (SimpleITK)."""
-    return {c: upsample(inputs[f"{c}_lr"], grid, "trilinear") for c in ("t1", "t2")}
+    return {c: upsample(inputs[f"{c}_lr"], grid, "trilinear") for c in CONTRASTS}
 
 
 @register_method("cubic")
 def cubic(inputs: Mapping, grid: TargetGrid, **_) -> dict:
     """Cubic B-spline interpolation of each LR scan onto ``grid`` (SimpleITK ``sitkBSpline``)."""
-    return {c: upsample(inputs[f"{c}_lr"], grid, "bspline") for c in ("t1", "t2")}
+    return {c: upsample(inputs[f"{c}_lr"], grid, "bspline") for c in CONTRASTS}
 
 
 @register_method("lrtv")
 def lrtv_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """LRTV (Shi et al., TMI 2015; re-implementation) of each LR scan onto ``grid``, per volume."""
-    from nexus_monai.baselines.lrtv import lrtv
-
-    return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+    return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
 
 
-# --- cohort models: trained bundles, loaded once per process from bundles/<name>/models/model.pt ---
-_BUNDLE_MODELS: dict = {}
-
-
-def _bundle_folder(bundle: str | os.PathLike) -> Path:
-    """``bundle`` as given, or relative to the repository root when the working directory lacks it."""
-    path = Path(bundle)
-    if not path.is_absolute() and not path.exists():
-        in_repo = Path(__file__).resolve().parents[2] / path
-        if in_repo.exists():
-            return in_repo
-    return path
-
-
-def bundle_model(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: tuple = (), weights: str | os.PathLike | None = None):
-    """A trained bundle's ``(network, inferer)``, loaded once per process (cohort models).
-
-    Goes through :func:`nexus_monai.engines.predict.load_bundle`: a missing checkpoint
-    (``<bundle>/models/model.pt``, or ``weights``) or one that does not match the bundle's
-    ``network_def`` is a one-line ``NexusInputError``.
-    """
-    folder = _bundle_folder(bundle)
-    key = (str(folder.resolve()), tuple(overlays), None if weights is None else str(Path(weights).resolve()))
-    if key not in _BUNDLE_MODELS:
-        from nexus_monai.engines.predict import load_bundle
-
-        network, inferer, _ = load_bundle(folder, overlays, weights=weights, device="cpu")
-        if hasattr(inferer, "progress"):
-            inferer.progress = False  # the evaluate runner shows one bar over subjects x methods
-        _BUNDLE_MODELS[key] = (network, inferer)
-    return _BUNDLE_MODELS[key]
-
-
+# --- cohort models: trained bundles, loaded once per process (nexus_monai.engines.bundle_model) ---
 def register_cohort_bundle(name: str, bundle: str | None = None, description: str = "") -> Callable:
     """Register method ``name``: the bundle ``bundle`` (default ``bundles/<name>``) predicting both contrasts.
 
@@ -113,8 +93,6 @@ def register_cohort_bundle(name: str, bundle: str | None = None, description: st
 
     def method(inputs: Mapping, grid: TargetGrid, bundle: str = folder, weights: str | None = None, overlays: Sequence[str] = (),
                **_) -> dict:
-        from nexus_monai.engines.predict import predict_volumes
-
         network, inferer = bundle_model(bundle, overlays=tuple(overlays), weights=weights)
         return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
 
@@ -130,8 +108,6 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
     one-line :class:`~nexus_monai.errors.NexusInputError`; loading the bundles here also warms
     :func:`bundle_model`'s cache for the run.
     """
-    from nexus_monai.errors import NexusInputError
-
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise NexusInputError(None, f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(METHODS))}")
@@ -155,16 +131,12 @@ def training_budget(name: str, options: Mapping | None = None) -> dict:
     (:class:`~nexus_monai.engines.run_record.TrainingRunRecord`): ``<bundle>/models/`` or the folder
     of the ``weights`` option. Methods without cohort training (interpolation, per-subject fits) get NaN.
     """
-    import math
-
-    from nexus_monai.engines.run_record import read_run_record
-
     opts = dict(options or {})
     bundle = getattr(METHODS.get(name), "bundle", None)
     record = None
     if bundle is not None:
         bundle = opts.get("bundle", bundle)
-        folder = Path(opts["weights"]).parent if opts.get("weights") else _bundle_folder(bundle) / "models"
+        folder = Path(opts["weights"]).parent if opts.get("weights") else bundle_folder(bundle) / "models"
         record = read_run_record(folder)
     if not record:
         return {"train_steps": math.nan, "train_seconds": math.nan}
@@ -185,12 +157,6 @@ def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "b
     in the environment variable ``NEXUS_REFINE_OPTIONS`` (e.g. ``{"max_seconds": 180}``), then by
     keyword ``options``.
     """
-    import json
-
-    from nexus_monai.engines.predict import predict_volumes
-    from nexus_monai.engines.refine import RefineOptions, refine_network
-    from nexus_monai.errors import NexusInputError
-
     settings = {**json.loads(os.environ.get("NEXUS_REFINE_OPTIONS") or "{}"), **options}
     try:
         refine_options = RefineOptions(**settings)
@@ -209,27 +175,21 @@ cycleinr_method = register_cohort_bundle("cycleinr", description="CycleINR (re-i
 @register_method("smore")
 def smore_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """SMORE (Zhao et al., TMI 2021; re-implementation): self-supervised 2D SR per LR scan, no training data."""
-    from nexus_monai.baselines.smore import smore
-
-    return {c: smore(inputs[f"{c}_lr"], grid, **options) for c in ("t1", "t2")}
+    return {c: smore(inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
 
 
 @register_method("saint", bundle="bundles/saint")
 def saint_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/saint", weights: str | None = None, **options) -> dict:
     """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt``, one LR scan at a time."""
-    from nexus_monai.baselines.saint import saint
-
     network, _ = bundle_model(bundle, weights=weights)
-    return {c: saint(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
+    return {c: saint(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
 
 @register_method("i3net", bundle="bundles/i3net")
 def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net", weights: str | None = None, **options) -> dict:
     """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt``, one LR scan at a time."""
-    from nexus_monai.baselines.i3net import i3net
-
     network, _ = bundle_model(bundle, weights=weights)
-    return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in ("t1", "t2")}
+    return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
 
 # --- SSMCSR (McGinnis et al. 2023): subject-specific INRs fitted on the fly on each subject's two LR scans ---
@@ -240,19 +200,10 @@ def _ssmcsr(variant: str, inputs: Mapping, grid: TargetGrid, **options) -> dict:
     ``bundles/ssmcsr``), overridden by the JSON object in the environment variable
     ``NEXUS_SSMCSR_OPTIONS`` (e.g. ``{"max_seconds": 120}``), then by keyword ``options``.
     """
-    import json
-    import os
-
-    from nexus_monai.engines.subject_fit import SubjectFitter
-
     settings = {**json.loads(os.environ.get("NEXUS_SSMCSR_OPTIONS") or "{}"), **options, "variant": variant}
     log_dir = settings.pop("log_dir", None)  # optional: keep each fit's JSON log (curves, stop epoch, times)
     pred, log = SubjectFitter(**settings).fit_predict(inputs["t1_lr"], inputs["t2_lr"], grid)
     if log_dir:
-        from pathlib import Path
-
-        from nexus_monai.data.io import write_text_atomic
-
         write_text_atomic(Path(log_dir) / f"{inputs.get('subject', 'subject')}_ssmcsr_{variant}.json", json.dumps(log, indent=2, default=float) + "\n")
     return pred
 

@@ -18,6 +18,7 @@ files are missing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -30,22 +31,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist
 from nexus_monai.baselines.interpolation import upsample
+from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist, resolve_datalist
 from nexus_monai.data.io import check_nifti_file, write_text_atomic
 from nexus_monai.errors import NexusInputError, find_input_error
 from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
 from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.geometry import TargetGrid
-from nexus_monai.keys import LESIONS
+from nexus_monai.keys import CONTRASTS, LESIONS
 from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_metric_row
 from nexus_monai.metrics.lesion import check_lesion_map
-from nexus_monai.transforms.protocols import Protocol
+from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
 __all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods", "summarise", "markdown_table", "log_mlflow"]
-
-CONTRASTS = ("t1", "t2")
 
 
 def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0, max_subjects: int | None = None) -> list[dict]:
@@ -56,8 +55,6 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
     first use, the same 24 subjects and split as ``dataset_dir: embedded``).
     """
     if str(data) == "embedded":
-        from nexus_monai.data.brats import resolve_datalist
-
         data = resolve_datalist("embedded", seed=seed)
     path = Path(data)
     if path.is_dir() and (path / "dataset.json").exists():
@@ -75,8 +72,6 @@ def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
 
 def _check_datalist_json(path: Path, split: str) -> None:
     """A datalist is a JSON object whose splits are lists of subject entries (one-line error otherwise)."""
-    import json
-
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -118,19 +113,6 @@ def check_lesion_files(subjects: Sequence[dict]) -> None:
             check_lesion_map(data[LESIONS][0])
         except ValueError as err:
             raise NexusInputError(path, f"lesion map of subject {subject.get('subject', '?')}: {err}") from None
-
-
-def prepare_subject(subject: dict, protocol: Protocol) -> dict:
-    """Load HR t1/t2 (+seg, +lesions), put them on the protocol frame and simulate ``t1_lr`` / ``t2_lr``.
-
-    ``seg`` and the lesion instance map go through the same frame transform as the images (zero
-    padding / cropping, no interpolation, so labels stay exact).
-    """
-    keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else [])
-    data = protocol.simulation()(brats_loader(keys)(dict(subject)))
-    if LESIONS in data and data[LESIONS].shape != data["t1"].shape:
-        raise NexusInputError(subject[LESIONS], f"protocol {protocol.name!r}: its frame transform does not list {LESIONS!r}")
-    return data
 
 
 def _slice_tiles(volumes: dict, gt: dict, axis_for: dict) -> list[list[np.ndarray]]:

@@ -16,7 +16,7 @@ import torch
 from monai.metrics import SSIMMetric
 from scipy import ndimage
 
-__all__ = ["as_volume", "intensity_scale", "psnr", "erode_mask", "brain_bbox", "ssim3d"]
+__all__ = ["as_volume", "as_mask", "volume_pair", "intensity_scale", "psnr", "erode_mask", "brain_bbox", "ssim3d"]
 
 
 def as_volume(x, *, name: str = "volume", dtype=np.float64) -> np.ndarray:
@@ -31,7 +31,8 @@ def as_volume(x, *, name: str = "volume", dtype=np.float64) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def _as_mask(mask, shape: tuple[int, ...], *, allow_empty: bool = False) -> np.ndarray:
+def as_mask(mask, shape: tuple[int, ...], *, allow_empty: bool = False) -> np.ndarray:
+    """``mask`` as a boolean ``(X, Y, Z)`` array of ``shape``; an empty mask raises unless ``allow_empty``."""
     m = as_volume(mask, name="mask", dtype=bool)
     if m.shape != shape:
         raise ValueError(f"mask shape {m.shape} differs from image shape {shape}")
@@ -40,7 +41,8 @@ def _as_mask(mask, shape: tuple[int, ...], *, allow_empty: bool = False) -> np.n
     return m
 
 
-def _pair(gt, pred) -> tuple[np.ndarray, np.ndarray]:
+def volume_pair(gt, pred) -> tuple[np.ndarray, np.ndarray]:
+    """``(gt, pred)`` as float64 ``(X, Y, Z)`` arrays of the same shape (else ``ValueError``)."""
     g, p = as_volume(gt, name="gt"), as_volume(pred, name="pred")
     if g.shape != p.shape:
         raise ValueError(f"gt shape {g.shape} differs from pred shape {p.shape}")
@@ -54,7 +56,7 @@ def intensity_scale(gt, mask, percentile: float = 99.5) -> float:
     never normalised on its own. Raises if the mask is empty or the value is not positive.
     """
     g = as_volume(gt, name="gt")
-    m = _as_mask(mask, g.shape)
+    m = as_mask(mask, g.shape)
     scale = float(np.percentile(g[m], percentile))
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"intensity scale must be a positive number, got {scale}")
@@ -67,9 +69,9 @@ def psnr(gt, pred, mask=None, data_range: float = 1.0) -> float:
     MSE is the mean squared error over the voxels of ``mask`` if given, else over the whole
     volume. Returns ``inf`` for identical inputs.
     """
-    g, p = _pair(gt, pred)
+    g, p = volume_pair(gt, pred)
     sq = (g - p) ** 2
-    mse = float(sq[_as_mask(mask, g.shape)].mean()) if mask is not None else float(sq.mean())
+    mse = float(sq[as_mask(mask, g.shape)].mean()) if mask is not None else float(sq.mean())
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(data_range**2 / mse)
@@ -119,8 +121,8 @@ def ssim3d(gt, pred, mask, data_range: float = 1.0, win_size: int = 11, sigma: f
     use_sample_covariance=False, data_range=data_range)`` on the same crop up to MONAI's float32
     rounding (within 2e-5 in tests/test_metrics.py).
     """
-    g, p = _pair(gt, pred)
-    m = _as_mask(mask, g.shape)
+    g, p = volume_pair(gt, pred)
+    m = as_mask(mask, g.shape)
     box = brain_bbox(m, win_size // 2 if margin is None else margin)
     g, p = g[box], p[box]
     if min(g.shape) < win_size:

@@ -43,7 +43,7 @@ from nexus_monai.keys import (
     LESION_T2_ONLY,
     lesion_visible_only_on,
 )
-from nexus_monai.metrics.image_quality import _as_mask, as_volume
+from nexus_monai.metrics.image_quality import as_mask, as_volume
 
 __all__ = ["RING_VOXELS", "KEPT_THRESHOLD", "MIN_GT_CONTRAST", "LESION_PROTOCOL", "check_lesion_map",
            "lesion_ring", "lesion_contrast", "lesion_records", "lesion_fidelity_row"]
@@ -128,7 +128,7 @@ def lesion_records(gt: Mapping, pred: Mapping, lesions, mask) -> list[dict]:
         if g[c].shape != shape or p[c].shape != shape:
             raise ValueError(f"contrast {c}: gt {g[c].shape} / pred {p[c].shape} differ from {shape}")
     lab = check_lesion_map(lesions, shape)
-    m = _as_mask(mask, shape)
+    m = as_mask(mask, shape)
     any_lesion = lab != 0
     pad = RING_VOXELS
     records = []

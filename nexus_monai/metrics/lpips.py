@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexus_monai.metrics.image_quality import _as_mask, _pair
+from nexus_monai.metrics.image_quality import as_mask, volume_pair
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -189,8 +189,8 @@ def lpips_slices(gt, pred, mask, *, model: AlexNetLPIPS | None = None, batch_siz
     99.5th brain percentile); each is clipped to ``[0, 1]``, mapped to ``[-1, 1]`` and every 2D
     slice replicated to 3 channels. A slice "contains brain" if any of its mask voxels is set.
     """
-    g, p = _pair(gt, pred)
-    m = _as_mask(mask, g.shape)
+    g, p = volume_pair(gt, pred)
+    m = as_mask(mask, g.shape)
     if model is None:
         model = load_lpips()
         if model is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nexus_monai.metrics.image_quality import _as_mask, as_volume
+from nexus_monai.metrics.image_quality import as_mask, as_volume
 
 __all__ = ["bin_labels", "joint_histogram", "mutual_information", "mi_errors"]
 
@@ -36,7 +36,7 @@ def joint_histogram(a, b, mask=None, bins: int = 32) -> np.ndarray:
     if x.shape != y.shape:
         raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
     if mask is not None:
-        m = _as_mask(mask, x.shape)
+        m = as_mask(mask, x.shape)
         x, y = x[m], y[m]
     la, lb = bin_labels(x, bins), bin_labels(y, bins)
     return np.bincount(la * bins + lb, minlength=bins * bins).reshape(bins, bins)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from nexus_monai.metrics.image_quality import _as_mask, as_volume, erode_mask, intensity_scale, psnr, ssim3d
+from nexus_monai.metrics.image_quality import as_mask, as_volume, erode_mask, intensity_scale, psnr, ssim3d
 from nexus_monai.metrics.lesion import LESION_PROTOCOL, lesion_fidelity_row
 from nexus_monai.metrics.lpips import LPIPS_MIN_SIDE, load_lpips, lpips_status, lpips_volume
 from nexus_monai.metrics.mutual_information import mi_errors
@@ -68,7 +68,7 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     if mask is None:
         mask = as_volume(gt[contrasts[0]], name=f"gt[{contrasts[0]}]") > 0
     shape = as_volume(gt[contrasts[0]], name=f"gt[{contrasts[0]}]").shape
-    m = _as_mask(mask, shape)
+    m = as_mask(mask, shape)
     eroded = erode_mask(m, ERODE_VOXELS)
 
     model, status = None, "disabled"

@@ -30,14 +30,13 @@ import torch
 from torch import nn
 
 from nexus_monai.geometry import sample_at_voxel
+from nexus_monai.keys import CONTRASTS
 from nexus_monai.networks.attention import LocalWindowCrossAttention
 from nexus_monai.networks.decoders import build_decoder
 from nexus_monai.networks.encoders import build_encoder
 from nexus_monai.networks.nexus_inr import lookup
 
 __all__ = ["CycleINR", "CycleINRPair"]
-
-CONTRASTS = ("t1", "t2")
 
 
 class CycleINR(nn.Module):

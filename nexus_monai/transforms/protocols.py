@@ -4,6 +4,10 @@
 ``load_protocol("ssmcsr")`` reads ``transforms/ssmcsr_x4.yaml`` on top of the file it
 ``extends``. A path to any YAML with the same keys works too. Parsing is MONAI's
 ``ConfigParser``, exactly as a bundle including the same files would do.
+
+Subject preparation is the protocol's job: :meth:`Protocol.prepare_subject` (also
+:func:`prepare_subject`) loads a datalist entry's HR scans, puts them on the protocol frame and
+simulates the LR scans, the same way for ``nexus-sr evaluate``, the SSMCSR datalist runner and tests.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
+from nexus_monai.data.brats import brats_loader
 from nexus_monai.errors import NexusInputError
+from nexus_monai.keys import LESIONS
+from nexus_monai.paths import REPO_TRANSFORMS
 
-__all__ = ["PROTOCOLS", "protocols_dir", "Protocol", "load_protocol"]
+__all__ = ["PROTOCOLS", "protocols_dir", "Protocol", "load_protocol", "prepare_subject"]
 
 PROTOCOLS = {"nexus": "brats_t1axial_t2coronal.yaml", "ssmcsr": "ssmcsr_x4.yaml"}
 
@@ -33,7 +40,7 @@ def protocols_dir() -> Path:
     shipped = Path(str(resources.files("nexus_monai").joinpath("protocols")))
     if (shipped / PROTOCOLS["nexus"]).is_file():
         return shipped
-    return Path(__file__).resolve().parents[2] / "transforms"
+    return REPO_TRANSFORMS
 
 
 @dataclass
@@ -50,7 +57,20 @@ class Protocol:
 
     def simulation(self) -> Compose:
         """HR subject dict (t1, t2[, seg]) -> framed HR plus simulated ``t1_lr`` / ``t2_lr``."""
-        return Compose([self.parser.get_parsed_content("frame", instantiate=True), *self.parser.get_parsed_content("acquisition", instantiate=True)])
+        frame = self.parser.get_parsed_content("frame", instantiate=True)
+        return Compose([frame, *self.parser.get_parsed_content("acquisition", instantiate=True)])
+
+    def prepare_subject(self, subject: dict) -> dict:
+        """Load HR t1/t2 (+seg, +lesions), put them on the protocol frame and simulate ``t1_lr`` / ``t2_lr``.
+
+        ``seg`` and the lesion instance map go through the same frame transform as the images (zero
+        padding / cropping, no interpolation, so labels stay exact).
+        """
+        keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else [])
+        data = self.simulation()(brats_loader(keys)(dict(subject)))
+        if LESIONS in data and data[LESIONS].shape != data["t1"].shape:
+            raise NexusInputError(subject[LESIONS], f"protocol {self.name!r}: its frame transform does not list {LESIONS!r}")
+        return data
 
 
 def _chain(path: Path, seen: tuple = ()) -> list[Path]:
@@ -74,3 +94,8 @@ def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
     parser.read_config([str(f) for f in files])
     config = parser.get_parsed_content("protocol")
     return Protocol(name=str(config.get("name", path.stem)), files=files, config=config, parser=parser)
+
+
+def prepare_subject(subject: dict, protocol: Protocol) -> dict:
+    """``protocol.prepare_subject(subject)``: framed HR scans plus the simulated ``t1_lr`` / ``t2_lr``."""
+    return protocol.prepare_subject(subject)

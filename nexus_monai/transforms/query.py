@@ -19,6 +19,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, field_of_view, voxel_to_world
+from nexus_monai.keys import QUERY_LABEL, QUERY_NORM, QUERY_WORLD, query_key
 
 __all__ = ["ComputeWorldNormalizerd", "SampleQueryPointsd", "iter_query_chunks", "patch_world_box"]
 
@@ -90,13 +91,13 @@ class SampleQueryPointsd(Randomizable, MapTransform):
         world = voxel_to_world(index.to(torch.float64), as_affine(ref.affine))
         norm = WorldNormalizer.from_dict(d[self.normalizer_key])
         d["query_index"] = index
-        d["query_world"] = world.to(torch.float32)
-        d["query_norm"] = norm(world).to(torch.float32)
+        d[QUERY_WORLD] = world.to(torch.float32)
+        d[QUERY_NORM] = norm(world).to(torch.float32)
         for k in keys:
             v = d[k].as_subclass(torch.Tensor).reshape(d[k].shape[0], -1)
-            d[f"query_{k}"] = v[:, flat].T.to(torch.float32).contiguous()
+            d[query_key(k)] = v[:, flat].T.to(torch.float32).contiguous()
         if self.label_key:
-            d["query_label"] = d[self.label_key].as_subclass(torch.Tensor).reshape(-1)[flat].round().long()
+            d[QUERY_LABEL] = d[self.label_key].as_subclass(torch.Tensor).reshape(-1)[flat].round().long()
         return d
 
 
