@@ -80,7 +80,7 @@ def test_inr_data_format_matches_forward(name):
     net = NexusINR(features=8, encoder_options={"blocks": 1, "layers": 1, "growth": 8}, decoder_hidden=8,
                    decoder_layers=1, pe=True)
     wrapper = INRExport(net, (6, 6, 3), (6, 2, 6), num_points=5)
-    args = dict(zip(fmt["inputs"], wrapper.example_inputs()))
+    args = dict(zip(fmt["inputs"], wrapper.example_inputs(batch=1)))
     out = net(**args, aux=False)
     assert set(fmt["outputs"]) <= set(out) and all(out[k].shape == (1, 5) for k in fmt["outputs"])
 
@@ -123,8 +123,8 @@ def test_ckpt_export_torchscript_equals_eager(name, tmp_path, monkeypatch):
 
     wrapper = INRExport(net, shapes["export_t1_shape"], shapes["export_t2_shape"]).eval()
     g = torch.Generator().manual_seed(5)
-    t1, t2, a1, a2, _, _ = wrapper.example_inputs()
-    batch, k = 2, 37  # neither the batch size nor the number of points used for the trace
+    t1, t2, a1, a2, _, _ = wrapper.example_inputs(batch=1)
+    batch, k = 2, 37  # not the number of points used for the trace
     t1, t2 = torch.rand((batch, *t1.shape[1:]), generator=g), torch.rand((batch, *t2.shape[1:]), generator=g)
     a1, a2 = a1.repeat(batch, 1, 1), a2.repeat(batch, 1, 1)
     a2[1, :3, 3] += 0.4  # a shifted T2w scan for the second item
@@ -133,9 +133,11 @@ def test_ckpt_export_torchscript_equals_eager(name, tmp_path, monkeypatch):
     with torch.no_grad():
         eager = net(t1, t2, a1, a2, world, norm, aux=False)
         scripted = ts(t1, t2, a1, a2, world, norm)
+        single = ts(t1[1:], t2[1:], a1[1:], a2[1:], world[1:], norm[1:])  # one item: another batch size
     assert scripted.shape == (batch, k, 2)
     assert torch.allclose(scripted[..., 0], eager["t1"], atol=1e-6)
     assert torch.allclose(scripted[..., 1], eager["t2"], atol=1e-6)
+    assert torch.allclose(single[0], scripted[1], atol=1e-6)
     assert not torch.allclose(eager["t1"], eager["t2"])  # a non-trivial network
     with pytest.raises((RuntimeError, torch.jit.Error), match="traced for LR shapes"):
         ts(torch.rand(1, 1, 8, 8, 6), t2[:1], a1[:1], a2[:1], world[:1], norm[:1])

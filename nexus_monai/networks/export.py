@@ -24,7 +24,8 @@ the LR shapes given to the constructor and returns a small scriptable module aro
 
 What the TorchScript file keeps dynamic and what it fixes (checked in the tests):
 
-* dynamic: batch size B, number of query points K, affines, intensities, query positions;
+* dynamic: batch size B (traced with 2 items, checked with 1 and 2), number of query points K,
+  affines, intensities, query positions;
 * fixed: the two LR volume shapes (the trace records the grid sizes used to convert voxel
   indices to ``grid_sample`` coordinates as constants). The scripted forward checks them and
   raises on any other shape instead of returning wrong values; export once per protocol grid
@@ -104,14 +105,18 @@ class INRExport(nn.Module):
         """Load a checkpoint of the WRAPPED network (its own keys, no ``net.`` prefix), as ``model.pt`` holds."""
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Inputs of the export's shapes for tracing: random volumes, 2 mm / thick-slice affines, points inside."""
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Inputs of the export's shapes for tracing: random volumes, thick-slice affines, points inside.
+
+        The trace uses ``batch=2`` on purpose: code paths taken only for batches of more than one
+        item (e.g. KD-Attn's per-item row offsets) are then recorded, and hold for one item too.
+        """
         gen = torch.Generator().manual_seed(0)
         param = next(self.net.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else torch.device("cpu")
-        t1 = torch.rand((1, 1, *self.t1_shape), generator=gen, dtype=dtype)
-        t2 = torch.rand((1, 1, *self.t2_shape), generator=gen, dtype=dtype)
+        t1 = torch.rand((batch, 1, *self.t1_shape), generator=gen, dtype=dtype)
+        t2 = torch.rand((batch, 1, *self.t2_shape), generator=gen, dtype=dtype)
         hr = [max(a, b) for a, b in zip(self.t1_shape, self.t2_shape)]
         affines = []
         for shape in (self.t1_shape, self.t2_shape):
@@ -119,9 +124,9 @@ class INRExport(nn.Module):
             a = torch.eye(4, dtype=dtype)
             a[:3, :3] = torch.diag(spacing)
             a[:3, 3] = (spacing - 1) / 2  # slab centres, as the thick-slice acquisition places them
-            affines.append(a[None])
+            affines.append(a[None].repeat(batch, 1, 1))
         hr_t = torch.tensor(hr, dtype=dtype)
-        world = torch.rand((1, self.num_points, 3), generator=gen, dtype=dtype) * (hr_t - 1)
+        world = torch.rand((batch, self.num_points, 3), generator=gen, dtype=dtype) * (hr_t - 1)
         norm = world / (hr_t - 1) * 2 - 1
         return tuple(x.to(device) for x in (t1, t2, affines[0], affines[1], world, norm))
 
