@@ -2,6 +2,7 @@
 plateau rule, a real fitting check, `nexus-sr fit-subject`, the evaluate methods and the bundle.
 Tiny volumes (<= 24^3 voxels) and tiny networks."""
 
+import dataclasses
 import inspect
 import json
 import os
@@ -19,8 +20,8 @@ from scipy import ndimage
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.baselines.lrtv import natural_hr_grid
 from nexus_monai.cli import build_parser, main
-from nexus_monai.engines import subject_fit
-from nexus_monai.engines.subject_fit import MIPlateau, SubjectFitter, lr_observations
+from nexus_monai.engines.subject_fit import handlers as fit_handlers
+from nexus_monai.engines.subject_fit import MIPlateau, SubjectFitOptions, SubjectFitter, lr_observations
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, make_affine
 from nexus_monai.networks.ssmcsr import SSMCSRNet
@@ -138,7 +139,7 @@ def test_mi_plateau_stops_on_plateau_and_not_before():
 def test_fit_stops_at_the_mi_plateau_epoch(monkeypatch):
     """The engine stops at the epoch the rule fires (scripted MI sequence), logs it, and not before."""
     curve = iter([0.1, 0.3, 0.5, 0.7, 0.7001, 0.7002, 0.7002, 0.9, 1.0, 1.1, 1.2, 1.3])
-    monkeypatch.setattr(subject_fit, "mutual_information", lambda *a, **k: next(curve))
+    monkeypatch.setattr(fit_handlers, "mutual_information", lambda *a, **k: next(curve))
     t1, t2 = _simulate(_phantom((12, 12, 8)))
     fit = SubjectFitter(epochs=12, max_seconds=None, **TINY).fit(t1, t2)
     assert fit.log["stop_reason"] == "mi_plateau" and fit.log["stop_epoch"] == 7
@@ -238,10 +239,12 @@ def test_fit_subject_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, cap
 def test_defaults_agree_between_fitter_cli_and_bundle():
     from monai.bundle import ConfigParser
 
-    sig = {k: v.default for k, v in inspect.signature(SubjectFitter.__init__).parameters.items() if k != "self"}
+    sig = {f.name: f.default for f in dataclasses.fields(SubjectFitOptions)}  # SubjectFitter(**settings) defaults
+    runtime = {k for k in inspect.signature(SubjectFitter.__init__).parameters if k not in ("self", "settings")}
+    assert runtime == {"device", "chunk_size", "progress"}
     for name in ("train.yaml", "inference.yaml"):
         fit = ConfigParser.load_config_file(str(REPO / "bundles/ssmcsr/configs" / name))["fit"]
-        assert set(fit) == set(sig) - {"device", "chunk_size", "progress"}, name
+        assert set(fit) == set(sig), name
         for key, value in fit.items():
             assert sig[key] == value, (name, key)
     args = build_parser().parse_args(["fit-subject", "--t1", "a", "--t2", "b", "--spacing", "1", "--out", "o"])
