@@ -33,6 +33,7 @@ from nexus_monai.data.datalist import (  # noqa: F401  (re-exported: the public 
     write_datalist,
 )
 from nexus_monai.data.io import load_volume
+from nexus_monai.data.synth import ensure_embedded_dataset
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import as_affine
 
@@ -142,8 +143,6 @@ def resolve_datalist(dataset_dir: str | os.PathLike | None = None, seed: int = 0
     * a BraTS root: discovered, split with ``seed`` (48/10/15) and written (absolute paths) to
       ``<cache>/datalists/<folder name>_s<seed>.json``.
     """
-    from nexus_monai.data.synth import ensure_embedded_dataset  # lazy: the generator is only needed here
-
     if dataset_dir in (None, "", "embedded"):
         return ensure_embedded_dataset(subjects=embedded_subjects, seed=seed)
     path = Path(dataset_dir)

@@ -8,8 +8,10 @@ coordinates in mm (RAS, as nibabel reads them). Every problem with a file is rai
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -43,9 +45,6 @@ def check_nifti_file(path: str | os.PathLike) -> tuple[int, ...]:
     data byte present (a ``.nii.gz`` is decompressed as a stream, so truncation shows). Returns the
     shape; raises :class:`NexusInputError` otherwise. For checking a whole datalist before a long run.
     """
-    import gzip
-    import zlib
-
     path = Path(path)
     img = _read_nifti(path)
     shape = tuple(int(s) for s in img.shape)

@@ -21,6 +21,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -223,8 +224,6 @@ class TrainingCheckpoint:
 
     def _prune(self, engine: Engine) -> None:
         """Remove checkpoints this run did not write (earlier runs', skipped ones) once it has saved its own."""
-        import ignite.distributed as idist
-
         keep = set(self.saver.saved_files()) if self.saver is not None else set()
         if not keep or idist.get_rank() != 0:
             return

@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from nexus_monai.data.io import write_text_atomic
@@ -41,8 +42,6 @@ def read_run_record(folder: str | os.PathLike) -> dict | None:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
