@@ -37,7 +37,13 @@ from monai.data import MetaTensor
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.transforms.acquisition import PROFILES
-from nexus_monai.transforms.consistency import AcquisitionModel, back_project, consistency_threshold, correct_toward_data, lr_residual
+from nexus_monai.transforms.consistency import (
+    AcquisitionModel,
+    back_project,
+    consistency_threshold,
+    correct_toward_data,
+    lr_residual,
+)
 
 __all__ = ["GuardOptions", "consistency_guard", "CONSISTENCY_NAMES"]
 
@@ -67,7 +73,8 @@ class GuardOptions:
         if not (self.k >= 0 and self.floor >= 0 and int(self.iterations) >= 0 and 0 < self.step <= 2):
             raise NexusInputError(None, "guard: k and floor must be >= 0, iterations >= 0, 0 < step <= 2")
         if self.profile not in PROFILES:
-            raise NexusInputError(None, f"guard: unknown slice profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+            raise NexusInputError(None, f"guard: unknown slice profile {self.profile!r}; "
+                                        f"choose one of {', '.join(PROFILES)}")
 
 
 def _rms(r: torch.Tensor, covered: torch.Tensor) -> float:
@@ -91,15 +98,17 @@ def consistency_guard(pred: Mapping[str, MetaTensor], lr: Mapping[str, MetaTenso
         threshold, sigma = consistency_threshold(lr[c], o.k, o.floor)
         x0 = x.as_subclass(torch.Tensor)[0].float()
         r0 = lr_residual(model, x0)
-        entry = {"thick_axis": model.axis, "factor": round(model.factor, 4), "noise_sigma": sigma, "threshold": threshold,
-                 "residual_rms_before": _rms(r0, model.covered), "voxels_above_before": int((r0.abs() > threshold).sum())}
+        entry = {"thick_axis": model.axis, "factor": round(model.factor, 4), "noise_sigma": sigma,
+                 "threshold": threshold, "residual_rms_before": _rms(r0, model.covered),
+                 "voxels_above_before": int((r0.abs() > threshold).sum())}
         if o.correct and o.iterations > 0 and entry["voxels_above_before"]:
             x1, stats = correct_toward_data(model, x0, threshold, o.iterations, o.step)
             entry["excess_l2"] = [stats["excess_l2_before"], stats["excess_l2_after"]]
         else:
             x1 = x0
         r1 = lr_residual(model, x1) if x1 is not x0 else r0
-        entry.update({"residual_rms_after": _rms(r1, model.covered), "voxels_above_after": int((r1.abs() > threshold).sum()),
+        entry.update({"residual_rms_after": _rms(r1, model.covered),
+                      "voxels_above_after": int((r1.abs() > threshold).sum()),
                       "corrected": x1 is not x0})
         outputs[c] = MetaTensor(x1[None].to(x.dtype), affine=grid.affine.clone()) if x1 is not x0 else x
         maps[c] = MetaTensor(back_project(model, r1)[None], affine=grid.affine.clone())

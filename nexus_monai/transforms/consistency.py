@@ -43,7 +43,8 @@ from nexus_monai.geometry import (
 )
 from nexus_monai.transforms.acquisition import apply_along_axis, num_thick_slices, slice_profile_matrix
 
-__all__ = ["natural_hr_grid", "thick_axis_of", "AcquisitionModel", "lr_residual", "back_project", "estimate_noise_sigma",
+__all__ = ["natural_hr_grid", "thick_axis_of", "AcquisitionModel", "lr_residual", "back_project",
+           "estimate_noise_sigma",
            "consistency_threshold", "correct_toward_data", "ISOTROPIC_TOLERANCE"]
 
 ISOTROPIC_TOLERANCE = 1e-3  # relative spacing difference below which a scan counts as isotropic
@@ -89,7 +90,8 @@ def _resample(volume: torch.Tensor, affine, grid: TargetGrid, chunk: int = 1 << 
     affine = as_affine(affine)
     out = torch.empty(grid.num_voxels, dtype=torch.float32)
     for start, stop, world in grid.iter_world_chunks(chunk):
-        out[start:stop] = sample_at_world(vol, affine.float(), world, padding_mode="border")[0] * _inside(world, affine, volume.shape)
+        inside = _inside(world, affine, volume.shape)
+        out[start:stop] = sample_at_world(vol, affine.float(), world, padding_mode="border")[0] * inside
     return out.reshape(grid.shape)
 
 
@@ -243,5 +245,6 @@ def correct_toward_data(model: AcquisitionModel, x: torch.Tensor, threshold: flo
         if history[-1] < best_e:
             best, best_e = x, history[-1]
     voxels_after = int((excess(best) != 0).sum()) if best is not x else int((e != 0).sum())
-    return best, {"excess_l2_before": first["excess_l2"], "excess_l2_after": best_e, "voxels_above_before": first["voxels_above"],
+    return best, {"excess_l2_before": first["excess_l2"], "excess_l2_after": best_e,
+                  "voxels_above_before": first["voxels_above"],
                   "voxels_above_after": voxels_after, "region_voxels": int(region.sum()), "excess_l2_history": history}

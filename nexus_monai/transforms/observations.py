@@ -111,10 +111,11 @@ def lr_observations(lr: MetaTensor, scale: float, normalizer: WorldNormalizer, f
     if forward_model == "profile" and isinstance(acquired, Mapping) and float(acquired.get("factor", 1.0)) > 1.0:
         axis, factor = int(acquired["axis"]), float(acquired["factor"])  # simulated here: the exact setting
     elif forward_model == "profile":
-        axis, factor = thick_axis_of(MetaTensor(x, affine=affine))  # (None, 1.0) for an isotropic scan: the point model is exact
+        # (None, 1.0) for an isotropic scan: the point model is its exact forward model
+        axis, factor = thick_axis_of(MetaTensor(x, affine=affine))
     if axis is None:
-        return LRObservations(centres, targets, torch.zeros(len(targets), dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1),
-                              torch.zeros(3), None, 1.0)
+        return LRObservations(centres, targets, torch.zeros(len(targets), dtype=torch.long), torch.zeros(1, 1),
+                              torch.ones(1, 1), torch.zeros(3), None, 1.0)
     hr = natural_hr_grid(x.shape, affine, axis, factor)
     step = (hr.affine[:3, axis] / normalizer.scale).float()  # one HR voxel along the thick axis
     offsets, weights = _profile_taps(x.shape[axis], factor, profile, tap_threshold)
