@@ -22,6 +22,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from nexus_monai.errors import NexusInputError
+
 __all__ = ["package_file", "metadata_schema_path", "bundle_root", "bundle_root_of", "default_bundle"]
 
 
@@ -102,13 +104,13 @@ def bundle_root() -> str:
 def default_bundle(name: str) -> Path:
     """``bundles/<name>`` next to the package in a source checkout (``NEXUS_MONAI_BUNDLES`` overrides the folder).
 
-    Raises ``FileNotFoundError`` with a one-line hint when there is no such folder (e.g. a
-    non-editable install): pass ``--bundle DIR``.
+    Raises :class:`~nexus_monai.errors.NexusInputError` (one line, with a hint) when there is no
+    such folder (e.g. a non-editable install): pass ``--bundle DIR``.
     """
     env = os.environ.get("NEXUS_MONAI_BUNDLES")
     base = Path(env) if env else Path(__file__).resolve().parents[1] / "bundles"
     path = base / name
     if not (path / "configs").is_dir():
-        raise FileNotFoundError(f"bundle '{name}' not found at {path}: pass --bundle /path/to/{name} "
-                                f"(or set NEXUS_MONAI_BUNDLES to the folder holding the bundles)")
+        raise NexusInputError(path, f"bundle '{name}' not found here: pass --bundle /path/to/{name} "
+                                    f"(or set NEXUS_MONAI_BUNDLES to the folder holding the bundles)")
     return path

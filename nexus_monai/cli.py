@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from nexus_monai import __version__
+from nexus_monai.bundle_paths import default_bundle
+from nexus_monai.cli_help import HelpfulParser
 from nexus_monai.errors import NexusInputError, check_number, find_input_error
 
 __all__ = ["main", "build_parser"]
@@ -344,7 +347,9 @@ def _add_grid_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nexus-sr", description="Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI).")
+    p = HelpfulParser(prog="nexus-sr", description="Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI).",
+                      epilog="example:\n  nexus-sr predict --help    (every command's --help ends with an example)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write the embedded simulated BraTS-format dataset (public template anatomy)")
@@ -380,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_baseline)
 
     pr = sub.add_parser("predict", help="super-resolve a subject's T1w + T2w LR scans with a trained bundle (Nexus-INR)")
-    pr.add_argument("--bundle", default="bundles/nexus_inr", help="bundle folder (configs/inference.yaml, models/model.pt)")
+    pr.add_argument("--bundle", default=None,
+                    help="bundle folder (configs/inference.yaml, models/model.pt); default: the checkout's bundles/nexus_inr")
     pr.add_argument("--config", action="append", help="config overlay the checkpoint was trained with (e.g. configs/paper.yaml); repeatable")
     pr.add_argument("--weights", help="checkpoint path (default <bundle>/models/model.pt)")
     pr.add_argument("--t1", required=True, help="T1w LR NIfTI")
@@ -403,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
     e.add_argument("--data", required=True, help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the bundles' default simulated dataset)")
-    e.add_argument("--methods", default="trilinear,cubic", help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr")
+    e.add_argument("--methods", default="trilinear,cubic", help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_refined (NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
     e.add_argument("--split", default="test", help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only anatomy family)")
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
@@ -422,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     bm = sub.add_parser("benchmark", help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training steps/s")
-    bm.add_argument("--bundle", default="bundles/nexus_inr", help="bundle folder (network_def, loss and training setting of configs/train.yaml)")
+    bm.add_argument("--bundle", default=None,
+                    help="bundle folder (network_def, loss, training setting of configs/train.yaml); default: the checkout's bundles/nexus_inr")
     bm.add_argument("--config", action="append", help="config overlay over train.yaml (e.g. bundles/nexus_inr/configs/paper.yaml); repeatable")
     bm.add_argument("--weights", help="checkpoint (default <bundle>/models/model.pt if present, else random weights: same cost)")
     bm.add_argument("--random-weights", action="store_true", help="ignore any checkpoint: seeded random weights (same cost)")
@@ -442,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.set_defaults(func=cmd_benchmark)
 
     sv = sub.add_parser("serve", help="MONAI-Label-style REST service: GET /info/, POST /infer/{model} with NIfTI uploads")
-    sv.add_argument("--bundle", action="append", help="bundle folder to serve, named by its folder (default bundles/nexus_inr); repeatable")
+    sv.add_argument("--bundle", action="append",
+                    help="bundle folder to serve, named by its folder (default: the checkout's bundles/nexus_inr); repeatable")
     sv.add_argument("--config", action="append", help="config overlay the checkpoint was trained with; [MODEL=]PATH, repeatable")
     sv.add_argument("--weights", action="append", help="checkpoint; [MODEL=]PATH (default <bundle>/models/model.pt)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
@@ -497,9 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_bundle(args: argparse.Namespace) -> None:
+    """No ``--bundle``: the source checkout's ``bundles/nexus_inr`` from any folder, or a one-line error with a hint."""
+    if args.command in ("predict", "benchmark") and args.bundle is None:
+        args.bundle = str(default_bundle("nexus_inr"))
+    elif args.command == "serve" and not args.bundle:
+        args.bundle = [str(default_bundle("nexus_inr"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _default_bundle(args)
         return args.func(args)
     except Exception as err:
         found = find_input_error(err)

@@ -66,7 +66,9 @@ def test_bundle_root_without_a_workflow_asks_for_it(monkeypatch):
 def test_default_bundle_hint(tmp_path, monkeypatch):
     assert bundle_paths.default_bundle("nexus_inr") == REPO / "bundles" / "nexus_inr"
     monkeypatch.setenv("NEXUS_MONAI_BUNDLES", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="pass --bundle"):
+    from nexus_monai.errors import NexusInputError
+
+    with pytest.raises(NexusInputError, match="pass --bundle"):
         bundle_paths.default_bundle("nexus_inr")
 
 
