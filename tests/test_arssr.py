@@ -107,11 +107,9 @@ TINY = {"patch_size": [16, 16, 16], "num_points": 128}  # the default (small) ne
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from test_evaluate import make_tiny_bundle_dataset
-
+def trained(tmp_path_factory, tiny_bundle_dataset):
     tmp = tmp_path_factory.mktemp("arssr")
-    data = make_tiny_bundle_dataset(tmp / "data", n=3)
+    data = tiny_bundle_dataset(tmp / "data", n=3)
     cwd = os.getcwd()
     os.chdir(REPO)  # the configs include bundles/nexus_inr and transforms/ relative to the repository root
     try:
@@ -124,6 +122,7 @@ def trained(tmp_path_factory):
     return tmp, data
 
 
+@pytest.mark.integration
 def test_bundle_trains_with_random_scales_and_evaluates_through_nexus_sr(trained, tmp_path):
     tmp, data = trained
     models = tmp / "arssr" / "models"

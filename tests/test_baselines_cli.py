@@ -91,6 +91,7 @@ def test_command_errors_are_one_line_and_write_nothing(tmp_path, args, needle, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.nii.gz", "hr.nii.gz"]
 
 
+@pytest.mark.integration
 def test_real_console_entry_point_prints_one_error_line(tmp_path):
     """The installed module entry point (a fresh interpreter): exit code 2 and one stderr line."""
     res = subprocess.run(

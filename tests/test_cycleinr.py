@@ -24,8 +24,6 @@ from nexus_monai.transforms import RandPairedPatchd
 from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition, slice_profile_matrix
 from nexus_monai.transforms.lines import SampleThickAxisLinesd, thick_axis_operator
 
-from test_evaluate import make_tiny_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = {"encoder": "rdn", "features": 8, "encoder_options": {"blocks": 1, "layers": 2, "growth": 8},
             "decoder_hidden": 32, "decoder_layers": 2, "attn_heads": 2}
@@ -166,10 +164,10 @@ def test_training_steps_fit_a_batch_better_than_trilinear():
 
 # --- the bundle end to end --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
+def tiny_bundle(tmp_path_factory, tiny_dataset):
     """Train bundles/cycleinr for one tiny epoch on 3 tiny subjects (6 mm voxels) in a subprocess."""
     tmp = tmp_path_factory.mktemp("cycleinr")
-    data = make_tiny_dataset(tmp / "data", n=3)
+    data = tiny_dataset(tmp / "data", n=3)
     content = json.loads((data / "dataset.json").read_text())
     content["training"] = content["test"]
     content["validation"] = content["test"][:1]
@@ -183,6 +181,7 @@ def tiny_bundle(tmp_path_factory):
     return {"data": data, "ckpt": tmp / "models" / "model.pt", "tmp": tmp}
 
 
+@pytest.mark.integration
 def test_bundle_trains_and_evaluates_through_nexus_sr(tiny_bundle, tmp_path):
     assert tiny_bundle["ckpt"].is_file() and (tiny_bundle["tmp"] / "eval" / "validation_subjects.csv").is_file()
     out = tmp_path / "res"
@@ -197,6 +196,7 @@ def test_bundle_trains_and_evaluates_through_nexus_sr(tiny_bundle, tmp_path):
     assert (cyc["psnr_t1"] > 10).all()
 
 
+@pytest.mark.integration
 def test_mismatching_or_missing_checkpoint_fails_before_any_work(tiny_bundle, tmp_path, capsys):
     wrong = tmp_path / "wrong.pt"
     torch.save({"model": CycleINRPair(features=8).state_dict()}, wrong)

@@ -7,51 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from scipy import ndimage
 
+# Still imported from this module by test_crash_safety, test_bundle_paths, test_experiments and
+# test_nexus_inr_bundle; they can take the conftest fixtures tiny_dataset / tiny_bundle_dataset instead.
+from conftest import make_tiny_bundle_dataset, make_tiny_dataset  # noqa: F401
 from nexus_monai.cli import main
-from nexus_monai.data.brats import discover_brats, make_datalist, write_datalist
 from nexus_monai.evaluation.methods import METHODS, register_method
 from nexus_monai.geometry import make_affine
-
-
-def _brain(shape, seed):
-    rng = np.random.default_rng(seed)
-    c = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-    mask = (c**2).sum(-1) < 0.8
-    tissue = ndimage.gaussian_filter(rng.random(shape), 1.5)
-    return mask, tissue
-
-
-def make_tiny_dataset(root, n=3):
-    affine = make_affine((6.0, 6.0, 6.0), (-105, -105, -75)).numpy()
-    shape = (36, 36, 24)
-    for i in range(n):
-        sid = f"BraTS20_Training_{i:03d}"
-        mask, tissue = _brain(shape, i)
-        t1 = np.where(mask, 100 + 400 * tissue, 0).astype(np.float32)
-        t2 = np.where(mask, 900 - 500 * tissue, 0).astype(np.float32)
-        seg = np.zeros(shape, np.uint8)
-        seg[15:19, 15:19, 10:13] = 2
-        seg[16:18, 16:18, 11] = 4
-        for mod, data in (("t1", t1), ("t1ce", t1), ("t2", t2), ("flair", t2), ("seg", seg)):
-            (root / sid).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(data, affine), str(root / sid / f"{sid}_{mod}.nii.gz"))
-    subjects = discover_brats(root)
-    write_datalist(root / "dataset.json", make_datalist(subjects, seed=0, proportions=(0, 0, 1), base_dir=root))
-    return root
-
-
-def make_tiny_bundle_dataset(root, n=3):
-    """``make_tiny_dataset`` with every subject in every split (bundle tests train, validate and
-    test on the same 3 tiny subjects)."""
-    root = make_tiny_dataset(root, n=n)
-    dl = make_datalist(discover_brats(root), seed=0, base_dir=root)
-    everyone = sorted(dl["training"] + dl["validation"] + dl["test"], key=lambda s: s["subject"])
-    dl["training"] = dl["validation"] = dl["test"] = everyone
-    write_datalist(root / "dataset.json", dl)
-    return root
-
 
 if "broken_for_test" not in METHODS:
 
@@ -60,8 +22,8 @@ if "broken_for_test" not in METHODS:
         raise RuntimeError("this method always fails")
 
 
-def test_evaluate_interpolation_table(tmp_path, capsys):
-    data = make_tiny_dataset(tmp_path / "data")
+def test_evaluate_interpolation_table(tiny_dataset, tmp_path, capsys):
+    data = tiny_dataset(tmp_path / "data")
     out = tmp_path / "res"
     code = main(["evaluate", "--data", str(data), "--methods", "trilinear,cubic,broken_for_test", "--protocol", "nexus", "--out", str(out), "--quiet", "--no-mlflow"])
     assert code == 0
@@ -87,15 +49,15 @@ def test_evaluate_interpolation_table(tmp_path, capsys):
     assert math.isclose(table.loc[0, "psnr_t1_mean"], tri["psnr_t1"].mean(), rel_tol=1e-9)
 
 
-def test_evaluate_ssmcsr_protocol_reports_mi_errors(tmp_path):
-    data = make_tiny_dataset(tmp_path / "data", n=1)
+def test_evaluate_ssmcsr_protocol_reports_mi_errors(tiny_dataset, tmp_path):
+    data = tiny_dataset(tmp_path / "data", n=1)
     assert main(["evaluate", "--data", str(data / "dataset.json"), "--methods", "trilinear", "--protocol", "ssmcsr", "--no-lpips", "--out", str(tmp_path / "r"), "--quiet", "--no-mlflow"]) == 0
     md = (tmp_path / "r" / "table1.md").read_text()
     assert "ε_MI^T1" in md and "z×4" in md
 
 
-def test_evaluate_bad_data_is_one_line(tmp_path, capsys):
-    data = make_tiny_dataset(tmp_path / "data", n=1)
+def test_evaluate_bad_data_is_one_line(tiny_dataset, tmp_path, capsys):
+    data = tiny_dataset(tmp_path / "data", n=1)
     sid = "BraTS20_Training_000"
     seg = np.zeros((36, 36, 24), np.uint8)
     seg[0, 0, 0] = 3
@@ -105,8 +67,8 @@ def test_evaluate_bad_data_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and f"{sid}_seg.nii.gz" in err[0] and "[3]" in err[0]
 
 
-def test_unknown_method_and_missing_datalist_file_fail_before_any_work(tmp_path, capsys):
-    data = make_tiny_dataset(tmp_path / "data", n=2)
+def test_unknown_method_and_missing_datalist_file_fail_before_any_work(tiny_dataset, tmp_path, capsys):
+    data = tiny_dataset(tmp_path / "data", n=2)
     out = tmp_path / "r"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear,nope", "--out", str(out), "--quiet", "--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -121,10 +83,10 @@ def test_unknown_method_and_missing_datalist_file_fail_before_any_work(tmp_path,
     assert "not a cohort bundle" in capsys.readouterr().err
 
 
-def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monkeypatch):
+def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")  # honoured (one store everywhere)
-    data = make_tiny_dataset(tmp_path / "data", n=2)
+    data = tiny_dataset(tmp_path / "data", n=2)
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear,broken_for_test", "--no-lpips", "--quiet", "--run-name", "tiny_eval", "--out", str(out)]) == 0
     from mlflow.tracking import MlflowClient
@@ -144,12 +106,12 @@ def test_evaluate_logs_a_named_mlflow_run_with_tables_and_panels(tmp_path, monke
     assert any(a.path.startswith("images/panel_") for a in client.list_artifacts(run.info.run_id, "images"))
 
 
-def test_select_subjects_embedded_uses_the_bundles_datalist(tmp_path, monkeypatch):
+def test_select_subjects_embedded_uses_the_bundles_datalist(tiny_dataset, tmp_path, monkeypatch):
     """``--data embedded`` resolves to the same datalist the bundles train on (dataset_dir: embedded)."""
     import nexus_monai.evaluation.table1 as table1
     from nexus_monai.evaluation.table1 import select_subjects
 
-    data = make_tiny_dataset(tmp_path / "data")
+    data = tiny_dataset(tmp_path / "data")
     seen = []
     monkeypatch.setattr(table1, "resolve_datalist", lambda d, seed=0: seen.append((d, seed)) or data / "dataset.json")
     subjects = select_subjects("embedded", "test", seed=3)
@@ -188,10 +150,10 @@ def add_lesion_maps(root, which=(0,), value=1001):
     return root
 
 
-def test_evaluate_reports_lesion_fidelity_and_training_budget(tmp_path, monkeypatch):
+def test_evaluate_reports_lesion_fidelity_and_training_budget(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
-    data = add_lesion_maps(make_tiny_dataset(tmp_path / "data", n=2))
+    data = add_lesion_maps(tiny_dataset(tmp_path / "data", n=2))
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear,oracle_for_test", "--no-lpips", "--quiet", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "per_subject.csv").set_index(["method", "subject"])
@@ -219,8 +181,8 @@ def test_evaluate_reports_lesion_fidelity_and_training_budget(tmp_path, monkeypa
     assert run.data.metrics["trilinear/lesion_kept_t2_mean"] in (0.0, 1.0)
 
 
-def test_evaluate_bad_lesion_map_fails_before_any_work(tmp_path, capsys):
-    data = add_lesion_maps(make_tiny_dataset(tmp_path / "data", n=1), value=4001)  # class 4 does not exist
+def test_evaluate_bad_lesion_map_fails_before_any_work(tiny_dataset, tmp_path, capsys):
+    data = add_lesion_maps(tiny_dataset(tmp_path / "data", n=1), value=4001)  # class 4 does not exist
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--methods", "trilinear", "--no-lpips", "--quiet", "--out", str(out), "--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip()

@@ -108,12 +108,11 @@ def test_inference_config_repeats_the_training_network(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_bundle_dataset
-
-    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("sliceaw") / "data", n=3)
+def tiny_data(tmp_path_factory, tiny_bundle_dataset):
+    return tiny_bundle_dataset(tmp_path_factory.mktemp("sliceaw") / "data", n=3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["saint", "i3net"])
 def test_bundle_train_evaluate_infer_and_method(name, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # bundles include transforms/*.yaml relative to the repository root

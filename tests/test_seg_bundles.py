@@ -25,12 +25,11 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_bundle_dataset
-
-    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("segdata") / "data", n=3)
+def tiny_data(tmp_path_factory, tiny_bundle_dataset):
+    return tiny_bundle_dataset(tmp_path_factory.mktemp("segdata") / "data", n=3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["seg_unet", "seg_transunet"])
 def test_segmentation_bundle_train_evaluate_infer_and_table5(name, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # bundles include transforms/*.yaml relative to the repository root
@@ -120,6 +119,7 @@ def test_inputs_off_the_label_grid_are_resampled_with_a_warning(caplog):
     assert rows[0]["empty_cases"] == 1  # ET: prediction empty, GT not -> counted
 
 
+@pytest.mark.integration
 def test_multi_gpu_overlay_runs_two_gloo_processes(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 with the DDP overlay (gloo on CPU) trains, validates, saves."""
     import subprocess

@@ -257,10 +257,8 @@ def test_defaults_agree_between_fitter_cli_and_bundle():
 
 
 # --- evaluate methods and bundle -------------------------------------------------------------------
-def test_evaluate_runs_the_three_ssmcsr_methods(tmp_path, monkeypatch):
-    from test_evaluate import make_tiny_dataset
-
-    data = make_tiny_dataset(tmp_path / "data", n=1)
+def test_evaluate_runs_the_three_ssmcsr_methods(tiny_dataset, tmp_path, monkeypatch):
+    data = tiny_dataset(tmp_path / "data", n=1)
     monkeypatch.setenv("NEXUS_SSMCSR_OPTIONS", json.dumps({**TINY, "epochs": 2, "max_seconds": None}))
     out = tmp_path / "res"
     code = main(["evaluate", "--data", str(data), "--methods", "trilinear,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single",
@@ -272,13 +270,13 @@ def test_evaluate_runs_the_three_ssmcsr_methods(tmp_path, monkeypatch):
         assert np.isfinite(rows[col]).all(), col
 
 
-def test_bundle_fits_a_datalist_with_mlflow(tmp_path, monkeypatch):
+@pytest.mark.integration
+def test_bundle_fits_a_datalist_with_mlflow(tiny_dataset, tmp_path, monkeypatch):
     from monai.bundle import run as bundle_run
-    from test_evaluate import make_tiny_dataset
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    data = make_tiny_dataset(tmp_path / "data", n=2)
+    data = tiny_dataset(tmp_path / "data", n=2)
     bundle = tmp_path / "ssmcsr"
     shutil.copytree(REPO / "bundles/ssmcsr/configs", bundle / "configs")
     mlruns = f"sqlite:///{tmp_path}/mlruns.db"
@@ -297,6 +295,7 @@ def test_bundle_fits_a_datalist_with_mlflow(tmp_path, monkeypatch):
     assert {"psnr_t1", "gain_psnr_t2"} <= set().union(*(r.data.metrics.keys() for r in runs))
 
 
+@pytest.mark.integration
 def test_bundle_rejects_a_datalist_with_missing_files(tmp_path, monkeypatch):
     from monai.bundle import run as bundle_run
 
@@ -313,6 +312,7 @@ def test_bundle_rejects_a_datalist_with_missing_files(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "eval" / "s1").exists()
 
 
+@pytest.mark.integration
 def test_bundle_inference_fits_one_subject_onto_the_requested_grid(tmp_path, monkeypatch):
     from monai.bundle import run as bundle_run
 
