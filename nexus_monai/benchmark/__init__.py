@@ -42,5 +42,6 @@ from nexus_monai.benchmark.run import run_benchmark
 __all__ = [
     "DEFAULT_SIZE", "benchmark_inputs", "load_benchmark_network", "decoder_linears", "decoder_flops_per_point",
     "describe_network", "measure_gemm", "measure_peak_gemm", "time_inference", "time_trilinear", "training_batch",
-    "time_training", "machine_info", "run_benchmark", "format_report", "NetworkProfile", "attention_probe", "module_macs",
+    "time_training", "machine_info", "run_benchmark", "format_report", "NetworkProfile", "attention_probe",
+    "module_macs",
 ]

@@ -48,7 +48,8 @@ def inr_macs_per_sample(network: nn.Module) -> int:
     return int(macs)
 
 
-def time_fit(t1_lr, t2_lr, forward_model: str, peak_flops_per_s: float, max_seconds: float | None = None, **options) -> dict:
+def time_fit(t1_lr, t2_lr, forward_model: str, peak_flops_per_s: float, max_seconds: float | None = None,
+             **options) -> dict:
     """One epoch (or as much as ``max_seconds`` allows, then extrapolated) of a split-head fit.
 
     ``options`` go to :class:`SubjectFitter` (e.g. the authors' ``hidden=1024, batch_size=1000``).
@@ -75,7 +76,8 @@ def time_fit(t1_lr, t2_lr, forward_model: str, peak_flops_per_s: float, max_seco
     macs = inr_macs_per_sample(net)
     bound_s = samples * 3 * 2 * macs / peak_flops_per_s
     return {
-        "forward_model": forward_model, "hidden": o["hidden"], "trunk_layers": o["trunk_layers"], "head_hidden": o["head_hidden"],
+        "forward_model": forward_model, "hidden": o["hidden"], "trunk_layers": o["trunk_layers"],
+        "head_hidden": o["head_hidden"],
         "batch_size": o["batch_size"], "iterations_timed": iterations, "iterations_per_epoch": per_epoch,
         "extrapolated": iterations < per_epoch, "epoch_s": epoch_s, "observations_per_epoch": observations,
         "inr_samples_per_epoch": samples, "taps": taps, "observations_per_s": observations / epoch_s,

@@ -34,7 +34,8 @@ def warm_up(network: nn.Module) -> None:
         network.eval()(**batch, aux=False)
 
 
-def time_inference(network: nn.Module, inputs: Mapping, inferer, peak_flops_per_s: float, keep_output: bool = False) -> dict:
+def time_inference(network: nn.Module, inputs: Mapping, inferer, peak_flops_per_s: float,
+                   keep_output: bool = False) -> dict:
     """Whole-volume inference (``predict_volumes`` with ``inferer``) on ``inputs["grid"]``: time, the
     profile of every part (:class:`~nexus_monai.benchmark.flops.NetworkProfile`) and memory.
 

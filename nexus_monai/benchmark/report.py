@@ -27,7 +27,8 @@ def _parts_rows(add, r: Mapping, indent: str = "  ") -> None:
     for name, row in r["parts"].items():
         add((f"{indent}  {_PART_NAMES.get(name, name)}", f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
                                                           f"{row['attainable_s']:.2f} s / {_ratio(row['ratio_to_attainable'])}"))
-    add((f"{indent}  whole inference", f"{r['nexus_s']:.2f} s / {_si(r['flops'], 'FLOP')} / {r['attainable_s']:.2f} s / "
+    add((f"{indent}  whole inference",
+         f"{r['nexus_s']:.2f} s / {_si(r['flops'], 'FLOP')} / {r['attainable_s']:.2f} s / "
                                        f"{_ratio(r['whole_inference_ratio_to_attainable'])}"))
 
 
@@ -55,7 +56,8 @@ def format_report(r: Mapping) -> str:
     add("")
     peak = r["peak_gemm_flops_per_s"]
     runs = ", ".join(_si(p, "FLOP/s") for p in r["peak_gemm_runs_flops_per_s"])
-    add((f"peak fp32 GEMM ({r['peak_gemm_n']}^3 matmul, {r['peak_gemm_threads']} threads; best of runs {runs})", _si(peak, "FLOP/s")))
+    add((f"peak fp32 GEMM ({r['peak_gemm_n']}^3 matmul, {r['peak_gemm_threads']} threads; best of runs {runs})",
+         _si(peak, "FLOP/s")))
     plan = r.get("plan", {})
     tiling = (f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
               f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of {plan['chunk_size']:,}"
@@ -81,14 +83,17 @@ def format_report(r: Mapping) -> str:
         add(("  Nexus-INR", f"{b['nexus_s']:.2f} s, peak RSS {b['peak_rss_gib']:.2f} GiB"))
         _parts_rows(add, b)
         add(("  speed-up before / after (same run)", f"{r['speedup_before_to_after']:.2f} x"))
-        add(("  max |after - before| (outputs up to " + f"{r['max_abs_before']:.3g})", f"{r['max_abs_diff_before_after']:.2e}"))
+        add(("  max |after - before| (outputs up to " + f"{r['max_abs_before']:.3g})",
+             f"{r['max_abs_diff_before_after']:.2e}"))
     add(("  trilinear, both contrasts (SimpleITK)", f"{r['trilinear_s']:.2f} s"))
     add(("  ratio Nexus-INR / trilinear", f"{r['ratio_nexus_to_trilinear']:.1f} x"))
-    add(("  output voxels/s, Nexus-INR", f"{_si(r['voxels_per_s'], 'voxel/s')} ({_si(r['decoded_points_per_s'], 'point/s')} decoded)"))
+    add(("  output voxels/s, Nexus-INR",
+         f"{_si(r['voxels_per_s'], 'voxel/s')} ({_si(r['decoded_points_per_s'], 'point/s')} decoded)"))
     add(("memory (RSS)", ""))
     add(("  before inference (inputs + network loaded)", f"{r['rss_before_inference_gib']:.2f} GiB"))
     exact = "" if r["rss_peak_inference_exact"] else " (VmHWM not resettable: peak so far)"
-    add(("  peak during inference (after)", f"{r['peak_rss_gib']:.2f} GiB (+{r['rss_increase_inference_gib']:.2f} GiB){exact}"))
+    add(("  peak during inference (after)",
+         f"{r['peak_rss_gib']:.2f} GiB (+{r['rss_increase_inference_gib']:.2f} GiB){exact}"))
     add(("  peak of the process (ru_maxrss)", f"{r['rss_peak_process_gib']:.2f} GiB"))
     add(("decoder matmul bound", ""))
     add((f"  GEMM FLOP/s, addmm at the decoder shapes ({r['gemm_rows']:,} rows)", _si(r["gemm_flops_per_s"], "FLOP/s")))
@@ -115,6 +120,7 @@ def format_report(r: Mapping) -> str:
             add((what, f"epoch {run['epoch_s']:.1f} s, {_si(run['observations_per_s'], 'obs/s')}, "
                        f"{_si(run['inr_samples_per_s'], 'sample/s')}, GEMM bound {run['gemm_bound_epoch_s']:.1f} s "
                        f"({run['ratio_to_gemm_bound']:.1f} x), {run['epochs_in_14_min']:.1f} epochs in 14 min"))
-        add(("  the authors' code (their report, this machine kind, 2 mm pair)", f"{f['authors_epochs_in_14_min']} of 50 epochs in 14 min"))
+        add(("  the authors' code (their report, this machine kind, 2 mm pair)",
+             f"{f['authors_epochs_in_14_min']} of 50 epochs in 14 min"))
     width = max(len(row[0]) for row in rows if isinstance(row, tuple)) + 2
     return "\n".join(row if isinstance(row, str) else (row[0].ljust(width) + row[1]).rstrip() for row in rows)

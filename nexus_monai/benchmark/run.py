@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from nexus_monai.benchmark.flops import attention_probe
-from nexus_monai.benchmark.inputs import (DEFAULT_SIZE, T1_ACQUISITION, T2_ACQUISITION, benchmark_inputs, decoder_flops_per_point,
+from nexus_monai.benchmark.inputs import (DEFAULT_SIZE, T1_ACQUISITION, T2_ACQUISITION, benchmark_inputs,
+                                          decoder_flops_per_point,
                                           describe_network, load_benchmark_network)
 from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib
 from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
@@ -72,7 +73,8 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         torch.set_num_threads(int(threads))
     result: dict = {"machine": machine_info()}
     if network is None:
-        network, bundle_loss, bundle_settings, weights_desc = load_benchmark_network(bundle, overlays, weights, random_weights)
+        network, bundle_loss, bundle_settings, weights_desc = load_benchmark_network(bundle, overlays, weights,
+                                                                                     random_weights)
         loss = loss if loss is not None else bundle_loss
         settings = {**bundle_settings, **(settings or {})}
     else:
@@ -104,15 +106,18 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     before = None
     if compare_before:
         log("inference (before): encoders on the whole volumes, default layout")
-        before = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=None, channels_last=False),
+        before = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=None,
+                                                                     channels_last=False),
                                 peak_runs[0]["peak_gemm_flops_per_s"], keep_output=True)
         before.pop("_ru_maxrss_before_reset_gib")
     peak_runs.append(measure_peak_gemm(peak_gemm_n, gemm_repeats))
     peak = max(p["peak_gemm_flops_per_s"] for p in peak_runs)
-    result.update({"peak_gemm_n": peak_gemm_n, "peak_gemm_threads": torch.get_num_threads(), "peak_gemm_flops_per_s": peak,
+    result.update({"peak_gemm_n": peak_gemm_n, "peak_gemm_threads": torch.get_num_threads(),
+                   "peak_gemm_flops_per_s": peak,
                    "peak_gemm_runs_flops_per_s": [p["peak_gemm_flops_per_s"] for p in peak_runs]})
     result.update(_inference_fields(after, peak))
-    for k in ("decoded_points", "decoder_calls", "max_points_per_call", "rss_before_inference_gib", "rss_peak_inference_gib",
+    for k in ("decoded_points", "decoder_calls", "max_points_per_call", "rss_before_inference_gib",
+              "rss_peak_inference_gib",
               "rss_peak_inference_exact", "rss_increase_inference_gib"):
         result[k] = after[k]
     v = result["output_voxels"]
@@ -134,7 +139,8 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     del inputs
     gc.collect()
     log("attention probe and GEMM at the decoder shapes")
-    result["attention_probe"] = attention_probe(network, key_shape, min(chunk_size, result["plan"].get("chunk_size", chunk_size)),
+    result["attention_probe"] = attention_probe(network, key_shape, min(chunk_size, result["plan"].get("chunk_size",
+                                                                                                       chunk_size)),
                                                 peak, gemm_repeats)
     result.update(measure_gemm(network, result["max_points_per_call"] or chunk_size, gemm_repeats))
     result["decoder_flops_per_point"] = decoder_flops_per_point(network)
@@ -150,7 +156,8 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
             from nexus_monai.losses import NexusINRLoss
 
             loss = NexusINRLoss()
-        result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"], settings["num_points"],
+        result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"],
+                                    settings["num_points"],
                                     settings["learning_rate"], steps=train_steps))
     if fit:
         from nexus_monai.benchmark.fit import AUTHORS, embedded_subject, time_fit

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,7 +62,8 @@ def process_rss_bytes() -> float:
     return 0.0
 
 
-def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor], grid: TargetGrid) -> dict:
+def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor],
+         grid: TargetGrid, background: Mapping[str, float] | None = None) -> dict:
     """Tile shape, decode chunk size, halo and margin for this volume under the inferer's budget."""
     radius, margin = encoder_radius(net), window_margin(net)
     chunk = int(inferer.chunk_size)
@@ -76,9 +78,24 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
         tile = tuple(int(t) for t in inferer.tile_shape)
     else:
         lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in _CONTRASTS}
-        tile = plan_tile_shape(grid.shape, grid.affine, lr, net, budget, radius, margin)
-    return {"tiled": True, "tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius, "margin_voxels": margin,
+        occupied = _coarse_occupancy(inferer, vols, affines, grid, background) if inferer.skip_empty else None
+        tile = plan_tile_shape(grid.shape, grid.affine, lr, net, budget, radius, margin, occupied)
+    return {"tiled": True, "tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius,
+            "margin_voxels": margin,
             "tile_budget_gib": None if budget is None else budget / _GIB, "max_memory_gib": inferer.max_memory_gib}
+
+
+def _coarse_occupancy(inferer, vols, affines, grid: TargetGrid, background: Mapping[str, float] | None,
+                      samples: int = 300_000) -> np.ndarray:
+    """Output voxel indices ``(N, 3)`` of a regular sub-sample of the grid (about ``samples`` points)
+    where ``skip_empty`` would decode: for planning only (which tiles hold something to decode)."""
+    step = max(1, round((grid.num_voxels / samples) ** (1 / 3)))
+    axes = [torch.arange(0, n, step, dtype=torch.int64) for n in grid.shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    world = voxel_to_world(idx.to(torch.float64), grid.affine).to(torch.float32).to(vols["t1"].device)
+    bg = background or {}
+    signal = sum(sample_at_world(vols[c] - float(bg.get(c, 0.0)), affines[c], world[None])[0, 0].abs() for c in _CONTRASTS)
+    return idx[(signal > 0).cpu()].numpy()
 
 
 def _tile_world(grid: TargetGrid, lo, hi) -> torch.Tensor:
@@ -99,7 +116,7 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
     if not tileable(net):
         return False
     with torch.inference_mode():
-        info = plan(inferer, net, vols, affines, grid)
+        info = plan(inferer, net, vols, affines, grid, background)
         radius, margin, chunk = info["halo_voxels"], info["margin_voxels"], info["chunk_size"]
         device = vols["t1"].device
         views = {c: out[c].view(grid.shape) for c in _CONTRASTS}

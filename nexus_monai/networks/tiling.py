@@ -33,10 +33,12 @@ from torch import nn
 from nexus_monai.networks.encoders import channels_last_convs
 
 __all__ = [
-    "receptive_radius", "encoder_radius", "window_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point", "core_box",
+    "receptive_radius", "encoder_radius", "window_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point",
+    "core_box",
     "encode_box", "plan_tile_shape", "iter_boxes", "tile_memory_bytes",
 ]
 
+MIN_TILE_EDGE = 8
 _SPATIAL = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.Upsample, nn.modules.conv._ConvTransposeNd)
 
 
@@ -63,10 +65,11 @@ def encoder_radius(network: nn.Module) -> int:
 
 
 def window_margin(network: nn.Module) -> int:
-    """Voxels a query may read beyond its own continuous index: trilinear corners (1) + the widest
-    KD-Attn window radius + 1 for rounding."""
+    """Voxels a query at continuous index ``i`` may read below ``floor(i)`` (above: ``floor(i) + 1`` and
+    this many more; :func:`core_box` adds both): the widest KD-Attn window radius (the window is centred
+    on ``round(i)``) + 1 for float rounding between crop and whole-grid indices."""
     half = [int(w) // 2 for m in network.modules() if hasattr(m, "window") and hasattr(m, "offsets") for w in m.window]
-    return 2 + max(half, default=0)
+    return 1 + max(half, default=0)
 
 
 def encoder_bytes_per_voxel(encoder: nn.Module) -> int:
@@ -80,7 +83,8 @@ def decode_bytes_per_point(network: nn.Module) -> int:
     """Upper estimate of ``network.decode``'s working memory per query point (float32): the KD-Attn
     window (gathered keys/values, positional embedding, scores), lookups and the decoder MLPs."""
     c = int(getattr(network, "features", 64))
-    window = max((len(m.offsets) for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")), default=0)
+    attns = [m for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")]
+    window = max((len(m.offsets) for m in attns), default=0)
     hidden = max((m.out_features for m in network.modules() if isinstance(m, nn.Linear)), default=c)
     return 4 * window * (8 * c + 8) + 4 * (16 * c + 4 * hidden) + 256
 
@@ -165,11 +169,15 @@ def tile_memory_bytes(tile: np.ndarray, lr: Sequence[tuple[np.ndarray, Sequence[
     return work + maps + tile.prod(1) * 96, voxels
 
 
-def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor, lr: Mapping[str, tuple[Sequence[int], torch.Tensor]],
-                    network: nn.Module, budget_bytes: float, radius: int | None = None, margin: int | None = None) -> tuple[int, int, int]:
+def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor,
+                    lr: Mapping[str, tuple[Sequence[int], torch.Tensor]], network: nn.Module, budget_bytes: float,
+                    radius: int | None = None, margin: int | None = None,
+                    occupied: np.ndarray | None = None) -> tuple[int, int, int]:
     """Output-tile shape that minimises the encoder voxels computed (halos included, whole grid)
     among the shapes whose :func:`tile_memory_bytes` fits ``budget_bytes`` (the smallest-memory
-    shape if none does). ``lr``: ``{modality: (LR shape, LR affine)}``."""
+    shape if none does). ``lr``: ``{modality: (LR shape, LR affine)}``. ``occupied``: output voxel
+    indices ``(N, 3)`` with a point to decode (e.g. a coarse sample); then only the tiles holding
+    one count (empty tiles are skipped at inference)."""
     radius = encoder_radius(network) if radius is None else radius
     margin = window_margin(network) if margin is None else margin
     enc_bytes = max(encoder_bytes_per_voxel(e) for e in network.encoders.values())
@@ -181,11 +189,28 @@ def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor, lr: Ma
         jac = (torch.linalg.inv(affine.double().cpu()) @ out_a)[:3, :3].numpy()
         n_enc = sum(1 for name in network.encoders if name.split("_")[0] == m)
         per_grid.append((jac, [int(s) for s in shape[-3:]], n_enc))
-    axes = [sorted({math.ceil(int(n) / k) for k in range(1, min(int(n), 48) + 1)}) for n in grid_shape]
+    # edges of at least MIN_TILE_EDGE voxels (or the whole axis): smaller tiles are all halo
+    edges = [{math.ceil(int(n) / k) for k in range(1, min(int(n), 48) + 1)} for n in grid_shape]
+    axes = [sorted(e for e in es if e >= min(MIN_TILE_EDGE, int(n))) for es, n in zip(edges, grid_shape)]
     tiles = np.array(list(itertools.product(*axes)), dtype=np.float64)
     memory, voxels = tile_memory_bytes(tiles, per_grid, radius, margin, enc_bytes, map_bytes)
     counts = np.prod(np.ceil(np.asarray(grid_shape, dtype=np.float64) / tiles), axis=1)
     cost = counts * voxels
     fits = memory <= budget_bytes
-    best = int(np.argmin(np.where(fits, cost, np.inf))) if fits.any() else int(np.argmin(memory))
-    return tuple(int(v) for v in tiles[best])
+    if not fits.any():
+        return tuple(int(v) for v in tiles[int(np.argmin(memory))])
+    if occupied is not None and len(occupied):
+        # tiles without a point to decode are skipped: count only the tiles holding an occupied sample
+        order = np.argsort(np.where(fits, cost, np.inf))[:600]
+        order = order[cost[order] <= 3.0 * cost[order[0]]]
+        occ = np.asarray(occupied, dtype=np.int64)
+        best_cost, best = np.inf, int(order[0])
+        for i in order:
+            t = tiles[i].astype(np.int64)
+            cells = np.ceil(np.asarray(grid_shape) / t).astype(np.int64)
+            key = ((occ[:, 0] // t[0]) * cells[1] + occ[:, 1] // t[1]) * cells[2] + occ[:, 2] // t[2]
+            c = np.count_nonzero(np.bincount(key, minlength=int(cells.prod()))) * voxels[i]
+            if c < best_cost:
+                best_cost, best = c, int(i)
+        return tuple(int(v) for v in tiles[best])
+    return tuple(int(v) for v in tiles[int(np.argmin(np.where(fits, cost, np.inf)))])
