@@ -239,3 +239,21 @@ def test_monailabel_request_passes_refine_and_guard_and_reports_the_residual(cas
     assert info["consistency"]["threshold"] > 0 and nib.load(path).shape == (8, 8, 8)
     data = prepare_request({"image": str(case["files"]["t1"]), "guard": "false", "spacing": 2})
     assert "consistency" not in write_result(predict_request(model, data, tmp_path), model.name)[1]
+
+
+def test_per_contrast_networks_predict_each_contrast_from_its_own_network(case):
+    import copy
+
+    from nexus_monai.engines.refine import PerContrastINR, contrast_networks
+
+    net, lr, grid = case["net"], case["lr"], TargetGrid(case["hr"].shape[-3:], case["hr"].affine)
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.decoders.parameters():
+            p.add_(0.05)
+    both = PerContrastINR(net, other)
+    assert contrast_networks(both) == {"t1": net, "t2": other} and contrast_networks(net) == {"t1": net, "t2": net}
+    pred = predict_volumes(both, lr["t1"], lr["t2"], grid)
+    a, b = predict_volumes(net, lr["t1"], lr["t2"], grid), predict_volumes(other, lr["t1"], lr["t2"], grid)
+    assert torch.allclose(pred["t1"].as_tensor(), a["t1"].as_tensor()) and torch.allclose(pred["t2"].as_tensor(), b["t2"].as_tensor())
+    assert not torch.allclose(a["t2"].as_tensor(), b["t2"].as_tensor())

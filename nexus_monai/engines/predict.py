@@ -23,7 +23,7 @@ from nexus_monai.data.io import load_volume, save_volume
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.consistency import CONSISTENCY_NAMES, consistency_guard
 from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
-from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, refine_network
+from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, contrast_networks, refine_network
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
@@ -125,7 +125,10 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
                                  progress=bool(getattr(inferer, "progress", False)),
                                  intensity_norm=getattr(inferer, "intensity_norm", "percentile"))
         network, report["refine"] = refined.network, refined.log
-    pred = predict_volumes(network, lr["t1"], lr["t2"], grid, inferer)
+    nets = contrast_networks(network)  # a refined model may hold one network per contrast
+    pred = predict_volumes(nets["t1"], lr["t1"], lr["t2"], grid, inferer)
+    if nets["t2"] is not nets["t1"]:
+        pred["t2"] = predict_volumes(nets["t2"], lr["t1"], lr["t2"], grid, inferer)["t2"]
     if guard:
         pred, maps, report["consistency"] = consistency_guard(pred, lr, grid)
     with staged_output_dir(out) as stage:

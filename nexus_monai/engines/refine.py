@@ -58,14 +58,14 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from nexus_monai.engines.inr import CONTRASTS
-from nexus_monai.transforms.observations import lr_observations
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import WorldNormalizer, as_affine, world_to_voxel
 from nexus_monai.transforms.acquisition import PROFILES
 from nexus_monai.transforms.intensity import reference_normalization
+from nexus_monai.transforms.observations import lr_observations
 
 __all__ = ["RefineOptions", "RefineResult", "PerContrastINR", "refine_network", "check_refine_seconds",
-           "lr_consistency_loss"]
+           "lr_consistency_loss", "contrast_networks"]
 
 
 def check_refine_seconds(value, source: str | None = "--refine") -> float:
@@ -148,6 +148,14 @@ class PerContrastINR(nn.Module):
 
     def forward(self, t1, t2, t1_affine, t2_affine, query_world, query_norm=None, aux: bool = False) -> dict:
         return self.decode(self.encode(t1, t2), t1, t2, t1_affine, t2_affine, query_world, query_norm)
+
+
+def contrast_networks(network: nn.Module) -> dict:
+    """``{"t1": net, "t2": net}``: the two networks of a :class:`PerContrastINR`, else ``network`` twice.
+
+    Predicting each contrast with its own plain network (instead of the wrapper) keeps the inferer's
+    memory-bounded tiled path, which needs a NexusINR."""
+    return dict(network.nets.items()) if isinstance(network, PerContrastINR) else {c: network for c in CONTRASTS}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from nexus_monai.baselines.smore import smore
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.bundle_model import bundle_folder, bundle_model
 from nexus_monai.engines.predict import predict_volumes
-from nexus_monai.engines.refine import RefineOptions, refine_network
+from nexus_monai.engines.refine import RefineOptions, contrast_networks, refine_network
 from nexus_monai.engines.run_record import read_run_record
 from nexus_monai.engines.subject_fit import SubjectFitter
 from nexus_monai.errors import NexusInputError
@@ -165,7 +165,11 @@ def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "b
     network, inferer = bundle_model(bundle, weights=weights)
     result = refine_network(network, inputs["t1_lr"], inputs["t2_lr"], refine_options,
                             intensity_norm=getattr(inferer, "intensity_norm", "percentile"))
-    return predict_volumes(result.network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+    nets = contrast_networks(result.network)  # one network per contrast when their best states differ
+    pred = predict_volumes(nets["t1"], inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+    if nets["t2"] is not nets["t1"]:
+        pred["t2"] = predict_volumes(nets["t2"], inputs["t1_lr"], inputs["t2_lr"], grid, inferer)["t2"]
+    return pred
 
 
 arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
