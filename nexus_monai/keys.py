@@ -9,7 +9,7 @@ value ``v * LESION_CLASS_STRIDE + n``. Classes: ``LESION_T2_ONLY`` (visible on T
 white-matter hyperintensities), ``LESION_T1_ONLY`` (visible on T1w only) and ``LESION_BOTH``
 (visible on both, e.g. perivascular spaces). Nearest-neighbour resampling keeps the encoding.
 
-Batch keys of the cohort INRs (written by :class:`~nexus_monai.transforms.query.RandQueryPointsd`,
+Batch keys of the cohort INRs (written by :class:`~nexus_monai.transforms.query.SampleQueryPointsd`,
 read by :func:`~nexus_monai.engines.inr.inr_inputs`): the LR scans ``lr_key(c)`` (``"t1_lr"``), the
 query points ``QUERY_WORLD`` (world mm) and ``QUERY_NORM`` (normalised), the HR values at the points
 ``query_key(c)`` (``"query_t1"``) and the tumour label ``QUERY_LABEL``.
