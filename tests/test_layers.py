@@ -85,7 +85,7 @@ def layer(name: str) -> int:
     for i, group in enumerate(LAYERS):
         if top in group:
             return i
-    raise AssertionError(f"{name}: its top-level name {top!r} is in no layer; add it to LAYERS in {Path(__file__).name}")
+    raise AssertionError(f"{name}: its top-level name {top!r} is in no layer; add it to LAYERS in test_layers.py")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:

@@ -5,7 +5,6 @@ Tiny volumes (<= 24^3 voxels) and tiny networks."""
 import dataclasses
 import inspect
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,11 +17,9 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from nexus_monai.baselines.interpolation import upsample
-from nexus_monai.baselines.lrtv import natural_hr_grid
 from nexus_monai.cli import build_parser, main
-from nexus_monai.engines.subject_fit import handlers as fit_handlers
 from nexus_monai.engines.subject_fit import MIPlateau, SubjectFitOptions, SubjectFitter, lr_observations
-from nexus_monai.errors import NexusInputError
+from nexus_monai.engines.subject_fit import handlers as fit_handlers
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, make_affine
 from nexus_monai.networks.ssmcsr import SSMCSRNet
 from nexus_monai.transforms import SimulateAnisotropicAcquisition, observations

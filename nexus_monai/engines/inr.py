@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import torch
 from ignite.metrics import Metric
-from monai.engines.utils import IterationEvents
 from monai.data import MetaTensor
+from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from tqdm.auto import tqdm
 

@@ -69,7 +69,8 @@ class Protocol:
         keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else [])
         data = self.simulation()(brats_loader(keys)(dict(subject)))
         if LESIONS in data and data[LESIONS].shape != data["t1"].shape:
-            raise NexusInputError(subject[LESIONS], f"protocol {self.name!r}: its frame transform does not list {LESIONS!r}")
+            raise NexusInputError(subject[LESIONS],
+                                  f"protocol {self.name!r}: its frame transform does not list {LESIONS!r}")
         return data
 
 

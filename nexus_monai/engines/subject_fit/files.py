@@ -126,7 +126,8 @@ class FitSubjectsReport:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.rows.extend(dict(r) for r in e.state.output))
+        engine.add_event_handler(Events.ITERATION_COMPLETED,
+                                 lambda e: self.rows.extend(dict(r) for r in e.state.output))
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _write(self, engine: Engine) -> None:
@@ -139,7 +140,8 @@ class FitSubjectsReport:
                 if len(vals):
                     summary[col] = float(vals.mean())
                     engine.state.metrics[col] = summary[col]
-        write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps({"subjects": len(frame), "mean": summary}, indent=2) + "\n")
+        text = json.dumps({"subjects": len(frame), "mean": summary}, indent=2) + "\n"
+        write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", text)
 
 
 def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
@@ -150,7 +152,8 @@ def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLik
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
-            raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+            missing = path in ("", "None")
+            raise NexusInputError(None if missing else path, f"missing {c} input scan" if missing else "file not found")
     check_output_dir(out_dir, OUTPUT_NAMES.values())
     lr = {c: load_volume(p) for c, p in sources.items()}
     if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):

@@ -110,7 +110,9 @@ class MIEarlyStopping:
             self.network.eval()
             pred = torch.cat([self.network(chunk) for chunk in self.probe.split(self.chunk_size)]).cpu().numpy()
             self.network.train()
-        mi = mutual_information(pred[:, 0].reshape(-1, 1, 1), pred[:, 1].reshape(-1, 1, 1), bins=32) if len(pred) else float("nan")
+        mi = float("nan")
+        if len(pred):
+            mi = mutual_information(pred[:, 0].reshape(-1, 1, 1), pred[:, 1].reshape(-1, 1, 1), bins=32)
         self.log["mi_curve"].append({"epoch": engine.state.epoch, "iteration": engine.state.iteration,
                                      "seconds": round(time.perf_counter() - self.t_start, 2), "mi": mi})
         return mi

@@ -62,18 +62,20 @@ class SubjectFitOptions:
 
     def __post_init__(self):
         if self.variant not in SSMCSR_VARIANTS:
-            raise NexusInputError(None, f"unknown SSMCSR variant {self.variant!r}; choose one of {', '.join(SSMCSR_VARIANTS)}")
+            raise NexusInputError(None, f"unknown SSMCSR variant {self.variant!r}; "
+                                        f"choose one of {', '.join(SSMCSR_VARIANTS)}")
         if self.forward_model not in FORWARD_MODELS:
             raise NexusInputError(None, f"unknown forward model {self.forward_model!r}; "
                                         f"choose one of {', '.join(FORWARD_MODELS)}")
         if self.profile not in PROFILES:
             raise NexusInputError(None, f"unknown slice profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if int(self.batch_size) < 1 or int(self.epochs) < 1 or (self.max_seconds is not None and not float(self.max_seconds) > 0):
+        bad_budget = self.max_seconds is not None and not float(self.max_seconds) > 0
+        if int(self.batch_size) < 1 or int(self.epochs) < 1 or bad_budget:
             raise NexusInputError(None, "batch_size and epochs must be >= 1 and max_seconds > 0")
-        types = {"tap_threshold": float, "hidden": int, "trunk_layers": int, "head_hidden": int, "num_frequencies": int,
-                 "sigma": float, "learning_rate": float, "batch_size": int, "epochs": int, "alpha": float, "beta": float,
-                 "mask_dilation": int, "point_warmup": float, "early_stopping": bool, "mi_every": int, "mi_points": int,
-                 "mi_patience": int, "mi_tolerance": float, "seed": int}
+        types = {"tap_threshold": float, "hidden": int, "trunk_layers": int, "head_hidden": int,
+                 "num_frequencies": int, "sigma": float, "learning_rate": float, "batch_size": int, "epochs": int,
+                 "alpha": float, "beta": float, "mask_dilation": int, "point_warmup": float, "early_stopping": bool,
+                 "mi_every": int, "mi_points": int, "mi_patience": int, "mi_tolerance": float, "seed": int}
         for name, kind in types.items():
             object.__setattr__(self, name, kind(getattr(self, name)))
         if self.max_seconds is not None:

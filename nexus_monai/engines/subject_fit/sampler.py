@@ -56,8 +56,9 @@ def subject_observations(lr: Mapping[str, MetaTensor], scales: Mapping[str, floa
     for c in CONTRASTS:
         obs = lr_observations(lr[c], scales[c], normalizer, options.forward_model, options.profile,
                               options.tap_threshold, options.mask_dilation)
-        out[c] = LRObservations(*(getattr(obs, f).to(device) if isinstance(getattr(obs, f), torch.Tensor) else getattr(obs, f)
-                                  for f in ("centres", "targets", "slab", "offsets", "weights", "step", "thick_axis", "factor")))
+        names = ("centres", "targets", "slab", "offsets", "weights", "step", "thick_axis", "factor")
+        fields = [getattr(obs, f) for f in names]
+        out[c] = LRObservations(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in fields))
     return out
 
 

@@ -119,7 +119,8 @@ def check_subject_scans(lr: Mapping[str, MetaTensor]) -> None:
     lo = torch.maximum(boxes[0].min(0).values, boxes[1].min(0).values)
     hi = torch.minimum(boxes[0].max(0).values, boxes[1].max(0).values)
     if bool(torch.any(hi <= lo)):
-        raise NexusInputError(_source(lr["t2"], "t2 LR scan"), "its field of view does not overlap the t1 scan's (not registered?)")
+        raise NexusInputError(_source(lr["t2"], "t2 LR scan"),
+                              "its field of view does not overlap the t1 scan's (not registered?)")
 
 
 class SubjectFitter:
@@ -156,7 +157,8 @@ class SubjectFitter:
                             seed=o.seed).to(self.device)
         batches = ObservationBatches(len(obs["t1"].targets) + len(obs["t2"].targets), o.batch_size, o.seed)
         probe = mi_probe(lr, normalizer, o.mi_points, o.seed).to(self.device)
-        log = {"settings": o.as_dict(), "normalizer": {"centre_mm": normalizer.centre.tolist(), "scale_mm": normalizer.scale},
+        log = {"settings": o.as_dict(),
+               "normalizer": {"centre_mm": normalizer.centre.tolist(), "scale_mm": normalizer.scale},
                "intensity_scales": scales,
                "observations": {c: {"voxels": len(obs[c].targets), "taps": obs[c].taps, "thick_axis": obs[c].thick_axis,
                                     "factor": obs[c].factor} for c in CONTRASTS},
@@ -174,7 +176,8 @@ class SubjectFitter:
         if log["stop_reason"] == "time_budget" and not mi_stop.recorded_now(workflow):
             mi_stop.record(workflow)
         state = workflow.state
-        log["stop_epoch"] = state.epoch if log["stop_reason"] != "time_budget" else round(state.iteration / len(batches), 3)
+        budget_stop = log["stop_reason"] == "time_budget"
+        log["stop_epoch"] = round(state.iteration / len(batches), 3) if budget_stop else state.epoch
         log["iterations"] = state.iteration
         log["seconds_setup"] = round(t_loop - t_start, 3)
         log["seconds_fit"] = round(time.perf_counter() - t_start, 3)
