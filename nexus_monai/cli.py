@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--jobs", type=int, default=1, help="trainings at once (>1: OMP_NUM_THREADS=1 each)")
     ex.add_argument("--override", action="append", metavar="KEY=VALUE", help="bundle config override for every run (YAML value); repeatable")
     ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    ex.add_argument("--out", required=True, help="output folder (runs/, tableN.csv, tableN.md, mlruns.db)")
+    ex.add_argument("--out", required=True, help="output folder (runs/, tableN.csv, tableN.md); MLflow runs go to the project store")
     ex.set_defaults(func=cmd_experiment)
     return p
 

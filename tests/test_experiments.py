@@ -148,6 +148,7 @@ def test_bad_input_is_one_line_exit_2_before_any_training(args, match, tmp_path,
 
 def test_table2_two_seeds_then_rerun_skips_every_run(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")  # the one store, honoured
     out = tmp_path / "t2"
     cmd = ["experiment", "table2", "--seeds", "0,1", "--max-epochs", "1", "--data", str(tiny_data), "--no-lpips", "--out", str(out)]
     cmd += [a for o in TINY_OVERRIDES for a in ("--override", o)]
@@ -164,7 +165,7 @@ def test_table2_two_seeds_then_rerun_skips_every_run(tiny_data, tmp_path, capsys
         assert text in md, text
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
     runs = client.search_runs([client.get_experiment_by_name("nexus_table2").experiment_id])
     assert sorted((r.data.tags["row"], r.data.tags["seed"]) for r in runs) == sorted((r, s) for r in ours["row"].unique() for s in "01")
     assert all(r.data.tags["form"] == "default" and "network_def.mmf" in r.data.params for r in runs)

@@ -14,7 +14,8 @@ datalist has it) by :func:`~nexus_monai.evaluation.table1.evaluate_methods`, the
     tableN.csv                  one line per row x seed x split x subject x method (+ trilinear)
     tableN.md                   mean ± std over seeds of per-seed subject means, the paper's value,
                                 paired differences to the previous row with 95 % t-intervals
-    mlruns.db                   MLflow: experiment "nexus_<tableN>", one named run per row x seed
+    (MLflow)                    the project's store (nexus_monai.engines.mlflow_logging.tracking_uri):
+                                experiment "nexus_<tableN>", one named run per row x seed
 
 Re-running the same command skips runs with ``done.json``; a killed training resumes from its
 last checkpoint. Table 5 trains the full network in BOTH forms and scores the segmenters
@@ -38,6 +39,7 @@ from typing import Sequence
 import pandas as pd
 
 from nexus_monai.data.io import write_text_atomic
+from nexus_monai.engines.mlflow_logging import tracking_uri
 from nexus_monai.errors import NexusInputError
 from nexus_monai.experiments.tables import write_tables
 
@@ -278,7 +280,7 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
     root.mkdir(parents=True, exist_ok=True)
     ctx = {"out": root, "datalist": datalist, "splits": splits, "overrides": extra, "max_epochs": max_epochs,
            "lpips": bool(lpips), "env": _env(int(jobs)), "jobs": int(jobs), "experiment": f"nexus_{table}",
-           "tracking_uri": f"sqlite:///{root / 'mlruns.db'}"}
+           "tracking_uri": tracking_uri()}  # the project's one MLflow store (MLFLOW_TRACKING_URI honoured)
     print(f"{table} ({form} form): {len(runs)} runs into {root}; splits {', '.join(splits)}; jobs {jobs}", flush=True)
     failures = []
 
