@@ -31,15 +31,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from nexus_monai.geometry import (
     TargetGrid,
     as_affine,
     hr_affine_of_thick_slices,
-    sample_at_world,
     spacing,
     thick_slice_affine,
-    world_to_voxel,
 )
 from nexus_monai.transforms.acquisition import apply_along_axis, num_thick_slices, slice_profile_matrix
 
@@ -85,21 +84,26 @@ def _plain(x) -> torch.Tensor:
 
 def _resample(volume: torch.Tensor, affine, grid: TargetGrid, chunk: int = 1 << 20) -> torch.Tensor:
     """``volume`` ``(X, Y, Z)`` on ``affine`` sampled trilinearly at the voxel centres of ``grid``
-    (nearest edge value in the half voxel at the border of its field of view, 0 beyond it)."""
-    vol = volume.to(torch.float32)[None]
-    affine = as_affine(affine)
-    out = torch.empty(grid.num_voxels, dtype=torch.float32)
-    for start, stop, world in grid.iter_world_chunks(chunk):
-        inside = _inside(world, affine, volume.shape)
-        out[start:stop] = sample_at_world(vol, affine.float(), world, padding_mode="border")[0] * inside
-    return out.reshape(grid.shape)
+    (nearest edge value in the half voxel at the border of its field of view, 0 beyond it).
 
-
-def _inside(world: torch.Tensor, affine: torch.Tensor, shape) -> torch.Tensor:
-    """1 where world points ``(N, 3)`` lie in the field of view of ``(shape, affine)``, else 0."""
-    idx = world_to_voxel(world.to(torch.float64), affine)
-    hi = torch.as_tensor([float(n) - 0.5 for n in shape[-3:]], dtype=torch.float64)
-    return ((idx >= -0.5 - 1e-6) & (idx <= hi + 1e-6)).all(-1).float()
+    The target index -> source index map is one 4x4 matrix; coordinates are built per slab of
+    ``grid`` along its first axis (about ``chunk`` points at a time, bounded memory).
+    """
+    vol = volume.to(torch.float32)[None, None]
+    m = (torch.linalg.inv(as_affine(affine)) @ grid.affine).to(torch.float32)  # target index -> source index
+    n = torch.tensor([float(v) for v in volume.shape[-3:]])
+    nx, ny, nz = grid.shape
+    j, k = torch.arange(ny, dtype=torch.float32), torch.arange(nz, dtype=torch.float32)
+    base = j[:, None, None] * m[:3, 1] + k[None, :, None] * m[:3, 2] + m[:3, 3]  # (Y, Z, 3)
+    step = max(1, chunk // (ny * nz))
+    out = torch.empty(grid.shape, dtype=torch.float32)
+    for i0 in range(0, nx, step):
+        i = torch.arange(i0, min(i0 + step, nx), dtype=torch.float32)
+        g = (2.0 * (base[None] + i[:, None, None, None] * m[:3, 0]) + 1.0) / n - 1.0  # grid_sample units
+        inside = (g.abs() <= 1.0 + 1e-6).all(-1)
+        sampled = F.grid_sample(vol, g.flip(-1)[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+        out[i0:i0 + len(i)] = sampled * inside
+    return out
 
 
 @dataclass
