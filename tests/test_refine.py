@@ -257,3 +257,28 @@ def test_per_contrast_networks_predict_each_contrast_from_its_own_network(case):
     a, b = predict_volumes(net, lr["t1"], lr["t2"], grid), predict_volumes(other, lr["t1"], lr["t2"], grid)
     assert torch.allclose(pred["t1"].as_tensor(), a["t1"].as_tensor()) and torch.allclose(pred["t2"].as_tensor(), b["t2"].as_tensor())
     assert not torch.allclose(a["t2"].as_tensor(), b["t2"].as_tensor())
+
+
+def test_resampling_matches_sample_at_world_and_maps_follow_an_oblique_grid():
+    from nexus_monai.geometry import sample_at_world, world_to_voxel
+    from nexus_monai.transforms.consistency import _resample
+
+    src = make_affine((1.3, 0.9, 2.0), (-5.0, -3.0, -7.0), rotation_deg=(10.0, 0.0, 5.0))
+    x = torch.rand(20, 25, 12, generator=torch.Generator().manual_seed(0))
+    grid = TargetGrid((17, 19, 23), make_affine((1.0, 1.1, 0.8), (-6.0, -4.0, -9.0), rotation_deg=(0.0, 7.0, 0.0)))
+    world = grid.world_coords(torch.float64).reshape(-1, 3)
+    ref = sample_at_world(x[None], src, world.float(), padding_mode="zeros")[0].reshape(grid.shape)
+    idx = world_to_voxel(world, src).reshape(*grid.shape, 3)
+    core = ((idx >= 0) & (idx <= torch.tensor([19.0, 24.0, 11.0]))).all(-1)  # away from the half-voxel border
+    outside = ((idx < -0.5) | (idx > torch.tensor([19.5, 24.5, 11.5]))).any(-1)
+    out = _resample(x, src, grid)
+    assert core.sum() > 1000 and outside.sum() > 1000
+    assert torch.allclose(out[core], ref[core], atol=1e-5) and bool((out[outside] == 0).all())
+    # the guard's maps on an oblique output grid carry that grid and affine
+    hr, raw, lr, _ = _lesion_case()
+    oblique = TargetGrid((18, 21, 19), make_affine((1.1, 1.0, 1.2), (-9.0, -10.0, -9.5), rotation_deg=(6.0, 0.0, 9.0)))
+    pred = {c: MetaTensor(_resample(raw[0], raw.affine, oblique)[None], affine=oblique.affine) for c in ("t1", "t2")}
+    out, maps, report = consistency_guard(pred, lr, oblique)
+    for c in ("t1", "t2"):
+        assert tuple(maps[c].shape) == (1, *oblique.shape) and torch.allclose(maps[c].affine, oblique.affine)
+        assert torch.allclose(out[c].affine, oblique.affine) and report[c]["residual_rms_after"] <= report[c]["residual_rms_before"]
