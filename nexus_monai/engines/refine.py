@@ -12,8 +12,8 @@ SR field at the HR sample positions of its slab along the scan's thick axis, wit
 the acquisition operator itself (:func:`~nexus_monai.transforms.acquisition.slice_profile_matrix`).
 These are the observations of SSMCSR's ``profile`` forward model
 (:func:`~nexus_monai.transforms.observations.lr_observations`); here the field is the Nexus-INR's
-output queried at world positions, in the intensity units of prediction (each scan divided by
-its 99.5th percentile of non-zero voxels, exactly as :func:`~nexus_monai.engines.predict.predict_volumes`).
+output queried at world positions, in the network's intensity space (each scan mapped by its own
+statistics, ``intensity_norm``, exactly as :func:`~nexus_monai.engines.predict.predict_volumes` does).
 
 Loss: ``MSE(T1w observations) + MSE(T2w observations)`` on shuffled batches of both scans, plus the
 null-space anchor, Adam with a cosine learning-rate decay over the time budget.
@@ -30,11 +30,13 @@ boundary; with ``anchor_weight = 1`` it rose by 0.28 / 0.43 dB.
 
 By default only what comes after the encoders is tuned (KD-Attn query/output, MMF, SEL, decoders):
 the encoder feature maps are computed once, which makes a step cost a few thousand decoder queries
-(``train_encoder=True`` tunes all of it).
+(``train_encoder=True`` tunes all of it). Defaults (``RefineOptions``): 256 observations per step,
+learning rate 5e-4, anchor weight 1, chosen on that one subject (not a tuned optimum).
 
 Safeguard (the rule): before any step, ``holdout_fraction`` of each scan's observations (at most
 ``holdout_max``, drawn at random with ``seed``) are set aside and never used in the loss. Their
-MSE is measured for the cohort model, then every ``eval_every`` iterations and at the end; for
+MSE is measured for the cohort model, then every ``eval_every`` iterations, whenever
+``eval_seconds`` have passed since the last check, and at the end; for
 each contrast the state with the lowest held-out MSE is kept. A contrast is refined only if that
 best held-out MSE is below ``(1 - min_improvement)`` times the cohort model's; otherwise that
 contrast's output is the cohort model's, unchanged (bit for bit). The held-out voxels remain part
