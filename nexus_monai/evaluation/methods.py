@@ -21,6 +21,7 @@ from nexus_monai.baselines.saint import saint
 from nexus_monai.baselines.smore import smore
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.bundle_model import bundle_folder, bundle_model
+from nexus_monai.engines.consistency import consistency_guard
 from nexus_monai.engines.predict import predict_volumes
 from nexus_monai.engines.refine import RefineOptions, contrast_networks, refine_network
 from nexus_monai.engines.run_record import read_run_record
@@ -170,6 +171,26 @@ def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "b
     if nets["t2"] is not nets["t1"]:
         pred["t2"] = predict_volumes(nets["t2"], inputs["t1_lr"], inputs["t2_lr"], grid, inferer)["t2"]
     return pred
+
+
+def _guarded(pred: dict, inputs: Mapping, grid: TargetGrid) -> dict:
+    """``pred`` after the data-consistency guard of ``nexus-sr predict`` (default settings)."""
+    outputs, _, _ = consistency_guard({c: pred[c] for c in CONTRASTS}, {c: inputs[f"{c}_lr"] for c in CONTRASTS}, grid)
+    return {**pred, **outputs}
+
+
+@register_method("nexus_inr_guarded", bundle="bundles/nexus_inr")
+def nexus_inr_guarded_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr",
+                             weights: str | None = None, overlays: Sequence[str] = (), **_) -> dict:
+    """Nexus-INR as ``nexus-sr predict`` runs it by default: the cohort output, then the consistency guard."""
+    network, inferer = bundle_model(bundle, tuple(overlays), weights)
+    return _guarded(predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer), inputs, grid)
+
+
+@register_method("nexus_inr_refined_guarded", bundle="bundles/nexus_inr")
+def nexus_inr_refined_guarded_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
+    """``nexus-sr predict --refine S`` with its default guard: ``nexus_inr_refined``, then the guard."""
+    return _guarded(nexus_inr_refined_method(inputs, grid, **options), inputs, grid)
 
 
 arssr_method = register_cohort_bundle("arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)")
