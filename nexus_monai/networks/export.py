@@ -34,6 +34,7 @@ What the TorchScript file keeps dynamic and what it fixes (checked in the tests)
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -61,11 +62,14 @@ class ScriptedINR(nn.Module):
     the trace was recorded with.
     """
 
+    t1_shape: list[int]
+    t2_shape: list[int]
+
     def __init__(self, traced: torch.jit.ScriptModule, t1_shape: Sequence[int], t2_shape: Sequence[int]):
         super().__init__()
         self.traced = traced
-        self.t1_shape: list[int] = [int(s) for s in t1_shape]
-        self.t2_shape: list[int] = [int(s) for s in t2_shape]
+        self.t1_shape = [int(s) for s in t1_shape]
+        self.t2_shape = [int(s) for s in t2_shape]
 
     def forward(self, t1: torch.Tensor, t2: torch.Tensor, t1_affine: torch.Tensor, t2_affine: torch.Tensor,
                 query_world: torch.Tensor, query_norm: torch.Tensor) -> torch.Tensor:
@@ -133,6 +137,8 @@ class INRExport(nn.Module):
     def __prepare_scriptable__(self) -> ScriptedINR:
         """Called by ``torch.jit.script``: trace the wrapped network at this export's LR shapes."""
         core = _PointValues(self.net).eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer warns that grid sizes become constants: intended, and guarded by ScriptedINR's shape check
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(core, self.example_inputs(), check_trace=False)
         return ScriptedINR(traced, self.t1_shape, self.t2_shape)
