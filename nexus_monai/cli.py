@@ -261,7 +261,7 @@ def cmd_benchmark(args) -> int:
                            size=args.size,
                            chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
                            skip_train=args.skip_train, compare_before=not args.skip_before, fit=args.fit,
-                           fit_author_seconds=args.fit_author_seconds, log=log,
+                           fit_author_seconds=args.fit_author_seconds, repeats=args.repeats, log=log,
                            **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}))
     print(format_report(result))
     if args.json:
@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--max-memory-gib", type=float, default=None,
                     help="target peak RSS of the inference in GiB; sets the encoder tiles (default 1.75)")
     bm.add_argument("--skip-before", action="store_true", help="skip the untiled 'before' inference (the same-run comparison)")
+    bm.add_argument("--repeats", type=int, default=1, help="after/before inference pairs, alternating (the fastest of each counts)")
     bm.add_argument("--fit", action="store_true", help="also time SSMCSR fit-subject epochs on the 2 mm embedded subject")
     bm.add_argument("--fit-author-seconds", type=float, default=120.0,
                     help="with --fit: seconds of fitting at the authors' network size (epoch time extrapolated)")
