@@ -62,13 +62,10 @@ class ScriptedINR(nn.Module):
     the trace was recorded with.
     """
 
-    t1_shape: list[int]
-    t2_shape: list[int]
-
     def __init__(self, traced: torch.jit.ScriptModule, t1_shape: Sequence[int], t2_shape: Sequence[int]):
         super().__init__()
         self.traced = traced
-        self.t1_shape = [int(s) for s in t1_shape]
+        self.t1_shape = [int(s) for s in t1_shape]  # non-empty int lists: TorchScript infers List[int]
         self.t2_shape = [int(s) for s in t2_shape]
 
     def forward(self, t1: torch.Tensor, t2: torch.Tensor, t1_affine: torch.Tensor, t2_affine: torch.Tensor,
