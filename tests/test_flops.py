@@ -71,6 +71,7 @@ def test_profile_of_a_small_nexus_inr_by_hand():
     assert prof.macs["decoder_mlps"] == 2 * k * (d_in * 8 + 8 * 8 + 8 * 1)
     assert prof.points == k and prof.calls == 1
     kinds = {e["kind"]: e for e in prof.summary(1.0, 1e9)["op_kinds"]}
-    assert kinds["conv3d 3x3x3 4->4"]["macs"] == 27 * 16 * (6 * 6 * 4 + 6 * 3 * 6) and kinds["conv3d 3x3x3 4->4"]["calls"] == 2
+    body = kinds["conv3d 3x3x3 4->4"]
+    assert body["macs"] == 27 * 16 * (6 * 6 * 4 + 6 * 3 * 6) and body["calls"] == 2
     assert part_of("encoders.t1_shared.body.0") == "encoders" and part_of("seg_fuse.t1.0") == "fusion_mlps"
     assert part_of("attn_t1.pos.0") == "attention" and part_of("decoders.t2.net.0") == "decoder_mlps"
