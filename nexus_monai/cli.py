@@ -29,7 +29,7 @@ def _grid_from_args(args, image):
     from nexus_monai.data.io import load_volume
     from nexus_monai.geometry import TargetGrid
 
-    from nexus_monai.engines.predict import MAX_SPACING_MM, _check_reachable
+    from nexus_monai.engines.predict import MAX_SPACING_MM, check_reachable
 
     if args.like:
         reference = load_volume(args.like)  # finite, invertible affine checked there
@@ -46,7 +46,7 @@ def _grid_from_args(args, image):
             raise NexusInputError(None, f"--spacing: {err}") from err
     else:
         raise NexusInputError(None, "give a target grid: --spacing MM [MM MM] or --like IMAGE")
-    _check_reachable(grid, {"image": image}, {"image": args.image}, MAX_GRID_VOXELS)
+    check_reachable(grid, {"image": image}, {"image": args.image}, MAX_GRID_VOXELS)
     return grid
 
 

@@ -28,7 +28,7 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
 
-__all__ = ["predict_volumes", "predict_files", "target_grid", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
+__all__ = ["predict_volumes", "predict_files", "target_grid", "check_reachable", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
 MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 would overflow the affine)
@@ -62,7 +62,10 @@ def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | Non
         raise NexusInputError(None, f"target spacing {sp} mm: {err}") from None
 
 
-def _check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Mapping[str, str], max_voxels: float) -> None:
+def check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Mapping[str, str],
+                    max_voxels: float) -> None:
+    """Raise a one-line :class:`NexusInputError` if ``grid`` has more than ``max_voxels`` voxels or
+    misses the field of view of any scan in ``lr`` (``sources`` names each scan's file for the message)."""
     if grid.num_voxels > max_voxels:
         raise NexusInputError(None, f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of {int(max_voxels):,}")
     out_box = field_of_view(grid.shape, grid.affine)
@@ -118,7 +121,7 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *CONSISTENCY_NAMES.values()])
     lr = {c: load_volume(p) for c, p in sources.items()}
     grid = target_grid(lr["t1"], spacing_mm, like)
-    _check_reachable(grid, lr, sources, max_voxels)
+    check_reachable(grid, lr, sources, max_voxels)
     report, maps = {}, {}
     if refine_seconds > 0:
         refined = refine_network(network, lr["t1"], lr["t2"], RefineOptions(max_seconds=refine_seconds),

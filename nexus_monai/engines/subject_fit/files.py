@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 
 from nexus_monai.data.io import load_volume, save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
-from nexus_monai.engines.predict import _check_reachable, target_grid
+from nexus_monai.engines.predict import check_reachable, target_grid
 from nexus_monai.engines.subject_fit.workflow import SubjectFitter
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, plain_tensor
@@ -159,7 +159,7 @@ def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLik
     if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):
         spacing_mm = [float(spacing_mm)] * 3
     grid = target_grid(lr["t1"], None if like else spacing_mm, like)
-    _check_reachable(grid, lr, sources, max_voxels)
+    check_reachable(grid, lr, sources, max_voxels)
     pred, log = fitter.fit_predict(lr["t1"], lr["t2"], grid)
     log["inputs"] = sources
     written = write_fit_outputs(pred, log, out_dir)
