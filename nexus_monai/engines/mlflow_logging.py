@@ -41,6 +41,8 @@ import numpy as np
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from nexus_monai.paths import REPO_ROOT
+
 __all__ = ["default_store_dir", "tracking_uri", "artifact_location", "ensure_experiment", "git_commit", "sha256_file",
            "config_params", "MLflowRunLogger"]
 
@@ -90,11 +92,10 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 
 def git_commit() -> str:
     """The commit of the source checkout the package runs from (``+dirty`` with local changes), or ``unknown``."""
-    root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

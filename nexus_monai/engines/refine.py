@@ -61,7 +61,7 @@ from torch import nn
 
 from nexus_monai.engines.inr import CONTRASTS
 from nexus_monai.errors import NexusInputError
-from nexus_monai.geometry import WorldNormalizer, as_affine, world_to_voxel
+from nexus_monai.geometry import WorldNormalizer, as_affine, plain_tensor, world_to_voxel
 from nexus_monai.transforms.acquisition import PROFILES
 from nexus_monai.transforms.intensity import reference_normalization
 from nexus_monai.transforms.observations import lr_observations
@@ -169,10 +169,6 @@ class RefineResult:
     log: dict = field(default_factory=dict)
 
 
-def _plain(x) -> torch.Tensor:
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-
-
 class _Subject:
     """One subject's scaled LR volumes, affines, normaliser and profile observations (world mm)."""
 
@@ -180,7 +176,7 @@ class _Subject:
         self.vols, self.affines, self.obs, self.world, self.step = {}, {}, {}, {}, {}
         lr = {"t1": t1_lr, "t2": t2_lr}
         for c in CONTRASTS:
-            x = _plain(lr[c]).float()
+            x = plain_tensor(lr[c]).float()
             x = x[None] if x.ndim == 3 else x
             offset, scale = reference_normalization(x, intensity_norm) if bool((x != 0).any()) else (0.0, 1.0)
             self.vols[c] = ((x - offset) / scale)[None].to(device)  # (1, 1, X, Y, Z), as predict_volumes maps it
@@ -188,7 +184,7 @@ class _Subject:
         grids = [(self.vols[c].shape[-3:], self.affines[c][0].cpu()) for c in CONTRASTS]
         self.normalizer = WorldNormalizer.from_grids(grids)
         for c in CONTRASTS:
-            img = lr[c] if _plain(lr[c]).ndim == 4 else lr[c][None]
+            img = lr[c] if plain_tensor(lr[c]).ndim == 4 else lr[c][None]
             o = lr_observations(img, 1.0, self.normalizer, "profile", options.profile, options.tap_threshold,
                                 options.mask_dilation)
             self.world[c] = self.normalizer.inverse(o.centres.double()).float().to(device)

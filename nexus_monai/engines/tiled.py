@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, sample_at_world, voxel_to_world, world_to_voxel
+from nexus_monai.keys import CONTRASTS
 from nexus_monai.networks.tiling import (core_box, decode_bytes_per_point, encode_box, encoder_radius, iter_boxes,
                                          plan_tile_shape, window_margin)
 
@@ -35,7 +36,6 @@ __all__ = ["DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "tileable", "proce
 
 DEFAULT_MAX_MEMORY_GIB = 1.75  # measured peak RSS for 240 x 240 x 160 at 2 threads: see README (benchmark)
 MIN_TILE_BUDGET_BYTES = 256 * 1024**2  # floor when the process already uses the budget
-_CONTRASTS = ("t1", "t2")
 _GIB = 1024.0**3
 
 
@@ -69,7 +69,7 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
     chunk = int(inferer.chunk_size)
     budget = None
     if inferer.max_memory_gib is not None:
-        outputs = 4.0 * grid.num_voxels * len(_CONTRASTS) * 2  # the output volumes + predict_volumes' scaled copies
+        outputs = 4.0 * grid.num_voxels * len(CONTRASTS) * 2  # the output volumes + predict_volumes' scaled copies
         budget = float(inferer.max_memory_gib) * _GIB - process_rss_bytes() - outputs
         per_point = decode_bytes_per_point(net)
         chunk = min(chunk, max(1024, int(max(budget, MIN_TILE_BUDGET_BYTES) / 4 / per_point)))
@@ -77,7 +77,7 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
     if inferer.tile_shape is not None:
         tile = tuple(int(t) for t in inferer.tile_shape)
     else:
-        lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in _CONTRASTS}
+        lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS}
         occupied = _coarse_occupancy(inferer, vols, affines, grid, background) if inferer.skip_empty else None
         tile = plan_tile_shape(grid.shape, grid.affine, lr, net, budget, radius, margin, occupied)
     return {"tiled": True, "tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius,
@@ -94,7 +94,7 @@ def _coarse_occupancy(inferer, vols, affines, grid: TargetGrid, background: Mapp
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
     world = voxel_to_world(idx.to(torch.float64), grid.affine).to(torch.float32).to(vols["t1"].device)
     bg = background or {}
-    signal = sum(sample_at_world(vols[c] - float(bg.get(c, 0.0)), affines[c], world[None])[0, 0].abs() for c in _CONTRASTS)
+    signal = sum(sample_at_world(vols[c] - float(bg.get(c, 0.0)), affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
     return idx[(signal > 0).cpu()].numpy()
 
 
@@ -119,8 +119,8 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
         info = plan(inferer, net, vols, affines, grid, background)
         radius, margin, chunk = info["halo_voxels"], info["margin_voxels"], info["chunk_size"]
         device = vols["t1"].device
-        views = {c: out[c].view(grid.shape) for c in _CONTRASTS}
-        shifted = {c: vols[c] - background[c] if background[c] else vols[c] for c in _CONTRASTS}
+        views = {c: out[c].view(grid.shape) for c in CONTRASTS}
+        shifted = {c: vols[c] - background[c] if background[c] else vols[c] for c in CONTRASTS}
         encoded = skipped = 0
         for lo, hi in iter_boxes(grid.shape, info["tile_shape"]):
             n = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
@@ -128,7 +128,7 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
             world = world64.to(torch.float32).to(device)
             keep = None
             if inferer.skip_empty:
-                signal = sum(sample_at_world(shifted[c], affines[c], world[None])[0, 0].abs() for c in _CONTRASTS)
+                signal = sum(sample_at_world(shifted[c], affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
                 keep = torch.nonzero(signal > 0)[:, 0]
                 if keep.numel() == 0:
                     skipped += 1
@@ -137,18 +137,18 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
                     continue
                 world, world64 = world[keep], world64[keep.cpu()]
             norm = normalizer(world64).to(torch.float32).to(device)
-            boxes = {c: core_box(world_to_voxel(world, affines[c][0]), vols[c].shape[-3:], margin) for c in _CONTRASTS}
+            boxes = {c: core_box(world_to_voxel(world, affines[c][0]), vols[c].shape[-3:], margin) for c in CONTRASTS}
             maps, crops, crop_affines = encode_box(net, vols, affines, boxes, radius, inferer.channels_last)
             encoded += 1
-            values = {c: torch.empty(world.shape[0], dtype=torch.float32) for c in _CONTRASTS}
+            values = {c: torch.empty(world.shape[0], dtype=torch.float32) for c in CONTRASTS}
             for start in range(0, world.shape[0], chunk):
                 stop = min(start + chunk, world.shape[0])
                 pred = net.decode(maps, crops["t1"], crops["t2"], crop_affines["t1"], crop_affines["t2"],
                                   world[None, start:stop], norm[None, start:stop])
-                for c in _CONTRASTS:
+                for c in CONTRASTS:
                     values[c][start:stop] = pred[c][0].float().cpu()
             del maps, crops
-            for c in _CONTRASTS:
+            for c in CONTRASTS:
                 tile = views[c][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
                 if keep is None:
                     tile.copy_(values[c].reshape(tile.shape))

@@ -42,11 +42,11 @@ from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.mlflow_logging import tracking_uri
 from nexus_monai.errors import NexusInputError
 from nexus_monai.experiments.tables import write_tables
+from nexus_monai.paths import REPO_BUNDLES, REPO_ROOT
 
 __all__ = ["TABLES", "FORMS", "parse_seeds", "plan_runs", "run_experiment", "Run"]
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLE = REPO / "bundles" / "nexus_inr"
+BUNDLE = REPO_BUNDLES / "nexus_inr"
 CONFIGS = BUNDLE / "configs"
 TABLES = {"table2": ("baseline", "mmf", "mmf_kdattn", "mmf_kdattn_sel"), "table3": ("rdn", "srresnet", "rescnn"),
           "table4": ("mlp", "siren"), "table5": ("mmf_kdattn_sel",)}
@@ -140,7 +140,7 @@ def _subprocess(cmd: list[str], log: Path, env: dict) -> None:
     with open(log, "a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
-        res = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if res.returncode != 0:
         raise RuntimeError(f"exit {res.returncode}: {' '.join(cmd[:6])} ... (see {log})")
 

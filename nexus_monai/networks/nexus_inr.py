@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from nexus_monai.geometry import sample_at_voxel, world_to_voxel
+from nexus_monai.keys import CONTRASTS, T2_SELF, Z_T1_SHARED, Z_T2_FUSED, Z_T2_SHARED, modality_logits_key, seg_logits_key
 from nexus_monai.networks.attention import LocalWindowCrossAttention
 from nexus_monai.networks.decoders import build_decoder
 from nexus_monai.networks.encoders import build_encoder
@@ -46,7 +47,6 @@ from nexus_monai.networks.positional import FourierFeatures
 
 __all__ = ["NexusINR", "lookup", "NUM_SEG_CLASSES"]
 
-MODALITIES = ("t1", "t2")
 NUM_SEG_CLASSES = 4  # BraTS labels 0, 1, 2, 4 -> classes 0, 1, 2, 3
 
 
@@ -132,23 +132,23 @@ class NexusINR(nn.Module):
         c = self.features
         branches = ("shared", "spec") if self.mmf else ("shared",)
         self.encoders = nn.ModuleDict(
-            {f"{m}_{b}": build_encoder(encoder, 1, c, **opts) for m in MODALITIES for b in branches}
+            {f"{m}_{b}": build_encoder(encoder, 1, c, **opts) for m in CONTRASTS for b in branches}
         )
         if self.kd_attn:
             self.attn_t2 = LocalWindowCrossAttention(c, attn_heads, attn_window)
             if self.bidirectional:
                 self.attn_t1 = LocalWindowCrossAttention(c, attn_heads, attn_window)
         if self.mmf:
-            self.proj = nn.ModuleDict({m: _mlp(2 * c, c, c) for m in MODALITIES})
+            self.proj = nn.ModuleDict({m: _mlp(2 * c, c, c) for m in CONTRASTS})
             self.modality_classifier = nn.Linear(c, 2)
         if self.sel:
-            self.seg_head = nn.ModuleDict({m: _mlp(c, num_seg_classes, c) for m in MODALITIES})
-            self.seg_fuse = nn.ModuleDict({m: _mlp(c + num_seg_classes, c, c) for m in MODALITIES})
+            self.seg_head = nn.ModuleDict({m: _mlp(c, num_seg_classes, c) for m in CONTRASTS})
+            self.seg_fuse = nn.ModuleDict({m: _mlp(c + num_seg_classes, c, c) for m in CONTRASTS})
         self.pe = FourierFeatures(3, pe_frequencies, pe_mode, pe_sigma) if pe else None
         xin = 1 if self.lr_intensity_input else 0
         in_dim = c + (self.pe.out_features if pe else 0) + (3 if self.rel_coord else 0) + xin + ((c + xin) if self.cross_input else 0)
         self.decoders = nn.ModuleDict(
-            {m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers) for m in MODALITIES}
+            {m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers) for m in CONTRASTS}
         )
         if self.residual and zero_init:
             branches = list(self.decoders.values())
@@ -199,7 +199,7 @@ class NexusINR(nn.Module):
         images = {"t1": t1, "t2": t2}
         affines = {"t1": t1_affine, "t2": t2_affine}
         z, idx, x, rel = {}, {}, {}, {}
-        for m in MODALITIES:
+        for m in CONTRASTS:
             z[f"{m}_shared"], idx[m] = lookup(maps[f"{m}_shared"], affines[m], query_world)
             x[m] = sample_at_voxel(images[m], idx[m])[:, 0]  # (B, K) trilinear LR intensity
             rel[m] = 2.0 * (idx[m] - torch.round(idx[m]))  # offset inside the LR voxel, [-1, 1]
@@ -212,29 +212,29 @@ class NexusINR(nn.Module):
             if self.bidirectional:
                 shared["t1"] = self.attn_t1(z["t1_shared"], maps["t2_shared"], idx["t2"], maps.get("kv_for_t1"))
         f = {}
-        for m in MODALITIES:
+        for m in CONTRASTS:
             f[m] = self.proj[m](torch.cat((shared[m], z[f"{m}_spec"]), -1)) + shared[m] if self.mmf else shared[m]
         h = dict(f)
         if self.sel:
-            for m in MODALITIES:
+            for m in CONTRASTS:
                 logits = self.seg_head[m](f[m])
                 h[m] = self.seg_fuse[m](torch.cat((f[m], logits), -1)) + (f[m] if self.sel_residual else 0)
-                out[f"seg_logits_{m}"] = logits
+                out[seg_logits_key(m)] = logits
         e = self.pe(query_norm) if self.pe is not None else None
-        for m in MODALITIES:
+        for m in CONTRASTS:
             other = "t2" if m == "t1" else "t1"
             cross = self._cross(h[other], x[other]) if self.cross_input else None
             out[m] = self._decode_one(m, h[m], e, rel[m], x[m], cross)
         if aux:
-            out["z_t1_shared"] = z["t1_shared"]
-            out["z_t2_shared"] = z["t2_shared"]
-            out["z_t2_fused"] = shared["t2"]
+            out[Z_T1_SHARED] = z["t1_shared"]
+            out[Z_T2_SHARED] = z["t2_shared"]
+            out[Z_T2_FUSED] = shared["t2"]
             if self.kd_attn:  # eq. 10-11: the unfused T2w shared feature through the T2w decoder
                 cross = self._cross(h["t1"], x["t1"]) if self.cross_input else None
-                out["t2_self"] = self._decode_one("t2", z["t2_shared"], e, rel["t2"], x["t2"], cross)
+                out[T2_SELF] = self._decode_one("t2", z["t2_shared"], e, rel["t2"], x["t2"], cross)
             if self.mmf:
-                out["modality_logits_t1"] = self.modality_classifier(z["t1_spec"])
-                out["modality_logits_t2"] = self.modality_classifier(z["t2_spec"])
+                for m in CONTRASTS:
+                    out[modality_logits_key(m)] = self.modality_classifier(z[f"{m}_spec"])
         return out
 
     def _cross(self, h_other: torch.Tensor, x_other: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from nexus_monai.geometry import (
     TargetGrid,
     as_affine,
     hr_affine_of_thick_slices,
+    plain_tensor,
     spacing,
     thick_slice_affine,
 )
@@ -76,10 +77,6 @@ def thick_axis_of(lr) -> tuple[int | None, float]:
     if ratios[axis] < 1.0 + ISOTROPIC_TOLERANCE:
         return None, 1.0
     return axis, float(ratios[axis])
-
-
-def _plain(x) -> torch.Tensor:
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
 def _resample(volume: torch.Tensor, affine, grid: TargetGrid, chunk: int = 1 << 20) -> torch.Tensor:
@@ -128,7 +125,7 @@ class AcquisitionModel:
     @classmethod
     def of(cls, lr, grid: TargetGrid, profile: str = "gaussian") -> "AcquisitionModel":
         """The model of the LR MetaTensor ``lr`` (``(1, X, Y, Z)`` or ``(X, Y, Z)``) for outputs on ``grid``."""
-        y = _plain(lr).float()
+        y = plain_tensor(lr).float()
         y = y[0] if y.ndim == 4 else y
         affine = as_affine(lr.affine)
         axis, factor = thick_axis_of(lr)
@@ -148,7 +145,7 @@ class AcquisitionModel:
 
     def acquire(self, x: torch.Tensor) -> torch.Tensor:
         """``A x``: an output-grid volume ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) re-acquired on the LR grid."""
-        x = _plain(x).float()
+        x = plain_tensor(x).float()
         x = x[0] if x.ndim == 4 else x
         return self.acquire_hr(_resample(x, self.grid.affine, self.hr))
 
@@ -182,7 +179,7 @@ def estimate_noise_sigma(lr, axes: Sequence[int] | None = None) -> float:
     to the minority of pairs that straddle an anatomical edge; anatomy finer than one voxel counts
     as "noise" here, so on noise-free data the estimate is an upper bound set by texture.
     """
-    y = _plain(lr).float()
+    y = plain_tensor(lr).float()
     y = y[0] if y.ndim == 4 else y
     if axes is None:
         axis, _ = thick_axis_of(lr) if hasattr(lr, "affine") else (None, 1.0)
@@ -206,7 +203,7 @@ def consistency_threshold(lr, k: float = 3.0, floor: float = 0.01) -> tuple[floa
     ``max(k * sigma, floor * p99.5)``, with ``sigma`` from :func:`estimate_noise_sigma` and ``p99.5``
     the scan's 99.5th percentile of non-zero voxels (the floor keeps noise-free or quantised scans,
     whose ``sigma`` can be 0, from treating rounding-level differences as departures)."""
-    y = _plain(lr).float()
+    y = plain_tensor(lr).float()
     nz = y[y != 0]
     ref = float(torch.quantile(nz.flatten()[:: max(1, nz.numel() // 4_000_000)], 0.995)) if nz.numel() else 0.0
     sigma = estimate_noise_sigma(lr)
@@ -229,7 +226,7 @@ def correct_toward_data(model: AcquisitionModel, x: torch.Tensor, threshold: flo
     Returns ``(corrected (X, Y, Z), stats)`` with the excess norm and the number of LR voxels above
     threshold before and after, and the size of the region.
     """
-    x = _plain(x).float()
+    x = plain_tensor(x).float()
     x = (x[0] if x.ndim == 4 else x).clone()
 
     def excess(v):

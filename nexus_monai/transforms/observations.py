@@ -21,15 +21,11 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from nexus_monai.errors import NexusInputError
-from nexus_monai.geometry import WorldNormalizer, as_affine, voxel_to_world
+from nexus_monai.geometry import WorldNormalizer, as_affine, plain_tensor, voxel_to_world
 from nexus_monai.transforms.acquisition import num_thick_slices, slice_profile_matrix
 from nexus_monai.transforms.consistency import natural_hr_grid, thick_axis_of
 
 __all__ = ["LRObservations", "lr_observations"]
-
-
-def _plain(x) -> torch.Tensor:
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
 def _source(img, default: str) -> str:
@@ -97,7 +93,7 @@ def lr_observations(lr: MetaTensor, scale: float, normalizer: WorldNormalizer, f
                     profile: str = "gaussian", tap_threshold: float = 0.02, mask_dilation: int = 1) -> LRObservations:
     """Observations of one LR scan ``(1, x, y, z)`` (see :class:`LRObservations`)."""
     src = _source(lr, "LR scan")
-    x = _plain(lr)[0].float() / scale
+    x = plain_tensor(lr)[0].float() / scale
     affine = as_affine(lr.affine)
     signal = (x != 0).numpy()
     if not signal.any():
