@@ -12,6 +12,8 @@ print one line ``error: <file>: <problem>`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from nexus_monai.bundle_paths import default_bundle
 from nexus_monai.cli_help import HelpfulParser
 from nexus_monai.errors import NexusInputError, check_number, find_input_error
 
+# Each command imports what it runs inside its function: every nexus_monai module below this one
+# loads torch and MONAI (about 6 s on one CPU core), and `nexus-sr --help`, `--version` and
+# argument errors answer in about 0.2 s without them. (No import cycle is being avoided.)
+
 __all__ = ["main", "build_parser"]
 
 MAX_GRID_VOXELS = 1.5e8  # upsample / baseline output grids (float64 temporaries: ~36 bytes per voxel)
@@ -27,9 +33,8 @@ MAX_GRID_VOXELS = 1.5e8  # upsample / baseline output grids (float64 temporaries
 
 def _grid_from_args(args, image):
     from nexus_monai.data.io import load_volume
-    from nexus_monai.geometry import TargetGrid
-
     from nexus_monai.engines.predict import MAX_SPACING_MM, check_reachable
+    from nexus_monai.geometry import TargetGrid
 
     if args.like:
         reference = load_volume(args.like)  # finite, invertible affine checked there
@@ -53,20 +58,17 @@ def _grid_from_args(args, image):
 def _check_early(args, command: str) -> None:
     """predict / fit-subject: output folder, numbers and the target grid checked before anything loads."""
     from nexus_monai.data.staging import check_output_dir
-    from nexus_monai.engines.predict import OUTPUT_NAMES, target_grid
+    from nexus_monai.engines.consistency import CONSISTENCY_NAMES
+    from nexus_monai.engines.predict import MAX_SPACING_MM, OUTPUT_NAMES, target_grid
 
     owned = list(OUTPUT_NAMES.values()) + (["fit_log.json"] if command == "fit-subject" else [])
     if command == "predict":
-        from nexus_monai.engines.consistency import CONSISTENCY_NAMES
-
         owned += list(CONSISTENCY_NAMES.values())
     check_output_dir(args.out, owned)
     check_number("--threads", args.threads, 0, None, integer=True)
     if getattr(args, "chunk_size", None) is not None:
         check_number("--chunk-size", args.chunk_size, 1, None, integer=True)
     if args.spacing:
-        from nexus_monai.engines.predict import MAX_SPACING_MM
-
         for v in args.spacing:
             check_number("--spacing", v, 0, MAX_SPACING_MM, lo_open=True)
     if args.like:
@@ -83,9 +85,13 @@ def cmd_synth(args) -> int:
 
 def cmd_degrade(args) -> int:
     from nexus_monai.data.io import load_volume, save_volume
-    from nexus_monai.transforms.acquisition import AcquisitionRicianNoise, SimulateAnisotropicAcquisition, num_thick_slices
     from nexus_monai.data.staging import check_output_file
     from nexus_monai.geometry import parse_axis
+    from nexus_monai.transforms.acquisition import (
+        AcquisitionRicianNoise,
+        SimulateAnisotropicAcquisition,
+        num_thick_slices,
+    )
 
     check_output_file(args.out)
     check_number("--factor", args.factor, 1, None)
@@ -122,20 +128,17 @@ def cmd_upsample(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    from nexus_monai.baselines.i3net import i3net
+    from nexus_monai.baselines.lrtv import lrtv
+    from nexus_monai.baselines.saint import saint
+    from nexus_monai.baselines.smore import smore
     from nexus_monai.data.io import load_volume, save_volume
     from nexus_monai.data.staging import check_output_file
 
     check_output_file(args.out)
     image = load_volume(args.image)
     grid = _grid_from_args(args, image)
-    if args.method == "lrtv":
-        from nexus_monai.baselines.lrtv import lrtv as method
-    elif args.method == "smore":
-        from nexus_monai.baselines.smore import smore as method
-    elif args.method == "saint":
-        from nexus_monai.baselines.saint import saint as method
-    else:
-        from nexus_monai.baselines.i3net import i3net as method
+    method = {"lrtv": lrtv, "smore": smore, "saint": saint, "i3net": i3net}[args.method]
     out = method(image, grid, source=args.image)
     save_volume(out, args.out)
     print(f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm ({args.method})")
@@ -154,6 +157,8 @@ def _method_options(pairs, what: str) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from nexus_monai.data.staging import check_output_dir
+    from nexus_monai.engines.mlflow_logging import tracking_uri as project_tracking_uri
     from nexus_monai.evaluation.downstream import load_segmenters
     from nexus_monai.evaluation.methods import check_methods
     from nexus_monai.evaluation.table1 import check_subject_files, evaluate_methods, select_subjects
@@ -165,8 +170,6 @@ def cmd_evaluate(args) -> int:
     options = _method_options(args.weights, "weights")
     for name, opts in _method_options(args.bundle, "bundle").items():
         options.setdefault(name, {}).update(opts)
-    from nexus_monai.data.staging import check_output_dir
-
     check_output_dir(args.out, None, what="evaluate output folder")
     if args.max_subjects is not None:
         check_number("--max-subjects", args.max_subjects, 1, None, integer=True)
@@ -199,8 +202,6 @@ def cmd_evaluate(args) -> int:
     if segmenters:
         print((Path(args.out) / "table5.md").read_text())
     if mlflow is not None:
-        from nexus_monai.engines.mlflow_logging import tracking_uri as project_tracking_uri
-
         uri = project_tracking_uri(args.tracking_uri)
         print(f"MLflow run {mlflow['run_name']!r} logged to {uri} (mlflow ui --backend-store-uri {uri})")
     return 0
@@ -252,8 +253,6 @@ def cmd_benchmark(args) -> int:
     The hidden ``--size X Y Z`` (tests) sets the output volume in voxels instead of 240 x 240 x 160;
     see :mod:`nexus_monai.benchmark` for what is measured and how.
     """
-    import json
-
     from nexus_monai.benchmark import format_report, run_benchmark
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"benchmark: {msg}", file=sys.stderr, flush=True))
@@ -274,11 +273,9 @@ def cmd_benchmark(args) -> int:
 
 def cmd_serve(args) -> int:
     """MONAI-Label-style REST service (``GET /info/``, ``POST /infer/{model}``); see :mod:`nexus_monai.serving`."""
-    import logging
-
     import torch
 
-    from nexus_monai.serving.app import create_app
+    from nexus_monai.serving.app import create_app  # fastapi and uvicorn only for serve
     from nexus_monai.serving.models import load_models
     from nexus_monai.serving.server import run_server
 

@@ -19,6 +19,12 @@ import json
 import torch
 from torch import nn
 
+from nexus_monai.data.brats import resolve_datalist
+from nexus_monai.data.io import load_volume
+from nexus_monai.engines.subject_fit import SubjectFitter
+from nexus_monai.networks.ssmcsr import SSMCSRNet
+from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition
+
 __all__ = ["embedded_subject", "inr_macs_per_sample", "time_fit", "AUTHORS"]
 
 # McGinnis et al. (MICCAI 2023), their released code on this machine kind, 2 mm pair: 7 of 50 epochs in 14 minutes
@@ -27,10 +33,6 @@ AUTHORS = {"hidden": 1024, "trunk_layers": 5, "head_hidden": 512, "batch_size": 
 
 def embedded_subject() -> tuple:
     """``(t1_lr, t2_lr, subject id)`` of the embedded dataset's first test subject (T1 z x 2, T2 y x 4)."""
-    from nexus_monai.data.brats import resolve_datalist
-    from nexus_monai.data.io import load_volume
-    from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition
-
     datalist = resolve_datalist("embedded")
     root = datalist.parent
     entry = json.loads(datalist.read_text())["test"][0]
@@ -54,9 +56,6 @@ def time_fit(t1_lr, t2_lr, forward_model: str, peak_flops_per_s: float, max_seco
 
     ``options`` go to :class:`SubjectFitter` (e.g. the authors' ``hidden=1024, batch_size=1000``).
     """
-    from nexus_monai.engines.subject_fit import SubjectFitter
-    from nexus_monai.networks.ssmcsr import SSMCSRNet
-
     fitter = SubjectFitter(variant="split_head", forward_model=forward_model, point_warmup=0.0, epochs=1,
                            max_seconds=max_seconds, early_stopping=False, mi_points=1024, **options)
     fit = fitter.fit(t1_lr, t2_lr)

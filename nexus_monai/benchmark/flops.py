@@ -28,6 +28,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from nexus_monai.benchmark.machine import best_seconds
+
 __all__ = ["PARTS", "NetworkProfile", "part_of", "module_macs", "attention_macs", "attention_probe"]
 
 PARTS = ("encoders", "attention", "fusion_mlps", "decoder_mlps", "other")
@@ -211,8 +213,6 @@ def attention_probe(network: nn.Module, key_shape, points: int, peak_flops_per_s
     attn = next((m for m in net.modules() if _is_window_attention(m)), None)
     if attn is None:
         return None
-    from nexus_monai.benchmark.machine import best_seconds
-
     gen = torch.Generator().manual_seed(seed)
     c, w = attn.dim, len(attn.offsets)
     shape = [int(s) for s in key_shape]

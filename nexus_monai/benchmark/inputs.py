@@ -15,9 +15,21 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
+from nexus_monai.engines.predict import bundle_config, load_weights
 from nexus_monai.errors import NexusInputError
+from nexus_monai.geometry import (
+    TargetGrid,
+    WorldNormalizer,
+    make_affine,
+    parse_axis,
+    thick_slice_affine,
+    voxel_to_world,
+)
+from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition, num_thick_slices
+from nexus_monai.transforms.frame import PadToFramed
 
 __all__ = ["DEFAULT_SIZE", "T1_ACQUISITION", "T2_ACQUISITION", "benchmark_inputs", "load_benchmark_network",
            "decoder_linears", "decoder_flops_per_point", "describe_network", "training_batch", "short_path"]
@@ -34,12 +46,7 @@ def benchmark_inputs(size: Sequence[int] = DEFAULT_SIZE) -> dict:
     brain would not fit ``size`` voxels at 1 mm, zero-padded (symmetrically) to ``size`` voxels;
     T2 = ``1.05 - T1`` inside the brain mask. LR scans: T1 z x 2, T2 y x 4 (Gaussian profile).
     """
-    from monai.data import MetaTensor
     from nilearn import datasets
-
-    from nexus_monai.geometry import TargetGrid
-    from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition
-    from nexus_monai.transforms.frame import PadToFramed
 
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 8:
@@ -86,8 +93,6 @@ def load_benchmark_network(bundle: str | os.PathLike = "bundles/nexus_inr", over
     Weights: ``weights`` if given, else ``<bundle>/models/model.pt`` if present, else (or with
     ``random_weights``) a random initialisation seeded with ``seed``.
     """
-    from nexus_monai.engines.predict import bundle_config, load_weights
-
     with bundle_config(bundle, "train.yaml", overlays) as (parser, root, files):
         torch.manual_seed(seed)
         network = parser.get_parsed_content("network_def")
@@ -144,11 +149,6 @@ def describe_network(network: nn.Module) -> str:
 
 def training_batch(batch_size: int, patch_size: Sequence[int], num_points: int, seed: int = 0) -> dict:
     """A random collated batch shaped like the bundle's training batches (1 mm HR patches)."""
-    from monai.data import MetaTensor
-
-    from nexus_monai.geometry import WorldNormalizer, make_affine, parse_axis, thick_slice_affine, voxel_to_world
-    from nexus_monai.transforms.acquisition import num_thick_slices
-
     gen = torch.Generator().manual_seed(seed)
     patch = [int(p) for p in patch_size]
     hr_affine = make_affine((1.0, 1.0, 1.0), (-20.0, -30.0, -10.0))

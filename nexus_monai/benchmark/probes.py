@@ -12,17 +12,19 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.benchmark.flops import NetworkProfile
 from nexus_monai.benchmark.inputs import T1_ACQUISITION, T2_ACQUISITION, training_batch
 from nexus_monai.benchmark.machine import peak_rss_since_reset_gib, reset_peak_rss, rss_gib, ru_maxrss_gib
+from nexus_monai.engines.inr import INRTrainStep
+from nexus_monai.engines.predict import predict_volumes
+from nexus_monai.geometry import thick_slice_affine
 
 __all__ = ["warm_up", "time_inference", "time_trilinear", "time_training"]
 
 
 def warm_up(network: nn.Module) -> None:
     """One small forward pass (kernels, thread pools, allocator) before anything is timed."""
-    from nexus_monai.geometry import thick_slice_affine
-
     hr = torch.eye(4, dtype=torch.float64)
     batch = {
         "t1": torch.rand(1, 1, 12, 12, 6), "t2": torch.rand(1, 1, 12, 3, 12),
@@ -43,8 +45,6 @@ def time_inference(network: nn.Module, inputs: Mapping, inferer, peak_flops_per_
     where Linux allows; ``rss_peak_inference_exact`` False: the value is the process peak so far).
     With ``keep_output`` the prediction is returned under ``"_pred"``.
     """
-    from nexus_monai.engines.predict import predict_volumes
-
     grid = inputs["grid"]
     warm_up(network)
     gc.collect()
@@ -89,8 +89,6 @@ def time_inference(network: nn.Module, inputs: Mapping, inferer, peak_flops_per_
 
 def time_trilinear(inputs: Mapping) -> dict:
     """Trilinear (SimpleITK) upsampling of both LR scans onto ``inputs["grid"]``."""
-    from nexus_monai.baselines.interpolation import upsample
-
     t0 = time.perf_counter()
     outs = [upsample(inputs[k], inputs["grid"], "trilinear") for k in ("t1_lr", "t2_lr")]
     seconds = time.perf_counter() - t0
@@ -103,8 +101,6 @@ def time_trilinear(inputs: Mapping) -> dict:
 def time_training(network: nn.Module, loss: nn.Module, batch_size: int, patch_size: Sequence[int], num_points: int,
                   learning_rate: float, steps: int = 20, warmup: int = 2, seed: int = 0) -> dict:
     """Training steps/s (forward, every loss term, backward, Adam step) on a copy of ``network``."""
-    from nexus_monai.engines.inr import INRTrainStep
-
     net = copy.deepcopy(network).cpu().train()
     engine = SimpleNamespace(network=net, optimizer=torch.optim.Adam(net.parameters(), lr=learning_rate),
                              loss_function=loss, state=SimpleNamespace(device=torch.device("cpu")),

@@ -9,14 +9,23 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from nexus_monai.benchmark.fit import AUTHORS, embedded_subject, time_fit
 from nexus_monai.benchmark.flops import attention_probe
-from nexus_monai.benchmark.inputs import (DEFAULT_SIZE, T1_ACQUISITION, T2_ACQUISITION, benchmark_inputs,
-                                          decoder_flops_per_point,
-                                          describe_network, load_benchmark_network)
+from nexus_monai.benchmark.inputs import (
+    DEFAULT_SIZE,
+    T1_ACQUISITION,
+    T2_ACQUISITION,
+    benchmark_inputs,
+    decoder_flops_per_point,
+    describe_network,
+    load_benchmark_network,
+)
 from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib
 from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
+from nexus_monai.engines.inr import ImplicitGridInferer
 from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB
 from nexus_monai.errors import NexusInputError
+from nexus_monai.losses import NexusINRLoss
 
 __all__ = ["run_benchmark", "apply_peak"]
 
@@ -97,8 +106,6 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         "output_shape": list(inputs["grid"].shape), "output_voxels": inputs["grid"].num_voxels, "chunk_size": int(chunk_size),
         "max_memory_gib": float(max_memory_gib),
     })
-    from nexus_monai.engines.inr import ImplicitGridInferer
-
     log(f"peak GEMM: {peak_gemm_n}^3 matmul at {torch.get_num_threads()} threads")
     peak_runs = [measure_peak_gemm(peak_gemm_n, gemm_repeats)]
     after = before = None
@@ -167,15 +174,11 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     else:
         log(f"training: {train_steps} steps at batch {settings['batch_size']}, patch {settings['patch_size']}, {settings['num_points']} points")
         if loss is None:
-            from nexus_monai.losses import NexusINRLoss
-
             loss = NexusINRLoss()
         result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"],
                                     settings["num_points"],
                                     settings["learning_rate"], steps=train_steps))
     if fit:
-        from nexus_monai.benchmark.fit import AUTHORS, embedded_subject, time_fit
-
         t1_lr, t2_lr, subject = embedded_subject()
         runs = []
         for model in ("point", "profile"):

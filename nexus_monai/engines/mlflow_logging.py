@@ -39,8 +39,10 @@ from pathlib import Path
 import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
 from PIL import Image
 
+from nexus_monai import __version__
 from nexus_monai.paths import REPO_ROOT
 
 __all__ = ["default_store_dir", "tracking_uri", "artifact_location", "ensure_experiment", "git_commit", "sha256_file",
@@ -77,7 +79,7 @@ def artifact_location(uri: str) -> str | None:
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
     """Create experiment ``name`` in the store (artifacts beside a sqlite file) unless it exists; returns ``name``."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: optional, ~1.3 s to import; untracked runs never load it
 
     uri = tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
@@ -130,8 +132,6 @@ def config_params(config: Mapping) -> dict[str, str]:
     replaced by their values; expressions (``$...``) and workflow structure (trainer, handlers,
     transforms) are left out. Values are JSON text, cut at 500 characters.
     """
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser(dict(config))
     try:
         parser.resolve_macro_and_relative_ids()  # same-file macros; a file macro that is missing here stays as text
@@ -206,7 +206,7 @@ class MLflowRunLogger:
     def _run(self) -> str | None:
         """The newest unfinished run named ``run_name`` (MONAI's MLFlowHandler opened it at STARTED)."""
         if self.run_id is None:
-            from mlflow import MlflowClient
+            from mlflow import MlflowClient  # lazy: optional, only for tracked runs
 
             self.client = self.client or MlflowClient(tracking_uri=tracking_uri(self.tracking_uri))
             experiment = self.client.get_experiment_by_name(self.experiment_name)
@@ -222,7 +222,7 @@ class MLflowRunLogger:
     def _log_params_and_tags(self) -> None:
         if self._logged_params or self._run() is None:
             return
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag  # lazy: optional, only for tracked runs
 
         path = Path(self.executed_config)
         params = config_params(json.loads(path.read_text())) if path.is_file() else {}
@@ -230,8 +230,6 @@ class MLflowRunLogger:
         items = [Param(k, v) for k, v in sorted(params.items()) if k not in existing]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        from nexus_monai import __version__
-
         tags = {"git_commit": git_commit(), "nexus_monai_version": __version__, **self.tags}
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._logged_params = True

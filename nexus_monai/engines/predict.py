@@ -16,7 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import nibabel as nib
 import torch
+from monai.bundle import ConfigParser
+from monai.bundle.utils import merge_kv
 from monai.data import MetaTensor
 
 from nexus_monai.data.io import load_volume, save_volume
@@ -37,8 +40,6 @@ MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 w
 def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None) -> TargetGrid:
     """The output grid: the field of view of ``reference`` at ``spacing_mm``, or the grid of the ``like`` file."""
     if like is not None:
-        import nibabel as nib
-
         try:
             img = nib.load(str(like))
         except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
@@ -180,9 +181,6 @@ def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", ove
     changes the process's working directory (safe in a threaded server). A missing config or
     overlay raises a one-line :class:`NexusInputError` before anything is parsed.
     """
-    from monai.bundle import ConfigParser
-    from monai.bundle.utils import merge_kv
-
     root = Path(bundle).resolve()
     path = root / "configs" / config
     if not path.is_file():

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from torch import nn
 
 from nexus_monai.engines.inr import CONTRASTS
@@ -357,8 +358,6 @@ def refine_network(network: nn.Module, t1_lr, t2_lr, options: RefineOptions | No
             check(eng)
 
     if progress:
-        from ignite.handlers import ProgressBar
-
         ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
     if o.max_seconds > 0 and time.perf_counter() - t_start < o.max_seconds:
         engine.run(batches(), max_epochs=1, epoch_length=int(o.max_iterations or 10**9))

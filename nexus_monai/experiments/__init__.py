@@ -37,12 +37,19 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import yaml
+from monai.bundle import ConfigParser
 
+from nexus_monai.data.brats import resolve_datalist
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.mlflow_logging import tracking_uri
 from nexus_monai.errors import NexusInputError
+from nexus_monai.evaluation.downstream import load_segmenters
+from nexus_monai.evaluation.methods import check_methods
+from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
 from nexus_monai.experiments.tables import write_tables
 from nexus_monai.paths import REPO_BUNDLES, REPO_ROOT
+from nexus_monai.transforms.protocols import load_protocol
 
 __all__ = ["TABLES", "FORMS", "parse_seeds", "plan_runs", "run_experiment", "Run"]
 
@@ -102,8 +109,6 @@ def plan_runs(table: str, form: str, seeds: Sequence[int]) -> list[Run]:
 
 def _overrides(overrides: Sequence[str]) -> dict:
     """``KEY=VALUE`` pairs (VALUE parsed as YAML) -> dict; a malformed pair is a one-line error."""
-    import yaml
-
     out = {}
     for item in overrides or ():
         key, sep, value = str(item).partition("=")
@@ -115,8 +120,6 @@ def _overrides(overrides: Sequence[str]) -> dict:
 
 def _merged_config(files: Sequence[Path]) -> dict:
     """The training config of ``files`` (hyper-parameters for MLflow), references resolved where plain."""
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     keys = ("seed", "split_seed", "patch_size", "num_points", "batch_size", "learning_rate", "max_epochs", "val_interval",
@@ -193,7 +196,7 @@ def _results(run: Run, run_dir: Path) -> pd.DataFrame:
 
 def _log_mlflow(run: Run, ctx: dict, params: dict, results: pd.DataFrame) -> None:
     """Tag the training's MLflow run (row, seed, form), add the parameters and the test means."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: optional heavy dependency (~1.3 s), only when a run is logged
 
     with _MLFLOW_LOCK:
         client = MlflowClient(tracking_uri=ctx["tracking_uri"])
@@ -229,8 +232,6 @@ def _run_one(run: Run, ctx: dict, index: int, total: int) -> None:
     overrides = dict(ctx["overrides"], seed=run.seed if run.seed is not None else 0)
     if ctx["max_epochs"]:
         overrides.update(max_epochs=ctx["max_epochs"], val_interval=ctx["max_epochs"], ckpt_interval=ctx["max_epochs"])
-    import yaml
-
     write_text_atomic(run_dir / "overrides.yaml", yaml.safe_dump(overrides, sort_keys=True))
     t0 = time.time()
     print(f"{label}: training + evaluation ...", flush=True)
@@ -262,15 +263,10 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
     if int(jobs) < 1:
         raise NexusInputError(None, f"--jobs must be >= 1, got {jobs}")
     if table == "table5":
-        from nexus_monai.evaluation.downstream import load_segmenters
-        from nexus_monai.evaluation.methods import check_methods
-
         load_segmenters(TABLE5_SEGMENTERS)  # trained segmenters and cohort bundles exist, before any training
         check_methods(list(TABLE5_METHODS))
     if str(data) != "embedded" and not Path(data).exists():
         raise NexusInputError(data, "dataset not found")
-    from nexus_monai.data.brats import resolve_datalist
-
     datalist = resolve_datalist(data, seed=0)
     keys = json.loads(Path(datalist).read_text())
     splits = [s for s in ("test", "test_anatomy") if keys.get(s)]
@@ -306,10 +302,6 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
 
 def _evaluate_run(spec_path: str) -> int:
     """Subprocess entry: score one trained run (``evaluate.json``) with ``nexus-sr evaluate``'s code."""
-    from nexus_monai.evaluation.downstream import load_segmenters
-    from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
-    from nexus_monai.transforms.protocols import load_protocol
-
     spec = json.loads(Path(spec_path).read_text())
     segmenters = load_segmenters(spec["segmenters"]) if spec["segmenters"] else None
     for split in spec["splits"]:

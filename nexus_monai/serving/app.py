@@ -29,6 +29,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Mapping
 
+import monai
+import nibabel as nib
+import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -65,9 +69,6 @@ def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) 
 
 
 def _header_info(path: Path) -> dict:
-    import nibabel as nib
-    import numpy as np
-
     img = nib.load(str(path))
     affine = np.asarray(img.affine, dtype=float)
     return {"shape": [int(s) for s in img.shape], "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
@@ -159,9 +160,6 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
     @app.get("/info/")
     async def info():
         """MONAI Label's app info: name, description, version, models (inputs, labels, description, versions)."""
-        import monai
-        import torch
-
         return {
             "name": "nexus_monai",
             "description": "Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI): T1w + T2w LR scans in, both on any grid out",

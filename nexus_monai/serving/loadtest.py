@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from nexus_monai.data.io import write_text_atomic
+        from nexus_monai.data.io import write_text_atomic  # lazy: the client is standard library only without --json
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, text + "\n")

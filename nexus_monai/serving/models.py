@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from nexus_monai.engines.predict import OUTPUT_NAMES, load_bundle, predict_files
 from nexus_monai.errors import NexusInputError
+from nexus_monai.keys import CONTRASTS
 from nexus_monai.serving.cancel import install_cancel_checks
 from nexus_monai.serving.params import InferParams, ServingError
 
@@ -57,9 +59,6 @@ class BundleModel:
     def __init__(self, bundle: str | os.PathLike, overlays: Sequence[str] = (), weights: str | os.PathLike | None = None,
                  device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8,
                  max_memory_gib: float | None = None):
-        from nexus_monai.engines.inr import CONTRASTS
-        from nexus_monai.engines.predict import load_bundle
-
         self.bundle = Path(bundle).resolve()
         self.name = self.bundle.name
         self.network, self.inferer, parser = load_bundle(self.bundle, overlays, weights=weights, device=device)
@@ -87,8 +86,6 @@ class BundleModel:
 
     def info(self) -> dict:
         """This model's entry in ``GET /info/`` (MONAI Label's per-model shape plus inputs/outputs/versions)."""
-        from nexus_monai.engines.predict import OUTPUT_NAMES
-
         description = self.metadata.get("description") or (
             f"{self.name}: multi-contrast arbitrary-scale super-resolution of T1w + T2w LR scans onto any grid")
         return {
@@ -112,8 +109,6 @@ class BundleModel:
         ``scans``: upload field -> stored NIfTI path (``t1``, ``t2`` and, when ``params.like ==
         "like"``, the reference image). Bad content raises :class:`NexusInputError` naming the path.
         """
-        from nexus_monai.engines.predict import predict_files
-
         missing = [c for c in self.inputs if c not in scans]
         if missing:
             raise ServingError(400, f"missing modality: {self.name} needs uploads {list(self.inputs)}, got {sorted(scans)}", missing[0])

@@ -29,7 +29,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve ``app`` until interrupted (one process; inference parallelism is the app's worker threads)."""
-    import uvicorn
+    import uvicorn  # lazy: a serving-only dependency, loaded when a server starts
 
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

@@ -18,6 +18,9 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+import nibabel as nib
+import numpy as np
+
 from nexus_monai.serving.params import ServingError
 
 __all__ = ["check_filename", "nifti_suffix", "store_upload", "upload_label"]
@@ -77,9 +80,6 @@ def nifti_suffix(stream: BinaryIO, source: str) -> str:
 def _check_declared_size(path: Path, max_voxels: float, source: str) -> None:
     """Refuse a header declaring more than ``max_voxels`` voxels before any data is read (a small
     gzip can declare, and decompress to, a huge volume). Unreadable headers are left to the loader."""
-    import nibabel as nib
-    import numpy as np
-
     try:
         shape = nib.load(str(path)).shape
     except Exception:  # noqa: BLE001 - load_volume reports it as one line later
