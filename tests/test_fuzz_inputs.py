@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from nexus_monai.cli import main
-from test_crash_safety import BUNDLE, _live_server, fit_args, make_tiny_pair, predict_args
+
+from helpers import BUNDLE, fit_args, live_server, make_tiny_pair, predict_args
 
 SEED = 13
 N_CLI = 190
@@ -149,7 +150,7 @@ def test_fuzz_server_2xx_or_4xx_never_500(fuzz_setup, tmp_path):
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     spacings = ["1", "2", "[1, 2, 3]", "0", "-1", "1e308", "1e-4", "NaN", "Infinity", "true", '"a"', "[1, 2]", "null"]
     statuses = []
-    with _live_server(app) as url:
+    with live_server(app) as url:
         for i in range(N_SERVER):
             t1 = files[pick(["t1", "t1", *sorted(files)])]
             t2 = files[pick(["t2", "t2", *sorted(files)])]

@@ -119,7 +119,7 @@ def ssim3d(gt, pred, mask, data_range: float = 1.0, win_size: int = 11, sigma: f
     brain is at least ``margin`` voxels from the volume edge); SSIM is the mean of that map.
     Equals ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=sigma,
     use_sample_covariance=False, data_range=data_range)`` on the same crop up to MONAI's float32
-    rounding (within 2e-5 in tests/test_metrics.py).
+    rounding (within 2e-5 in tests/metrics/test_metrics.py).
     """
     g, p = volume_pair(gt, pred)
     m = as_mask(mask, g.shape)

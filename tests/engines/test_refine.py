@@ -27,7 +27,7 @@ from nexus_monai.geometry import TargetGrid, make_affine
 from nexus_monai.transforms import SimulateAnisotropicAcquisition
 from nexus_monai.transforms.consistency import AcquisitionModel, lr_residual
 
-from test_serving import BUNDLE, TINY_OVERLAY
+from helpers import BUNDLE, TINY_OVERLAY
 
 
 def _phantom(n=16, seed=0):

@@ -17,7 +17,7 @@ from nexus_monai.geometry import thick_slice_affine
 from nexus_monai.networks import NexusINR
 from nexus_monai.transforms import RandSimulateAnisotropicAcquisitiond, SimulateAnisotropicAcquisition
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASELINE_SWITCHES = {"mmf": False, "kd_attn": False, "sel": False, "bidirectional": False, "cross_input": False}
 
 

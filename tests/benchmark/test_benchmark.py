@@ -16,7 +16,7 @@ from nexus_monai.geometry import sample_at_world, thick_slice_affine
 from nexus_monai.losses import NexusINRLoss
 from nexus_monai.networks import NexusINR
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nexus_inr"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nexus_inr"
 TINY_SIZE = (32, 32, 24)
 TINY = dict(encoder="rdn", features=4, encoder_options={"blocks": 1, "layers": 1, "growth": 4},
             decoder="mlp", decoder_hidden=8, decoder_layers=2, attn_heads=2, pe_frequencies=2)

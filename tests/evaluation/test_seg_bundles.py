@@ -17,7 +17,7 @@ from nexus_monai.evaluation.downstream import FrozenSegmenter
 from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
 from nexus_monai.transforms.protocols import load_protocol
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {
     "seg_unet": {"network_def#channels": [4, 8, 16, 32]},
     "seg_transunet": {"network_def#feature_size": 4, "network_def#hidden_size": 16, "network_def#num_layers": 1, "network_def#num_heads": 2, "network_def#mlp_dim": 32},

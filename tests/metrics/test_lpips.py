@@ -31,7 +31,7 @@ needs_weights = pytest.mark.skipif(MODEL is None, reason=f"LPIPS {lp.lpips_statu
 
 
 def _reference_pairs():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "lpips_reference.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "lpips_reference.py"
     spec = importlib.util.spec_from_file_location("lpips_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

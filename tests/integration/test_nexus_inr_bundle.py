@@ -22,7 +22,7 @@ from nexus_monai.cli import main
 from nexus_monai.data.brats import load_datalist
 from nexus_monai.geometry import TargetGrid, thick_slice_affine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A tiny network and schedule; the keys are the bundle's own (overridable from the command line).
 TINY = {
     "network_def#features": 4,
@@ -39,10 +39,8 @@ TINY_CLI = ["--network_def#features", "4", "--network_def#encoder_options", "{'b
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_bundle_dataset
-
-    return make_tiny_bundle_dataset(tmp_path_factory.mktemp("inrdata") / "data", n=3)
+def tiny_data(tmp_path_factory, tiny_bundle_dataset):
+    return tiny_bundle_dataset(tmp_path_factory.mktemp("inrdata") / "data", n=3)
 
 
 @pytest.fixture(scope="module")

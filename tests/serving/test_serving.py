@@ -19,7 +19,6 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -38,21 +37,9 @@ from nexus_monai.serving.params import ServingError, parse_params
 from nexus_monai.serving.uploads import check_filename, nifti_suffix
 from nexus_monai.transforms import SimulateAnisotropicAcquisition
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "nexus_inr"
+from helpers import BUNDLE, REPO, TINY_OVERLAY
+
 MAX_UPLOAD_MB = 0.25
-# a tiny network_def replacing the bundle's (inference.yaml refers to train.yaml's network_def by a macro)
-TINY_OVERLAY = """network_def:
-  _target_: nexus_monai.networks.NexusINR
-  encoder: rdn
-  features: 4
-  encoder_options: {blocks: 1, layers: 1, growth: 4}
-  decoder: mlp
-  decoder_hidden: 8
-  decoder_layers: 2
-  attn_heads: 2
-  pe_frequencies: 2
-"""
 
 
 @pytest.fixture(scope="module")

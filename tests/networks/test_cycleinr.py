@@ -24,7 +24,7 @@ from nexus_monai.transforms import RandPairedPatchd
 from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition, slice_profile_matrix
 from nexus_monai.transforms.lines import SampleThickAxisLinesd, thick_axis_operator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_NET = {"encoder": "rdn", "features": 8, "encoder_options": {"blocks": 1, "layers": 2, "growth": 8},
             "decoder_hidden": 32, "decoder_layers": 2, "attn_heads": 2}
 

@@ -24,7 +24,7 @@ from nexus_monai.geometry import TargetGrid, WorldNormalizer, make_affine
 from nexus_monai.networks.ssmcsr import SSMCSRNet
 from nexus_monai.transforms import SimulateAnisotropicAcquisition, observations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(hidden=32, trunk_layers=2, head_hidden=16, num_frequencies=16, mi_points=2000, batch_size=256)
 
 

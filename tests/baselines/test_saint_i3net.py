@@ -28,7 +28,7 @@ from nexus_monai.networks.slice_sr import ResidualSR2d, over_slices
 from nexus_monai.transforms import SimulateAnisotropicAcquisition
 from nexus_monai.transforms.protocols import load_protocol
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _phantom(shape=(20, 18, 16)):
