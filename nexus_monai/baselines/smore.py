@@ -35,14 +35,22 @@ import torch
 from monai.data import MetaTensor
 from tqdm import tqdm
 
-from nexus_monai.baselines.slice_stack import degrade_and_interpolate, from_canonical, on_requested_grid, prepare_scan, to_canonical
+from nexus_monai.baselines.slice_stack import (
+    degrade_and_interpolate,
+    from_canonical,
+    on_requested_grid,
+    prepare_scan,
+    to_canonical,
+)
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.networks.slice_sr import ResidualSR2d, over_slices
 
 __all__ = ["smore", "smore_training_pairs", "fourier_burst_accumulation"]
 
 
-def smore_training_pairs(lr_canonical: torch.Tensor, factor: float, profile: str = "gaussian") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def smore_training_pairs(
+    lr_canonical: torch.Tensor, factor: float, profile: str = "gaussian"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Self-supervised pairs from the in-plane slices of ONE scan (canonical ``(X, Y, M)``).
 
     Returns ``[(inputs (M, H, W), targets (M, H, W)), ...]`` for the two in-plane directions;

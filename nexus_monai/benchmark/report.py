@@ -25,8 +25,13 @@ def _ratio(x) -> str:
 def _parts_rows(add, r: Mapping, indent: str = "  ") -> None:
     add((f"{indent}part: time / FLOPs / attainable / ratio", ""))
     for name, row in r["parts"].items():
-        add((f"{indent}  {_PART_NAMES.get(name, name)}", f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
-                                                          f"{row['attainable_s']:.2f} s / {_ratio(row['ratio_to_attainable'])}"))
+        add(
+            (
+                f"{indent}  {_PART_NAMES.get(name, name)}",
+                f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
+                f"{row['attainable_s']:.2f} s / {_ratio(row['ratio_to_attainable'])}",
+            )
+        )
     add((f"{indent}  whole inference",
          f"{r['nexus_s']:.2f} s / {_si(r['flops'], 'FLOP')} / {r['attainable_s']:.2f} s / "
                                        f"{_ratio(r['whole_inference_ratio_to_attainable'])}"))
@@ -44,11 +49,16 @@ def format_report(r: Mapping) -> str:
         f"Python {m['python_version']}")
     if m.get("load_average_1min") is not None:
         end = m.get("load_average_1min_end")
-        add(f"           load average {m['load_average_1min']:.2f} at start" + (f", {end:.2f} at the end" if end is not None else "")
-            + f" (other processes share these {m['cpus_available']} CPUs)")
+        add(
+            f"           load average {m['load_average_1min']:.2f} at start"
+            + (f", {end:.2f} at the end" if end is not None else "")
+            + f" (other processes share these {m['cpus_available']} CPUs)"
+        )
     add(f"input    : {r['input']}")
-    add(f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} {tuple(r['t2_lr_shape'])}, "
-        f"target grid {tuple(r['output_shape'])}, brain {r['brain_voxels']:,} voxels")
+    add(
+        f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} {tuple(r['t2_lr_shape'])}, "
+        f"target grid {tuple(r['output_shape'])}, brain {r['brain_voxels']:,} voxels"
+    )
     add(f"network  : {r['network']}")
     add(f"weights  : {r['weights']}")
     if r.get("config_files"):
@@ -59,9 +69,12 @@ def format_report(r: Mapping) -> str:
     add((f"peak fp32 GEMM ({r['peak_gemm_n']}^3 matmul, {r['peak_gemm_threads']} threads; best of runs {runs})",
          _si(peak, "FLOP/s")))
     plan = r.get("plan", {})
-    tiling = (f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
-              f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of {plan['chunk_size']:,}"
-              if plan.get("tiled") else "untiled")
+    tiling = (
+        f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
+        f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of {plan['chunk_size']:,}"
+        if plan.get("tiled")
+        else "untiled"
+    )
     v = r["output_voxels"]
     add((f"inference, whole volume (after: {tiling}; max {r['max_memory_gib']:g} GiB)", ""))
     add(("  Nexus-INR (predict_volumes)", f"{r['nexus_s']:.2f} s"))
@@ -74,9 +87,13 @@ def format_report(r: Mapping) -> str:
         add((f"    {k['kind']}", f"{k['calls']} calls, {_si(k['flops'], 'FLOP')}, {rate}"))
     a = r.get("attention_probe")
     if a:
-        add((f"  KD-Attn alone ({a['points']:,} points, window {a['window']}, key map {tuple(a['key_shape'])})",
-             f"gather {_si(a['gather_bytes_per_s'], 'B/s')}, positional MLP {_si(a['positional_mlp_flops_per_s'], 'FLOP/s')}, "
-             f"whole {_si(a['forward_flops_per_s'], 'FLOP/s')} ({a['forward_fraction_of_peak']:.2f} of peak)"))
+        add(
+            (
+                f"  KD-Attn alone ({a['points']:,} points, window {a['window']}, key map {tuple(a['key_shape'])})",
+                f"gather {_si(a['gather_bytes_per_s'], 'B/s')}, positional MLP {_si(a['positional_mlp_flops_per_s'], 'FLOP/s')}, "
+                f"whole {_si(a['forward_flops_per_s'], 'FLOP/s')} ({a['forward_fraction_of_peak']:.2f} of peak)",
+            )
+        )
     b = r.get("before")
     if b:
         add(("before (encoders on the whole volumes, default layout, untiled)", ""))
@@ -106,17 +123,33 @@ def format_report(r: Mapping) -> str:
         add(("training", "skipped (--skip-train)"))
     else:
         p = "x".join(str(s) for s in r["train_patch_size"])
-        add((f"training at the bundle setting (batch {r['train_batch_size']}, patch {p}, {r['train_num_points']:,} points)", ""))
+        add(
+            (
+                f"training at the bundle setting (batch {r['train_batch_size']}, patch {p}, {r['train_num_points']:,} points)",
+                "",
+            )
+        )
         add(("  steps/s (forward + all losses + backward + Adam)",
              f"{r['train_steps_per_s']:.3f} ({r['train_s'] / r['train_steps']:.2f} s/step, "
              f"{r['train_steps']} steps after {r['train_warmup_steps']} warm-up)"))
         add(("  loss terms", ", ".join(r["train_loss_terms"])))
     f = r.get("fit")
     if f:
-        add((f"SSMCSR fit-subject, split-head, {f['subject']} (T1 LR {tuple(f['t1_lr_shape'])}, T2 LR {tuple(f['t2_lr_shape'])})", ""))
+        add(
+            (
+                f"SSMCSR fit-subject, split-head, {f['subject']} (T1 LR {tuple(f['t1_lr_shape'])}, T2 LR {tuple(f['t2_lr_shape'])})",
+                "",
+            )
+        )
         for run in f["runs"]:
-            what = (f"  {run['forward_model']}, {run['trunk_layers']} x {run['hidden']} trunk, batch {run['batch_size']}"
-                    + (f" ({run['iterations_timed']} of {run['iterations_per_epoch']} iterations, extrapolated)" if run["extrapolated"] else ""))
+            what = (
+                f"  {run['forward_model']}, {run['trunk_layers']} x {run['hidden']} trunk, batch {run['batch_size']}"
+                + (
+                    f" ({run['iterations_timed']} of {run['iterations_per_epoch']} iterations, extrapolated)"
+                    if run["extrapolated"]
+                    else ""
+                )
+            )
             add((what, f"epoch {run['epoch_s']:.1f} s, {_si(run['observations_per_s'], 'obs/s')}, "
                        f"{_si(run['inr_samples_per_s'], 'sample/s')}, GEMM bound {run['gemm_bound_epoch_s']:.1f} s "
                        f"({run['ratio_to_gemm_bound']:.1f} x), {run['epochs_in_14_min']:.1f} epochs in 14 min"))

@@ -122,7 +122,11 @@ class SRValidationReport:
         tri = {c: upsample(out["lr"][c], out["grid"], "trilinear")[0].as_subclass(torch.Tensor) for c in CONTRASTS}
         scores = out.get("scores") or subject_scores(out["gt"], out["pred"])
         ref = subject_scores(out["gt"], tri, out.get("lesions"))  # lesion columns when the subject has a map
-        row = {"subject": out["subject"], **{f"model_{k}": v for k, v in scores.items()}, **{f"trilinear_{k}": v for k, v in ref.items()}}
+        row = {
+            "subject": out["subject"],
+            **{f"model_{k}": v for k, v in scores.items()},
+            **{f"trilinear_{k}": v for k, v in ref.items()},
+        }
         self.rows.append(row)
         if self.panel is None:
             self.panel = self._tiles(out, tri)
@@ -156,13 +160,17 @@ class SRValidationReport:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         header = ["subject"] + keys
-        lines = [",".join(header)] + [",".join([str(r["subject"])] + [f"{r.get(k, np.nan):.6f}" for k in keys]) for r in self.rows]
+        lines = [",".join(header)] + [
+            ",".join([str(r["subject"])] + [f"{r.get(k, np.nan):.6f}" for k in keys]) for r in self.rows
+        ]
         write_text_atomic(self.output_dir / f"{self.prefix}_subjects.csv", "\n".join(lines) + "\n")
         gain = {c: means[f"model_psnr_{c}"] - means[f"trilinear_psnr_{c}"] for c in CONTRASTS}
         summary = {"epoch": epoch, "subjects": len(self.rows), "mean": means, "psnr_gain_over_trilinear_db": gain}
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
         panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
-        save_panel(self.panel, panel, row_labels=["T1w", "T2w"], col_labels=["LR (nearest)", "trilinear", "model", "GT HR"])
+        save_panel(
+            self.panel, panel, row_labels=["T1w", "T2w"], col_labels=["LR (nearest)", "trilinear", "model", "GT HR"]
+        )
         # for the tracking handler (nexus_monai.engines.mlflow_logging.MLflowRunLogger): an MLflow image and table
         engine.state.validation_report = {"epoch": epoch, "panel": str(panel), "rows": list(self.rows)}
 
@@ -214,8 +222,13 @@ class TrainingCheckpoint:
         objects = {**self.save_dict, "trainer": engine}
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._load, objects)
-        self.saver = AtomicCheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
-                                           n_saved=self.n_saved, epoch_level=True)
+        self.saver = AtomicCheckpointSaver(
+            save_dir=str(self.ckpt_dir),
+            save_dict=objects,
+            save_interval=self.save_interval,
+            n_saved=self.n_saved,
+            epoch_level=True,
+        )
         self.saver.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(self.save_interval, 1)), self._prune)
 

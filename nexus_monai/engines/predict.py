@@ -31,13 +31,24 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
 
-__all__ = ["predict_volumes", "predict_files", "target_grid", "check_reachable", "load_weights", "bundle_config", "load_bundle", "OUTPUT_NAMES"]
+__all__ = [
+    "predict_volumes",
+    "predict_files",
+    "target_grid",
+    "check_reachable",
+    "load_weights",
+    "bundle_config",
+    "load_bundle",
+    "OUTPUT_NAMES",
+]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
 MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 would overflow the affine)
 
 
-def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None) -> TargetGrid:
+def target_grid(
+    reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None
+) -> TargetGrid:
     """The output grid: the field of view of ``reference`` at ``spacing_mm``, or the grid of the ``like`` file."""
     if like is not None:
         try:
@@ -56,7 +67,9 @@ def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | Non
     ok = len(values) == 3 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
     sp = [float(v) for v in values] if ok else []
     if not ok or not all(math.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in sp):
-        raise NexusInputError(None, f"target spacing must be 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {spacing_mm}")
+        raise NexusInputError(
+            None, f"target spacing must be 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {spacing_mm}"
+        )
     try:
         return TargetGrid.from_spacing(reference.shape[-3:], reference.affine, sp)
     except ValueError as err:
@@ -68,17 +81,23 @@ def check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Map
     """Raise a one-line :class:`NexusInputError` if ``grid`` has more than ``max_voxels`` voxels or
     misses the field of view of any scan in ``lr`` (``sources`` names each scan's file for the message)."""
     if grid.num_voxels > max_voxels:
-        raise NexusInputError(None, f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of {int(max_voxels):,}")
+        raise NexusInputError(
+            None, f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of {int(max_voxels):,}"
+        )
     out_box = field_of_view(grid.shape, grid.affine)
     lo_o, hi_o = out_box.min(0).values, out_box.max(0).values
     for c, img in lr.items():
         box = field_of_view(img.shape[-3:], img.affine)
         lo, hi = box.min(0).values, box.max(0).values
         if bool(torch.any(hi_o < lo)) or bool(torch.any(lo_o > hi)):
-            raise NexusInputError(sources.get(c), "the target grid does not overlap this scan's field of view (unreachable target grid)")
+            raise NexusInputError(
+                sources.get(c), "the target grid does not overlap this scan's field of view (unreachable target grid)"
+            )
 
 
-def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid, inferer: ImplicitGridInferer | None = None) -> dict:
+def predict_volumes(
+    network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid, inferer: ImplicitGridInferer | None = None
+) -> dict:
     """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units."""
     inferer = inferer or ImplicitGridInferer()
     mode = getattr(inferer, "intensity_norm", "percentile")
@@ -117,7 +136,10 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
-            raise NexusInputError(path if path not in ("", "None") else None, f"missing {c} input scan" if path in ("", "None") else "file not found")
+            raise NexusInputError(
+                path if path not in ("", "None") else None,
+                f"missing {c} input scan" if path in ("", "None") else "file not found",
+            )
     refine_seconds = check_refine_seconds(refine_seconds, "refine_seconds")
     out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *CONSISTENCY_NAMES.values()])
     lr = {c: load_volume(p) for c, p in sources.items()}
@@ -145,7 +167,9 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
             **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report}
 
 
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """Load a ``CheckpointSaver`` file (``{"model": state}``, ``{"network": state}`` or a bare state dict).
 
     A missing file or a checkpoint whose tensors do not match the network raises a one-line
@@ -191,7 +215,8 @@ def bundle_config(bundle: str | os.PathLike, config: str = "inference.yaml", ove
             raise NexusInputError(f, "config overlay not found")
     parser = ConfigParser()
     parser.read_config(files[0])
-    for overlay in files[1:]:  # a training overlay's keys inside sections this config lacks (loss#..., train#...) are skipped
+    # a training overlay's keys inside sections this config lacks (loss#..., train#...) are skipped
+    for overlay in files[1:]:
         for key, value in ConfigParser.load_config_file(overlay).items():
             nested = str(key).replace("::", "#")
             if "#" in nested and nested.lstrip("+").split("#")[0] not in parser.config:

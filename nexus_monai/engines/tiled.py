@@ -94,7 +94,9 @@ def _coarse_occupancy(inferer, vols, affines, grid: TargetGrid, background: Mapp
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
     world = voxel_to_world(idx.to(torch.float64), grid.affine).to(torch.float32).to(vols["t1"].device)
     bg = background or {}
-    signal = sum(sample_at_world(vols[c] - float(bg.get(c, 0.0)), affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
+    signal = sum(
+        sample_at_world(vols[c] - float(bg.get(c, 0.0)), affines[c], world[None])[0, 0].abs() for c in CONTRASTS
+    )
     return idx[(signal > 0).cpu()].numpy()
 
 

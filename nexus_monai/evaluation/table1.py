@@ -44,10 +44,21 @@ from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_m
 from nexus_monai.metrics.lesion import check_lesion_map
 from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
-__all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods", "summarise", "markdown_table", "log_mlflow"]
+__all__ = [
+    "select_subjects",
+    "check_subject_files",
+    "check_lesion_files",
+    "prepare_subject",
+    "evaluate_methods",
+    "summarise",
+    "markdown_table",
+    "log_mlflow",
+]
 
 
-def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0, max_subjects: int | None = None) -> list[dict]:
+def select_subjects(
+    data: str | os.PathLike, split: str = "test", seed: int = 0, max_subjects: int | None = None
+) -> list[dict]:
     """Subjects of ``split`` from a datalist JSON, a folder holding ``dataset.json``, or a BraTS root.
 
     A BraTS root without a datalist is discovered and split with ``seed`` (48/10/15 proportions).
@@ -77,8 +88,11 @@ def _check_datalist_json(path: Path, split: str) -> None:
     except (OSError, ValueError) as err:
         raise NexusInputError(path, f"not a datalist: cannot read it as JSON ({type(err).__name__})") from None
     if not isinstance(content, dict):
-        raise NexusInputError(path, f"not a datalist: expected a JSON object with split lists (training, validation, test), "
-                                    f"got a JSON {type(content).__name__}")
+        raise NexusInputError(
+            path,
+            f"not a datalist: expected a JSON object with split lists (training, validation, test), "
+            f"got a JSON {type(content).__name__}",
+        )
     splits = [k for k, v in content.items() if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
     if split not in content:
         raise NexusInputError(path, f"no {split!r} split (has: {', '.join(splits) or 'none'})")
@@ -183,7 +197,9 @@ def evaluate_methods(
                 pred = fn(data, grid, **method_options.get(m, {}))
                 seconds = time.perf_counter() - t0
                 for c in CONTRASTS:
-                    if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(), grid.affine, atol=1e-4):
+                    if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(
+                        pred[c].affine.double(), grid.affine, atol=1e-4
+                    ):
                         raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
                 lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
@@ -230,17 +246,30 @@ def evaluate_methods(
         write_text_atomic(out / "table5.csv", t5.to_csv(index=False))
         write_text_atomic(out / "table5.md", table5_markdown(t5, n_subjects=len(subjects)))
     if mlflow is not None:
-        files = [out / n for n in ("per_subject.csv", "table1.csv", "table1.md", "table5_per_subject.csv", "table5.csv", "table5.md")]
+        files = [
+            out / n
+            for n in ("per_subject.csv", "table1.csv", "table1.md", "table5_per_subject.csv", "table5.csv", "table5.md")
+        ]
         log_mlflow(table, [f for f in files if f.exists()] + panels, out_dir=out, **mlflow)
     if input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
         sid, first = input_errors[0]
-        raise NexusInputError(first.source, f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
-                                            f"per_subject.csv, the other rows kept)")
+        raise NexusInputError(
+            first.source,
+            f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
+            f"per_subject.csv, the other rows kept)",
+        )
     return frame
 
 
-def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os.PathLike, tracking_uri: str | None = None,
-               run_name: str = "evaluate", experiment: str = "nexus_monai_evaluate", params: Mapping | None = None) -> str:
+def log_mlflow(
+    table: pd.DataFrame,
+    artifacts: Sequence[Path],
+    out_dir: str | os.PathLike,
+    tracking_uri: str | None = None,
+    run_name: str = "evaluate",
+    experiment: str = "nexus_monai_evaluate",
+    params: Mapping | None = None,
+) -> str:
     """One MLflow run: ``params``, every numeric table column as ``<method>/<column>``, the files as artifacts.
 
     ``tracking_uri`` default: ``MLFLOW_TRACKING_URI``, else the project's one store
@@ -262,7 +291,11 @@ def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os
             client.log_param(run_id, k, str(v)[:6000])
         for _, r in table.iterrows():
             for col, v in r.items():
-                if col in ("method",) or not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v, bool):
+                if (
+                    col in ("method",)
+                    or not isinstance(v, (int, float, np.floating, np.integer))
+                    or isinstance(v, bool)
+                ):
                     continue
                 if math.isfinite(float(v)):
                     client.log_metric(run_id, f"{r['method']}/{col}", float(v))
@@ -282,7 +315,9 @@ def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os
 
 def summarise(frame: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     """Mean and std over subjects per method of every numeric column, plus run/failure counts."""
-    numeric = [c for c in frame.columns if c not in ("subject", "method", "error") and pd.api.types.is_numeric_dtype(frame[c])]
+    numeric = [
+        c for c in frame.columns if c not in ("subject", "method", "error") and pd.api.types.is_numeric_dtype(frame[c])
+    ]
     out = []
     for m in methods:
         part = frame[frame["method"] == m]
@@ -319,16 +354,33 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
     if protocol.name == "ssmcsr":
         extra = [("ε_MI^T1", "eps_mi_t1"), ("ε_MI^T2", "eps_mi_t2"), ("ε̂_MI", "eps_mi_joint")]
         head += [e[0] for e in extra]
-    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w", "s / subject (fit + inference)",
-             "training (steps, s)", "failed"]
+    head += [
+        "PSNR eroded T1w",
+        "PSNR eroded T2w",
+        "PSNR volume T1w",
+        "PSNR volume T2w",
+        "s / subject (fit + inference)",
+        "training (steps, s)",
+        "failed",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["method"])]
         for _, key, digits in cols:
             cells += [_pm(r, f"{key}_t1", digits), _pm(r, f"{key}_t2", digits), _pm(r, f"{key}_avg", digits)]
         cells += [_pm(r, k, 4) for _, k in extra]
-        cells += [_pm(r, "psnr_eroded_t1", 2), _pm(r, "psnr_eroded_t2", 2), _pm(r, "psnr_volume_t1", 2), _pm(r, "psnr_volume_t2", 2)]
-        cells += [_pm(r, "seconds", 2), _budget(r), str(int(r["failed"])) + (f" ({r['first_error']})" if r.get("failed", 0) and isinstance(r.get("first_error"), str) else "")]
+        cells += [
+            _pm(r, "psnr_eroded_t1", 2),
+            _pm(r, "psnr_eroded_t2", 2),
+            _pm(r, "psnr_volume_t1", 2),
+            _pm(r, "psnr_volume_t2", 2),
+        ]
+        cells += [
+            _pm(r, "seconds", 2),
+            _budget(r),
+            str(int(r["failed"]))
+            + (f" ({r['first_error']})" if r.get("failed", 0) and isinstance(r.get("first_error"), str) else ""),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     c = protocol.config["contrasts"]
     statuses = sorted({p for s in table.get("lpips_statuses", []) if isinstance(s, str) for p in s.split("; ")})
@@ -364,7 +416,9 @@ def _lesion_markdown(table: pd.DataFrame) -> str:
         return ""
     lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for _, r in table.iterrows():
-        counts = ", ".join(f"{r.get(f'{k}_mean', math.nan):.1f}" for k in ("n_lesions_t2", "n_lesions_t1", "n_lesions_both_t1"))
+        counts = ", ".join(
+            f"{r.get(f'{k}_mean', math.nan):.1f}" for k in ("n_lesions_t2", "n_lesions_t1", "n_lesions_both_t1")
+        )
         lines.append("| " + " | ".join([str(r["method"])] + [_pm(r, k, d) if k else counts for _, k, d in cols]) + " |")
     return ("## Lesion fidelity\n\n" + "\n".join(lines) + "\n\nMean ± std over subjects with a lesion map; "
             "imprint: |lesion contrast| on the contrast that should not show the lesion, output beside ground truth "

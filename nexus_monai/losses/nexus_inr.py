@@ -56,13 +56,22 @@ class NexusINRLoss(nn.Module):
         self.cmfa_reduction = cmfa_reduction
         self.sr = F.l1_loss if sr == "l1" else F.mse_loss
         self.feature_norm = bool(feature_norm)
-        self.w = {"sr_t1": w_t1, "sr_t2": w_t2, "kd": w_kd, "t2self": w_t2self, "cmfa": w_cmfa, "fdl": w_fdl, "seg": w_seg}
+        self.w = {
+            "sr_t1": w_t1,
+            "sr_t2": w_t2,
+            "kd": w_kd,
+            "t2self": w_t2self,
+            "cmfa": w_cmfa,
+            "fdl": w_fdl,
+            "seg": w_seg,
+        }
 
     def forward(self, out: Mapping[str, torch.Tensor], target_t1: torch.Tensor, target_t2: torch.Tensor,
                 label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         terms = {"sr_t1": self.sr(out["t1"], target_t1), "sr_t2": self.sr(out["t2"], target_t2)}
         z1, z2 = out.get(Z_T1_SHARED), out.get(Z_T2_FUSED)
-        if self.feature_norm and z1 is not None:  # unit length per point: the distances cannot grow with the feature scale
+        # unit length per point: the distances cannot grow with the feature scale
+        if self.feature_norm and z1 is not None:
             z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
         if T2_SELF in out:
             terms["kd"] = F.mse_loss(z2, z1.detach(), reduction="none").sum(-1).mean()
@@ -73,10 +82,14 @@ class NexusINRLoss(nn.Module):
             terms["cmfa"] = gap.sum() if self.cmfa_reduction == "sum" else gap.mean()
             l1, l2 = out[modality_logits_key("t1")], out[modality_logits_key("t2")]
             zeros = torch.zeros(l1.shape[:-1], dtype=torch.long, device=l1.device)
-            terms["fdl"] = F.cross_entropy(l1.reshape(-1, 2), zeros.reshape(-1)) + F.cross_entropy(l2.reshape(-1, 2), (zeros + 1).reshape(-1))
+            terms["fdl"] = F.cross_entropy(l1.reshape(-1, 2), zeros.reshape(-1)) + F.cross_entropy(
+                l2.reshape(-1, 2), (zeros + 1).reshape(-1)
+            )
         if seg_logits_key("t1") in out and label is not None:
             cls = brats_label_to_class(label).reshape(-1)
             s1, s2 = out[seg_logits_key("t1")], out[seg_logits_key("t2")]
-            terms["seg"] = F.cross_entropy(s1.reshape(-1, s1.shape[-1]), cls) + F.cross_entropy(s2.reshape(-1, s2.shape[-1]), cls)
+            terms["seg"] = F.cross_entropy(s1.reshape(-1, s1.shape[-1]), cls) + F.cross_entropy(
+                s2.reshape(-1, s2.shape[-1]), cls
+            )
         terms["loss"] = sum(self.w[k] * v for k, v in terms.items())
         return terms

@@ -66,7 +66,8 @@ class LocalWindowCrossAttention(nn.Module):
         shape = torch.tensor(key_map.shape[-3:], device=query.device)
         kv = self.project_keys(key_map) if projected is None else projected
         centre = torch.round(key_index).long()
-        voxels = (centre[:, :, None, :] + self.offsets).clamp(min=torch.zeros_like(shape), max=shape - 1)  # (B, K, W, 3)
+        # (B, K, W, 3)
+        voxels = (centre[:, :, None, :] + self.offsets).clamp(min=torch.zeros_like(shape), max=shape - 1)
         flat = (voxels[..., 0] * shape[1] + voxels[..., 1]) * shape[2] + voxels[..., 2]  # (B, K, W)
         w, n = flat.shape[-1], kv.shape[1]
         if b > 1:  # rows of the (B * N, 2C) table

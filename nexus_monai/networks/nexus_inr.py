@@ -39,7 +39,15 @@ import torch
 from torch import nn
 
 from nexus_monai.geometry import sample_at_voxel, world_to_voxel
-from nexus_monai.keys import CONTRASTS, T2_SELF, Z_T1_SHARED, Z_T2_FUSED, Z_T2_SHARED, modality_logits_key, seg_logits_key
+from nexus_monai.keys import (
+    CONTRASTS,
+    T2_SELF,
+    Z_T1_SHARED,
+    Z_T2_FUSED,
+    Z_T2_SHARED,
+    modality_logits_key,
+    seg_logits_key,
+)
 from nexus_monai.networks.attention import LocalWindowCrossAttention
 from nexus_monai.networks.decoders import build_decoder
 from nexus_monai.networks.encoders import build_encoder
@@ -146,9 +154,18 @@ class NexusINR(nn.Module):
             self.seg_fuse = nn.ModuleDict({m: _mlp(c + num_seg_classes, c, c) for m in CONTRASTS})
         self.pe = FourierFeatures(3, pe_frequencies, pe_mode, pe_sigma) if pe else None
         xin = 1 if self.lr_intensity_input else 0
-        in_dim = c + (self.pe.out_features if pe else 0) + (3 if self.rel_coord else 0) + xin + ((c + xin) if self.cross_input else 0)
+        in_dim = (
+            c
+            + (self.pe.out_features if pe else 0)
+            + (3 if self.rel_coord else 0)
+            + xin
+            + ((c + xin) if self.cross_input else 0)
+        )
         self.decoders = nn.ModuleDict(
-            {m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers) for m in CONTRASTS}
+            {
+                m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers)
+                for m in CONTRASTS
+            }
         )
         if self.residual and zero_init:
             branches = list(self.decoders.values())

@@ -33,7 +33,9 @@ def _trunk(in_features: int, hidden: int, layers: int) -> nn.Sequential:
     """``layers`` x (Linear -> ReLU) of width ``hidden``: ``(..., in) -> (..., hidden)``."""
     if layers < 1:
         raise ValueError(f"trunk_layers must be >= 1, got {layers}")
-    return nn.Sequential(build_decoder("mlp", in_features, hidden, hidden=hidden, hidden_layers=layers - 1), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        build_decoder("mlp", in_features, hidden, hidden=hidden, hidden_layers=layers - 1), nn.ReLU(inplace=True)
+    )
 
 
 class SSMCSRNet(nn.Module):
@@ -58,11 +60,15 @@ class SSMCSRNet(nn.Module):
         self.encoding = FourierFeatures(3, num_frequencies, mode="gaussian", sigma=sigma, seed=seed)
         f = self.encoding.out_features
         if variant == "single":
-            self.inrs = nn.ModuleList(nn.Sequential(_trunk(f, hidden, trunk_layers), nn.Linear(hidden, 1)) for _ in range(2))
+            self.inrs = nn.ModuleList(
+                nn.Sequential(_trunk(f, hidden, trunk_layers), nn.Linear(hidden, 1)) for _ in range(2)
+            )
         else:
             self.trunk = _trunk(f, hidden, trunk_layers)
             if variant == "split_head":
-                self.heads = nn.ModuleList(build_decoder("mlp", hidden, 1, hidden=head_hidden, hidden_layers=1) for _ in range(2))
+                self.heads = nn.ModuleList(
+                    build_decoder("mlp", hidden, 1, hidden=head_hidden, hidden_layers=1) for _ in range(2)
+                )
             else:
                 self.out = nn.Linear(hidden, 2)
 

@@ -56,7 +56,9 @@ _MAX_PARAMS_BYTES = 64 * 1024
 
 
 def _error_response(err: ServingError) -> JSONResponse:
-    return JSONResponse({"detail": str(err), "status": err.status, "source": err.source, "problem": err.problem}, status_code=err.status)
+    return JSONResponse(
+        {"detail": str(err), "status": err.status, "source": err.source, "problem": err.problem}, status_code=err.status
+    )
 
 
 def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) -> ServingError:
@@ -71,8 +73,11 @@ def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) 
 def _header_info(path: Path) -> dict:
     img = nib.load(str(path))
     affine = np.asarray(img.affine, dtype=float)
-    return {"shape": [int(s) for s in img.shape], "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-            "affine": [[float(v) for v in row] for row in affine]}
+    return {
+        "shape": [int(s) for s in img.shape],
+        "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+        "affine": [[float(v) for v in row] for row in affine],
+    }
 
 
 def _predict_job(model: BundleModel, scans: dict, out_dir: Path, params: InferParams, submitted: float,
@@ -114,8 +119,14 @@ def _remove_when_done(folder: Path, future) -> None:
         future.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
 
 
-def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512 << 20, workers: int = 1, max_queue: int = 16,
-               workdir: str | Path | None = None) -> FastAPI:
+def create_app(
+    models: Mapping[str, BundleModel],
+    *,
+    max_upload_bytes: int = 512 << 20,
+    workers: int = 1,
+    max_queue: int = 16,
+    workdir: str | Path | None = None,
+) -> FastAPI:
     """The FastAPI application serving ``models`` (loaded once, by the caller).
 
     Args:
@@ -132,8 +143,12 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
         yield
         queue.shutdown()
 
-    app = FastAPI(title="nexus_monai super-resolution", version=nexus_monai.__version__, lifespan=lifespan,
-                  description="MONAI-Label-style inference service: GET /info/, POST /infer/{model} with NIfTI uploads.")
+    app = FastAPI(
+        title="nexus_monai super-resolution",
+        version=nexus_monai.__version__,
+        lifespan=lifespan,
+        description="MONAI-Label-style inference service: GET /info/, POST /infer/{model} with NIfTI uploads.",
+    )
     work_root = Path(workdir) if workdir else Path(tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     app.state.queue = queue
@@ -164,11 +179,22 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
             "name": "nexus_monai",
             "description": "Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI): T1w + T2w LR scans in, both on any grid out",
             "version": nexus_monai.__version__,
-            "versions": {"nexus_monai": nexus_monai.__version__, "monai": monai.__version__, "torch": torch.__version__},
+            "versions": {
+                "nexus_monai": nexus_monai.__version__,
+                "monai": monai.__version__,
+                "torch": torch.__version__,
+            },
             "labels": [],
             "models": {name: m.info() for name, m in models.items()},
-            "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
-            "limits": {"max_upload_bytes": int(max_upload_bytes), "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes)"},
+            "trainers": {},
+            "strategies": {},
+            "scoring": {},
+            "train_stats": {},
+            "datastore": {},
+            "limits": {
+                "max_upload_bytes": int(max_upload_bytes),
+                "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes)",
+            },
             "queue": queue.stats(),
         }
 
@@ -179,9 +205,15 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
             raise ServingError(404, f"unknown model; available: {', '.join(models) or 'none'}", model)
         served = models[model]
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise ServingError(415, "send multipart/form-data with NIfTI uploads (t1, t2 or file parts) and an optional params JSON field", "request")
+            raise ServingError(
+                415,
+                "send multipart/form-data with NIfTI uploads (t1, t2 or file parts) and an optional params JSON field",
+                "request",
+            )
         try:
-            form = await request.form(max_files=_MAX_FORM_FIELDS, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_PARAMS_BYTES)
+            form = await request.form(
+                max_files=_MAX_FORM_FIELDS, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_PARAMS_BYTES
+            )
         except BodyTooLarge:
             raise
         except Exception as err:  # noqa: BLE001 - any parser failure is the client's malformed body
@@ -204,18 +236,30 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
                 if key == "file":
                     field = next(file_parts, None)
                     if field is None:
-                        raise ServingError(400, f"more 'file' parts than params.modalities {list(params.modalities)}", "file")
+                        raise ServingError(
+                            400, f"more 'file' parts than params.modalities {list(params.modalities)}", "file"
+                        )
                 elif key not in (*served.inputs, LIKE_FIELD):
-                    raise ServingError(400, f"unexpected upload field; {model} takes {list(served.inputs)} (or 'file' parts) and 'like'", key)
+                    raise ServingError(
+                        400,
+                        f"unexpected upload field; {model} takes {list(served.inputs)} (or 'file' parts) and 'like'",
+                        key,
+                    )
                 if field in scans:
                     raise ServingError(400, "uploaded twice", field)
                 name = check_filename(upload.filename, field)
                 label = upload_label(field, name)
-                scans[field] = await run_in_threadpool(store_upload, upload.file, folder, field, label, served.max_output_voxels)
+                scans[field] = await run_in_threadpool(
+                    store_upload, upload.file, folder, field, label, served.max_output_voxels
+                )
                 labels[str(scans[field])] = label
             missing = [c for c in served.inputs if c not in scans]
             if missing:
-                raise ServingError(400, f"missing modality {missing[0]}: {model} needs uploads {list(served.inputs)} (got {sorted(scans) or 'none'})", missing[0])
+                raise ServingError(
+                    400,
+                    f"missing modality {missing[0]}: {model} needs uploads {list(served.inputs)} (got {sorted(scans) or 'none'})",
+                    missing[0],
+                )
             submitted = time.perf_counter()
             cancel = threading.Event()
             future = queue.submit(_predict_job, served, scans, folder / "out", params, submitted, cancel)
@@ -234,24 +278,45 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
             result = job["result"]
             files = {c: Path(result[c]) for c in params.contrasts}
             meta = {
-                "model": model, "version": served.version, "weights_sha256": served.weights_sha256,
-                "contrasts": list(params.contrasts), "files": {c: p.name for c, p in files.items()},
+                "model": model,
+                "version": served.version,
+                "weights_sha256": served.weights_sha256,
+                "contrasts": list(params.contrasts),
+                "files": {c: p.name for c, p in files.items()},
                 "grid": _header_info(files[params.contrasts[0]]),
-                "inputs": {c: {"upload": labels[str(p)], **{k: v for k, v in _header_info(p).items() if k != "affine"}} for c, p in scans.items()},
-                "params": {"spacing_mm": None if params.spacing_mm is None else list(params.spacing_mm), "like": params.like,
-                           "output": params.output, "refine_seconds": params.refine_seconds, "guard": params.guard},
+                "inputs": {
+                    c: {"upload": labels[str(p)], **{k: v for k, v in _header_info(p).items() if k != "affine"}}
+                    for c, p in scans.items()
+                },
+                "params": {
+                    "spacing_mm": None if params.spacing_mm is None else list(params.spacing_mm),
+                    "like": params.like,
+                    "output": params.output,
+                    "refine_seconds": params.refine_seconds,
+                    "guard": params.guard,
+                },
                 "ignored_params": list(params.ignored),
-                "latency_s": {"queue_wait": round(job["queue_wait_s"], 4), "inference": round(job["inference_s"], 4),
-                              "total": round(time.perf_counter() - submitted, 4)},
+                "latency_s": {
+                    "queue_wait": round(job["queue_wait_s"], 4),
+                    "inference": round(job["inference_s"], 4),
+                    "total": round(time.perf_counter() - submitted, 4),
+                },
             }
             if "consistency" in result:
                 meta["consistency"] = {c: result["consistency"][c] for c in params.contrasts}
             if "refine" in result:
-                meta["refine"] = {k: result["refine"][k] for k in ("chosen", "iterations", "seconds", "cohort_holdout_mse", "best_holdout_mse")}
+                meta["refine"] = {
+                    k: result["refine"][k]
+                    for k in ("chosen", "iterations", "seconds", "cohort_holdout_mse", "best_holdout_mse")
+                }
             if params.output == "json":
                 return json_response(meta)
             if params.output == "all":  # with the guard's residual maps (parts t1_consistency / t2_consistency)
-                maps = {f"{c}_consistency": Path(result[f"{c}_consistency"]) for c in params.contrasts if f"{c}_consistency" in result}
+                maps = {
+                    f"{c}_consistency": Path(result[f"{c}_consistency"])
+                    for c in params.contrasts
+                    if f"{c}_consistency" in result
+                }
                 return multipart_response({**files, **maps}, meta)
             if params.output == "image" and len(files) == 1:
                 return nifti_response(next(iter(files.values())), meta)

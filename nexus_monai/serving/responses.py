@@ -47,8 +47,11 @@ def zip_response(files: Mapping[str, Path], meta: Mapping, archive_name: str = "
 def multipart_response(files: Mapping[str, Path], meta: Mapping) -> Response:
     """``multipart/form-data`` as MONAI Label's ``output=all``: a ``params`` JSON part, then one part per contrast."""
     boundary = uuid.uuid4().hex
-    chunks = [f'--{boundary}\r\ncontent-disposition: form-data; name="params"\r\ncontent-type: application/json\r\n\r\n'.encode(),
-              json.dumps(meta).encode(), b"\r\n"]
+    chunks = [
+        f'--{boundary}\r\ncontent-disposition: form-data; name="params"\r\ncontent-type: application/json\r\n\r\n'.encode(),
+        json.dumps(meta).encode(),
+        b"\r\n",
+    ]
     for field, path in files.items():
         chunks += [f'--{boundary}\r\ncontent-disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
                    f"content-type: {_media_type(path.name)}\r\n\r\n".encode(), path.read_bytes(), b"\r\n"]

@@ -200,7 +200,9 @@ class AcquisitionRicianNoised(Randomizable, MapTransform):
 
 def _output_keys(keys: tuple, output_keys: KeysCollection | None) -> tuple:
     """``output_keys`` as a tuple with one entry per key (default: the keys themselves)."""
-    out = tuple(keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+    out = (
+        tuple(keys) if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+    )
     if len(out) != len(keys):
         raise ValueError("output_keys must have one entry per key")
     return out

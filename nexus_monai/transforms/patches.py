@@ -40,7 +40,9 @@ def hr_to_lr_index_map(hr_affine, lr_affine, tol: float = 1e-4) -> tuple[np.ndar
     t = (torch.linalg.inv(as_affine(lr_affine)) @ as_affine(hr_affine)).numpy()
     off_diag = t[:3, :3] - np.diag(np.diag(t[:3, :3]))
     if np.abs(off_diag).max() > tol or np.any(np.diag(t[:3, :3]) <= 0):
-        raise ValueError("LR grid is not axis-aligned with the HR grid (rotated, flipped or permuted); paired patches need aligned grids")
+        raise ValueError(
+            "LR grid is not axis-aligned with the HR grid (rotated, flipped or permuted); paired patches need aligned grids"
+        )
     return np.diag(t[:3, :3]).copy(), t[:3, 3].copy()
 
 
@@ -122,7 +124,9 @@ class RandPairedPatchd(Randomizable, MapTransform):
             if good.size == 0:  # non-integer factors: no exact alignment, nearest box instead
                 good = starts[inside]
             if good.size == 0:
-                raise ValueError(f"no patch position of size {self.patch_size} fits inside every LR volume along axis {ax}")
+                raise ValueError(
+                    f"no patch position of size {self.patch_size} fits inside every LR volume along axis {ax}"
+                )
             cands.append(good)
         return cands
 
@@ -172,7 +176,10 @@ class RandPairedPatchd(Randomizable, MapTransform):
         d = dict(data)
         hr_ref = d[self.hr_keys[0]]
         for key in self.hr_keys[1:]:
-            if key in d and (d[key].shape[1:] != hr_ref.shape[1:] or not torch.allclose(as_affine(d[key]), as_affine(hr_ref), atol=1e-4)):
+            if key in d and (
+                d[key].shape[1:] != hr_ref.shape[1:]
+                or not torch.allclose(as_affine(d[key]), as_affine(hr_ref), atol=1e-4)
+            ):
                 raise ValueError(f"HR key {key!r} is not on the grid of {self.hr_keys[0]!r}")
         self.maps = {k: hr_to_lr_index_map(hr_ref.affine, d[k].affine) for k in self.lr_keys if k in d}
         self.randomize(d)

@@ -7,7 +7,13 @@ from nexus_monai import __version__ as _PACKAGE_VERSION
 from nexus_monai.data.synth.anatomy import RANGES as ANATOMY_RANGES
 from nexus_monai.data.synth.grid import SIZES
 from nexus_monai.data.synth.lesions import LESION_RANGES
-from nexus_monai.data.synth.physics import ACQUISITION_RANGES, SEQUENCE_RANGES, T1_RATIO_15T, T2_RATIO_15T, TISSUE_PROPERTIES
+from nexus_monai.data.synth.physics import (
+    ACQUISITION_RANGES,
+    SEQUENCE_RANGES,
+    T1_RATIO_15T,
+    T2_RATIO_15T,
+    TISSUE_PROPERTIES,
+)
 from nexus_monai.data.synth.sources import SOURCE_TEXT, TEST_ONLY_SOURCE, TRAINING_SOURCES
 from nexus_monai.keys import LESION_BOTH, LESION_T1_ONLY, LESION_T2_ONLY
 
@@ -62,8 +68,11 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
     ]
     lines += [f"  {k}: {_fmt(k, v)}" for k, v in ANATOMY_RANGES.items()]
     lines += ["  head_scale is further multiplied by (1.88 L / source brain volume)^(1/3)", ""]
-    lines += _TUMOUR_RANGES + ["", "Contrast-specific white-matter lesions (every subject; instance map <ID>_lesions.nii.gz,",
-                               "value = class * 1000 + n; class 1 = T2w/FLAIR only, 2 = T1w only, 3 = both):"]
+    lines += _TUMOUR_RANGES + [
+        "",
+        "Contrast-specific white-matter lesions (every subject; instance map <ID>_lesions.nii.gz,",
+        "value = class * 1000 + n; class 1 = T2w/FLAIR only, 2 = T1w only, 3 = both):",
+    ]
     names = {LESION_T2_ONLY: "T2-only (1)", LESION_T1_ONLY: "T1-only (2)", LESION_BOTH: "both / PVS (3)"}
     for klass, ranges in LESION_RANGES.items():
         lines.append(f"  {names[klass]}: " + "; ".join(f"{k} {_fmt(k, v)}" for k, v in ranges.items()))
@@ -76,7 +85,9 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
     ]
     for name, t in TISSUE_PROPERTIES.items():
         gd = f"{t.gd_mM[0]:g}" if t.gd_mM[0] == t.gd_mM[1] else f"{t.gd_mM[0]:g}-{t.gd_mM[1]:g}"
-        lines.append(f"  {name:<12} {t.t1_ms:>7g} {t.t2_ms:>7g} {t.pd:>5.2f}  {gd:<12}  {T1_RATIO_15T[name]:g}/{T2_RATIO_15T[name]:g}")
+        lines.append(
+            f"  {name:<12} {t.t1_ms:>7g} {t.t2_ms:>7g} {t.pd:>5.2f}  {gd:<12}  {T1_RATIO_15T[name]:g}/{T2_RATIO_15T[name]:g}"
+        )
     lines += [
         "  spin echo (T1w, T1ce, T2w): S = PD (1 - exp(-TR/T1)) exp(-TE/T2)",
         "  FLAIR inversion recovery:   S = |PD (1 - 2 exp(-TI/T1) + exp(-TR/T1)) exp(-TE/T2)|, TI = CSF null x factor",
@@ -85,7 +96,10 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
         "Sequence ranges (ms; T1ce uses the T1w timings):",
     ]
     for field_t, seqs in SEQUENCE_RANGES.items():
-        lines.append(f"  {field_t:g} T: " + "; ".join(f"{m} " + " ".join(f"{p} {_fmt(p, v)}" for p, v in s.items()) for m, s in seqs.items()))
+        lines.append(
+            f"  {field_t:g} T: "
+            + "; ".join(f"{m} " + " ".join(f"{p} {_fmt(p, v)}" for p, v in s.items()) for m, s in seqs.items())
+        )
     lines.append("Acquisition / scanner ranges:")
     lines += [f"  {k}: {_fmt(k, v)}" for k, v in ACQUISITION_RANGES.items()]
     lines += [

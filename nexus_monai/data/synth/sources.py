@@ -163,7 +163,9 @@ def load_source(name: str) -> Template:
     )
     weight = np.where(box & (csf > 0.5), csf, 0.0)
     total = weight.sum()
-    ventricle = np.array([(weight.sum(axis=tuple(b for b in range(3) if b != a)) * world[a]).sum() / total for a in range(3)])
+    ventricle = np.array(
+        [(weight.sum(axis=tuple(b for b in range(3) if b != a)) * world[a]).sum() / total for a in range(3)]
+    )
     return Template(name, maps, affine, float(zooms[0]), ventricle, float(span[2].max()), centre[:2])
 
 

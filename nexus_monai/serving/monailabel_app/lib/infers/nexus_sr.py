@@ -50,7 +50,8 @@ class NexusSRInfer(BasicInferTask):
             labels=[],
             dimension=3,
             description=model.info()["description"],
-            config={"spacing": "", "like": "", "contrast": "", "refine_seconds": "", "guard": ""},  # shown to clients; empty = the model default
+            # shown to clients; empty = the model default
+            config={"spacing": "", "like": "", "contrast": "", "refine_seconds": "", "guard": ""},
             load_strict=True,
         )
 
