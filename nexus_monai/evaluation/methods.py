@@ -92,14 +92,9 @@ def register_cohort_bundle(name: str, bundle: str | None = None, description: st
     """
     folder = bundle or f"bundles/{name}"
 
-    def method(
-        inputs: Mapping,
-        grid: TargetGrid,
-        bundle: str = folder,
-        weights: str | None = None,
-        overlays: Sequence[str] = (),
-        **_,
-    ) -> dict:
+    def method(inputs: Mapping, grid: TargetGrid, bundle: str = folder, weights: str | None = None,
+               overlays: Sequence[str] = (),
+               **_) -> dict:
         network, inferer = bundle_model(bundle, overlays=tuple(overlays), weights=weights)
         return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
 
@@ -128,11 +123,8 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
     for n in names:
         opts = dict(options.get(n, {}))
         if getattr(METHODS[n], "bundle", None):
-            bundle_model(
-                opts.get("bundle", METHODS[n].bundle),
-                overlays=tuple(opts.get("overlays", ())),
-                weights=opts.get("weights"),
-            )
+            bundle_model(opts.get("bundle", METHODS[n].bundle), overlays=tuple(opts.get("overlays", ())),
+                         weights=opts.get("weights"))
         elif "weights" in opts:
             raise NexusInputError(opts["weights"], f"method {n!r} is not a cohort bundle; it takes no checkpoint")
 
@@ -153,19 +145,17 @@ def training_budget(name: str, options: Mapping | None = None) -> dict:
         record = read_run_record(folder)
     if not record:
         return {"train_steps": math.nan, "train_seconds": math.nan}
-    return {
-        "train_steps": float(record.get("steps", math.nan)),
-        "train_seconds": float(record.get("seconds", math.nan)),
-    }
+    return {"train_steps": float(record.get("steps", math.nan)),
+            "train_seconds": float(record.get("seconds", math.nan))}
 
 
 nexus_inr_method = register_cohort_bundle("nexus_inr", description="Nexus-INR")
 
 
 @register_method("nexus_inr_refined", bundle="bundles/nexus_inr")
-def nexus_inr_refined_method(
-    inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr", weights: str | None = None, **options
-) -> dict:
+def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/nexus_inr",
+                             weights: str | None = None,
+                             **options) -> dict:
     """Nexus-INR refined on the subject's own two LR scans (ours, :mod:`nexus_monai.engines.refine`).
 
     The cohort model of ``bundles/nexus_inr`` is copied and fine-tuned through the acquisition model
@@ -209,12 +199,11 @@ def nexus_inr_refined_guarded_method(inputs: Mapping, grid: TargetGrid, **option
     return _guarded(nexus_inr_refined_method(inputs, grid, **options), inputs, grid)
 
 
-arssr_method = register_cohort_bundle(
-    "arssr", description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, random-scale training)"
-)
-cycleinr_method = register_cohort_bundle(
-    "cycleinr", description="CycleINR (re-implemented from Fang et al., CVPR 2024)"
-)
+arssr_method = register_cohort_bundle("arssr",
+                                      description="ArSSR (Wu et al. 2022; Nexus-INR's Table 2 Baseline network, "
+                                                  "random-scale training)")
+cycleinr_method = register_cohort_bundle("cycleinr",
+                                         description="CycleINR (re-implemented from Fang et al., CVPR 2024)")
 
 
 @register_method("smore")
@@ -224,19 +213,19 @@ def smore_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
 
 
 @register_method("saint", bundle="bundles/saint")
-def saint_method(
-    inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/saint", weights: str | None = None, **options
-) -> dict:
-    """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt``, one LR scan at a time."""
+def saint_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/saint", weights: str | None = None,
+                 **options) -> dict:
+    """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt``, one LR scan
+    at a time."""
     network, _ = bundle_model(bundle, weights=weights)
     return {c: saint(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
 
 @register_method("i3net", bundle="bundles/i3net")
-def i3net_method(
-    inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net", weights: str | None = None, **options
-) -> dict:
-    """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt``, one LR scan at a time."""
+def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net", weights: str | None = None,
+                 **options) -> dict:
+    """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt``, one LR scan
+    at a time."""
     network, _ = bundle_model(bundle, weights=weights)
     return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
@@ -253,10 +242,8 @@ def _ssmcsr(variant: str, inputs: Mapping, grid: TargetGrid, **options) -> dict:
     log_dir = settings.pop("log_dir", None)  # optional: keep each fit's JSON log (curves, stop epoch, times)
     pred, log = SubjectFitter(**settings).fit_predict(inputs["t1_lr"], inputs["t2_lr"], grid)
     if log_dir:
-        write_text_atomic(
-            Path(log_dir) / f"{inputs.get('subject', 'subject')}_ssmcsr_{variant}.json",
-            json.dumps(log, indent=2, default=float) + "\n",
-        )
+        write_text_atomic(Path(log_dir) / f"{inputs.get('subject', 'subject')}_ssmcsr_{variant}.json",
+                          json.dumps(log, indent=2, default=float) + "\n")
     return pred
 
 

@@ -149,7 +149,10 @@ def test_inference_and_predict_give_the_same_volumes_on_the_requested_grid(train
     for c in ("t1", "t2"):
         pred = nib.load(str(tmp_path / "pred" / f"{c}w_sr.nii.gz"))
         assert np.allclose(pred.affine, infer[c].affine)
-        np.testing.assert_array_equal(np.asarray(pred.dataobj), np.asarray(infer[c].dataobj))
+        # equal up to the encoder tiling, which predict plans from the memory left in the process
+        # (tiled == untiled within 1e-5 of the intensity range, tests/test_tiling.py)
+        ref = np.asarray(infer[c].dataobj)
+        np.testing.assert_allclose(np.asarray(pred.dataobj), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
     # another scan's grid (the T2 LR grid, thick along y) and an oblique grid
     code = main(["predict", "--bundle", str(bundle), "--config", str(overlay), "--t1", str(lr_pair["t1"]), "--t2", str(lr_pair["t2"]),

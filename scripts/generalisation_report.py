@@ -1,0 +1,141 @@
+"""Gains over trilinear, paired differences and lesion fidelity from several `nexus-sr evaluate` runs.
+
+    python scripts/generalisation_report.py --out docs/generalisation.md \
+        test_anatomy=results/new_test_anatomy test_anatomy=results/old_test_anatomy:_old ...
+
+Each argument is ``SPLIT=FOLDER[:SUFFIX]``: the ``per_subject.csv`` of one evaluate run on that split;
+``SUFFIX`` is appended to the run's method names (``nexus_inr`` -> ``nexus_inr_old``) so two
+checkpoints of one method can sit side by side. Rows of a method that appears in several runs of a
+split (e.g. trilinear, deterministic) are taken from the first run. Gains are per-subject paired
+differences to trilinear of the same subject; intervals are Student-t 95 % over subjects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from nexus_monai.data.io import write_text_atomic
+
+GAIN_COLUMNS = [("psnr_t1", "masked T1w"), ("psnr_t2", "masked T2w"), ("psnr_eroded_t1", "interior T1w"),
+                ("psnr_eroded_t2", "interior T2w")]
+LESION_COLUMNS = [("lesion_contrast_t2", "T2w-only contrast recovered"), ("lesion_kept_t2", "kept"),
+                  ("imprint_t1", "imprint on T1w"), ("imprint_t1_gt", "GT on T1w"),
+                  ("lesion_contrast_t1", "T1w-only contrast recovered"), ("imprint_t2", "imprint on T2w"),
+                  ("imprint_t2_gt", "GT on T2w")]
+
+
+def load_runs(specs: list[str]) -> pd.DataFrame:
+    """All per-subject rows, with a ``split`` column and suffixed method names."""
+    frames = []
+    for spec in specs:
+        split, _, rest = spec.partition("=")
+        folder, _, suffix = rest.partition(":")
+        if not split or not folder:
+            raise SystemExit(f"error: {spec}: expected SPLIT=FOLDER[:SUFFIX]")
+        path = Path(folder) / "per_subject.csv"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no per_subject.csv (not an evaluate output folder)")
+        frame = pd.read_csv(path)
+        if suffix:
+            frame.loc[frame["method"] != "trilinear", "method"] += suffix
+        frame["split"] = split
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[rows["error"].isna()] if "error" in rows else rows
+    return rows.drop_duplicates(["split", "subject", "method"], keep="first")
+
+
+def _interval(diffs: np.ndarray) -> str:
+    diffs = diffs[np.isfinite(diffs)]
+    if len(diffs) < 2:
+        return f"{diffs.mean():+.2f}" if len(diffs) else "-"
+    half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
+    return f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
+
+
+def paired(rows: pd.DataFrame, split: str, a: str, b: str, column: str) -> np.ndarray:
+    """Per-subject ``a - b`` of ``column`` on ``split`` (subjects both methods have)."""
+    wide = rows[rows["split"] == split].pivot(index="subject", columns="method", values=column)
+    if a not in wide or b not in wide:
+        return np.array([])
+    return (wide[a] - wide[b]).dropna().to_numpy()
+
+
+def gain_table(rows: pd.DataFrame, split: str) -> str:
+    methods = [m for m in rows[rows["split"] == split]["method"].unique() if m != "trilinear"]
+    lines = ["| method | n | " + " | ".join(f"gain {name} (dB)" for _, name in GAIN_COLUMNS) + " | avg masked |",
+             "|---" * (len(GAIN_COLUMNS) + 3) + "|"]
+    for m in methods:
+        cells = [_interval(paired(rows, split, m, "trilinear", c)) for c, _ in GAIN_COLUMNS]
+        avg = (paired(rows, split, m, "trilinear", "psnr_t1") + paired(rows, split, m, "trilinear", "psnr_t2")) / 2
+        n = len(paired(rows, split, m, "trilinear", "psnr_t1"))
+        lines.append(f"| {m} | {n} | " + " | ".join(cells) + f" | {avg.mean():+.2f} |")
+    return "\n".join(lines)
+
+
+def lesion_table(rows: pd.DataFrame, split: str) -> str:
+    part = rows[rows["split"] == split]
+    lines = ["| method | " + " | ".join(name for _, name in LESION_COLUMNS) + " |",
+             "|---" * (len(LESION_COLUMNS) + 1) + "|"]
+    for m in part["method"].unique():
+        sub = part[part["method"] == m]
+        cells = []
+        for c, _ in LESION_COLUMNS:
+            v = sub[c].to_numpy(dtype=float) if c in sub else np.array([np.nan])
+            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_lines(rows: pd.DataFrame, split: str, pairs: list[tuple[str, str]]) -> str:
+    lines = ["| a − b | masked T1w | masked T2w | interior T1w | interior T2w | worst subject (masked T1w / T2w) |",
+             "|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        d = {c: paired(rows, split, a, b, c) for c, _ in GAIN_COLUMNS}
+        if not len(d["psnr_t1"]):
+            continue
+        worst = f"{d['psnr_t1'].min():+.2f} / {d['psnr_t2'].min():+.2f}"
+        lines.append(f"| {a} − {b} | " + " | ".join(_interval(d[c]) for c, _ in GAIN_COLUMNS) + f" | {worst} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="Markdown file to write")
+    ap.add_argument("--compare", action="append", default=[], metavar="A,B",
+                    help="paired comparison A - B on every split holding both; repeatable")
+    ap.add_argument("--title", default="Generalisation and lesion fidelity")
+    ap.add_argument("--methods", default="", help="comma-separated methods to show, in this order (default: all)")
+    ap.add_argument("runs", nargs="+", help="SPLIT=FOLDER[:SUFFIX]")
+    args = ap.parse_args(argv)
+    rows = load_runs(args.runs)
+    if args.methods:
+        order = ["trilinear"] + [m for m in args.methods.split(",") if m != "trilinear"]
+        rows = rows[rows["method"].isin(order)]
+        rows = rows.assign(_o=rows["method"].map(order.index)).sort_values(["_o", "subject"]).drop(columns="_o")
+    pairs = [tuple(p.split(",", 1)) for p in args.compare]
+    parts = [f"# {args.title}", ""]
+    for split in rows["split"].unique():
+        n = rows[rows["split"] == split]["subject"].nunique()
+        parts += [f"## Split `{split}` ({n} subjects)", "",
+                  "PSNR gain over trilinear, per-subject paired, mean [95 % t-interval over subjects]:", "",
+                  gain_table(rows, split), ""]
+        if pairs:
+            parts += ["Paired differences, mean [95 % t-interval] and the worst subject:", "",
+                      comparison_lines(rows, split, pairs), ""]
+        parts += ["Lesion fidelity, mean ± std over subjects (definitions in docs/evaluation_protocol.md):", "",
+                  lesion_table(rows, split), ""]
+    write_text_atomic(args.out, "\n".join(parts))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
