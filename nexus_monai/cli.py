@@ -78,9 +78,8 @@ def _check_early(args, command: str) -> None:
 def cmd_synth(args) -> int:
     from nexus_monai.data.synth import generate_dataset
 
-    path = generate_dataset(
-        args.out, subjects=args.subjects, seed=args.seed, size=args.size, test_anatomy=args.test_anatomy
-    )
+    path = generate_dataset(args.out, subjects=args.subjects, seed=args.seed, size=args.size,
+                            test_anatomy=args.test_anatomy)
     print(f"wrote {args.subjects} simulated subjects + {args.test_anatomy} test-only-anatomy subjects and {path}")
     return 0
 
@@ -106,10 +105,9 @@ def cmd_degrade(args) -> int:
     if not args.factor >= 1:
         raise NexusInputError(None, f"--factor must be >= 1, got {args.factor}")
     if num_thick_slices(image.shape[axis + 1], args.factor) < 1:
-        raise NexusInputError(
-            args.image,
-            f"axis {args.axis} has {image.shape[axis + 1]} voxels, fewer than one slab of factor {args.factor}",
-        )
+        raise NexusInputError(args.image,
+                              f"axis {args.axis} has {image.shape[axis + 1]} voxels, fewer than one slab of factor "
+                              f"{args.factor}")
     lr = SimulateAnisotropicAcquisition(axis, args.factor, args.profile)(image)
     lr = AcquisitionRicianNoise(args.noise).set_random_state(args.seed)(lr)
     save_volume(lr, args.out)
@@ -128,9 +126,8 @@ def cmd_upsample(args) -> int:
     grid = _grid_from_args(args, image)
     out = upsample(image, grid, args.method)
     save_volume(out, args.out)
-    print(
-        f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm ({args.method})"
-    )
+    print(f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm "
+          f"({args.method})")
     return 0
 
 
@@ -148,9 +145,8 @@ def cmd_baseline(args) -> int:
     method = {"lrtv": lrtv, "smore": smore, "saint": saint, "i3net": i3net}[args.method]
     out = method(image, grid, source=args.image)
     save_volume(out, args.out)
-    print(
-        f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm ({args.method})"
-    )
+    print(f"wrote {args.out}: shape {grid.shape}, spacing {[round(float(v), 4) for v in grid.spacing]} mm "
+          f"({args.method})")
     return 0
 
 
@@ -201,28 +197,14 @@ def cmd_evaluate(args) -> int:
             "tracking_uri": args.tracking_uri,
             "run_name": args.run_name or f"evaluate_{protocol.name}_{args.split}",
             "experiment": args.experiment,
-            "params": {
-                "data": args.data,
-                "split": args.split,
-                "protocol": protocol.name,
-                "methods": ",".join(methods),
-                "n_subjects": len(subjects),
-                "lpips": not args.no_lpips,
-                "downstream": ",".join(downstream) or "none",
-                **{f"{m}.{k}": v for m, o in options.items() for k, v in o.items()},
-            },
+            "params": {"data": args.data, "split": args.split, "protocol": protocol.name, "methods": ",".join(methods),
+                       "n_subjects": len(subjects), "lpips": not args.no_lpips,
+                       "downstream": ",".join(downstream) or "none",
+                       **{f"{m}.{k}": v for m, o in options.items() for k, v in o.items()}},
         }
-    evaluate_methods(
-        subjects,
-        methods,
-        protocol,
-        args.out,
-        lpips=not args.no_lpips,
-        progress=not args.quiet,
-        segmenters=segmenters,
-        method_options=options,
-        mlflow=mlflow,
-    )
+    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet,
+                     segmenters=segmenters,
+                     method_options=options, mlflow=mlflow)
     print((Path(args.out) / "table1.md").read_text())
     if segmenters:
         print((Path(args.out) / "table5.md").read_text())
@@ -260,24 +242,17 @@ def cmd_predict(args) -> int:
     print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
     if "refine" in result:
         log = result["refine"]
-        print(
-            f"refinement: {log['iterations']} steps in {log['seconds']:.1f} s; "
-            + ", ".join(
-                f"{c} {log['chosen'][c]} (held-out MSE {log['cohort_holdout_mse'][c]:.3g} -> {log['best_holdout_mse'][c]:.3g})"
-                for c in ("t1", "t2")
-            )
-        )
+        print(f"refinement: {log['iterations']} steps in {log['seconds']:.1f} s; "
+              + ", ".join(f"{c} {log['chosen'][c]} (held-out MSE {log['cohort_holdout_mse'][c]:.3g} -> "
+                          f"{log['best_holdout_mse'][c]:.3g})"
+                          for c in ("t1", "t2")))
     if "consistency" in result:
         rep = result["consistency"]
-        print(
-            "consistency guard: "
-            + ", ".join(
-                f"{c} LR residual RMS {rep[c]['residual_rms_before']:.4g} -> {rep[c]['residual_rms_after']:.4g}, "
-                f"{rep[c]['voxels_above_before']} -> {rep[c]['voxels_above_after']} LR voxels above {rep[c]['threshold']:.4g}"
-                for c in ("t1", "t2")
-            )
-            + f"; maps {result['t1_consistency'].name}, {result['t2_consistency'].name}"
-        )
+        print("consistency guard: " + ", ".join(
+            f"{c} LR residual RMS {rep[c]['residual_rms_before']:.4g} -> {rep[c]['residual_rms_after']:.4g}, "
+            f"{rep[c]['voxels_above_before']} -> {rep[c]['voxels_above_after']} LR voxels above "
+            f"{rep[c]['threshold']:.4g}"
+            for c in ("t1", "t2")) + f"; maps {result['t1_consistency'].name}, {result['t2_consistency'].name}")
     return 0
 
 
@@ -290,23 +265,13 @@ def cmd_benchmark(args) -> int:
     from nexus_monai.benchmark import format_report, run_benchmark
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"benchmark: {msg}", file=sys.stderr, flush=True))
-    result = run_benchmark(
-        bundle=args.bundle,
-        overlays=args.config or (),
-        weights=args.weights,
-        random_weights=args.random_weights,
-        size=args.size,
-        chunk_size=args.chunk_size,
-        threads=args.threads,
-        train_steps=args.train_steps,
-        skip_train=args.skip_train,
-        compare_before=not args.skip_before,
-        fit=args.fit,
-        fit_author_seconds=args.fit_author_seconds,
-        repeats=args.repeats,
-        log=log,
-        **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}),
-    )
+    result = run_benchmark(bundle=args.bundle, overlays=args.config or (), weights=args.weights,
+                           random_weights=args.random_weights,
+                           size=args.size,
+                           chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
+                           skip_train=args.skip_train, compare_before=not args.skip_before, fit=args.fit,
+                           fit_author_seconds=args.fit_author_seconds, repeats=args.repeats, log=log,
+                           **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}))
     print(format_report(result))
     if args.json:
         out = Path(args.json)
@@ -329,24 +294,14 @@ def cmd_serve(args) -> int:
     if args.workers < 1 or args.max_queue < args.workers or args.max_upload_mb <= 0:
         raise NexusInputError(None, "--workers must be >= 1, --max-queue >= --workers and --max-upload-mb > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = load_models(
-        args.bundle or ["bundles/nexus_inr"],
-        args.config,
-        args.weights,
-        device=args.device,
-        chunk_size=args.chunk_size,
-        max_output_voxels=args.max_output_voxels,
-        max_memory_gib=None
-        if args.max_memory_gib is None
-        else check_number("--max-memory-gib", args.max_memory_gib, 0, None, lo_open=True),
-    )
-    app = create_app(
-        models,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        workers=args.workers,
-        max_queue=args.max_queue,
-        workdir=args.workdir,
-    )
+    models = load_models(args.bundle or ["bundles/nexus_inr"], args.config, args.weights, device=args.device,
+                         chunk_size=args.chunk_size, max_output_voxels=args.max_output_voxels,
+                         max_memory_gib=None if args.max_memory_gib is None else check_number("--max-memory-gib",
+                                                                                              args.max_memory_gib,
+                                                                                               0, None, lo_open=True))
+    app = create_app(models, max_upload_bytes=int(args.max_upload_mb * 2**20), workers=args.workers,
+                     max_queue=args.max_queue,
+                     workdir=args.workdir)
     print(f"models: {', '.join(f'{n} ({m.version}, {m.device})' for n, m in models.items())}", flush=True)
     run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -355,17 +310,9 @@ def cmd_serve(args) -> int:
 def cmd_experiment(args) -> int:
     from nexus_monai.experiments import run_experiment
 
-    written = run_experiment(
-        args.table,
-        form=args.form,
-        seeds=args.seeds,
-        out=args.out,
-        data=args.data,
-        max_epochs=args.max_epochs,
-        jobs=args.jobs,
-        overrides=args.override or (),
-        lpips=not args.no_lpips,
-    )
+    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data,
+                             max_epochs=args.max_epochs,
+                             jobs=args.jobs, overrides=args.override or (), lpips=not args.no_lpips)
     print("wrote", written["csv"], written["md"])
     return 0
 
@@ -384,23 +331,13 @@ def cmd_fit_subject(args) -> int:
         check_number(f"--{name.replace('_', '-')}", getattr(args, name), 1, None, integer=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fitter = SubjectFitter(
-        variant=args.variant,
-        forward_model=args.forward_model,
-        profile=args.profile,
-        hidden=args.hidden,
-        trunk_layers=args.trunk_layers,
-        head_hidden=args.head_hidden,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        point_warmup=args.point_warmup,
-        max_seconds=None if args.max_minutes <= 0 else args.max_minutes * 60.0,
-        early_stopping=not args.no_early_stopping,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    fitter = SubjectFitter(variant=args.variant, forward_model=args.forward_model, profile=args.profile,
+                           hidden=args.hidden,
+                           trunk_layers=args.trunk_layers, head_hidden=args.head_hidden, learning_rate=args.lr,
+                           batch_size=args.batch_size, epochs=args.epochs, point_warmup=args.point_warmup,
+                           max_seconds=None if args.max_minutes <= 0 else args.max_minutes * 60.0,
+                           early_stopping=not args.no_early_stopping, seed=args.seed, device=args.device,
+                           progress=not args.quiet)
     spacing = None
     if args.spacing:
         if len(args.spacing) not in (1, 3):
@@ -408,19 +345,18 @@ def cmd_fit_subject(args) -> int:
         spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
     result = fit_files(fitter, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like)
     log = result["log"]
-    print(
-        f"wrote {result['t1']}, {result['t2']} and {result['log_path']}: grid {result['grid_shape']}, {log['iterations']} iterations, "
-        f"stop: {log['stop_reason']} (epoch {log['stop_epoch']}), fit {log['seconds_fit']:.1f} s, predict {log['seconds_predict']:.1f} s"
-    )
+    print(f"wrote {result['t1']}, {result['t2']} and {result['log_path']}: grid {result['grid_shape']}, "
+          f"{log['iterations']} iterations, "
+          f"stop: {log['stop_reason']} (epoch {log['stop_epoch']}), fit {log['seconds_fit']:.1f} s, predict "
+          f"{log['seconds_predict']:.1f} s")
     return 0
 
 
 def _add_grid_args(parser: argparse.ArgumentParser) -> None:
     """The target-grid options shared by every command that writes onto a chosen grid."""
     g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument(
-        "--spacing", type=float, nargs="+", help="target voxel size in mm (1 or 3 values), same field of view"
-    )
+    g.add_argument("--spacing", type=float, nargs="+",
+                   help="target voxel size in mm (1 or 3 values), same field of view")
     g.add_argument("--like", help="output on the grid of this NIfTI (any affine, oblique included)")
 
 
@@ -434,12 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--subjects", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument(
-        "--size", choices=("small", "full"), default="small", help="small: 2 mm voxels; full: 240x240x155 at 1 mm"
-    )
-    s.add_argument(
-        "--test-anatomy", type=int, default=5, help="subjects of the test-only anatomy family (split test_anatomy)"
-    )
+    s.add_argument("--size", choices=("small", "full"), default="small",
+                   help="small: 2 mm voxels; full: 240x240x155 at 1 mm")
+    s.add_argument("--test-anatomy", type=int, default=5,
+                   help="subjects of the test-only anatomy family (split test_anatomy)")
     s.set_defaults(func=cmd_synth)
 
     d = sub.add_parser("degrade", help="simulate a thick-slice LR acquisition of an HR scan")
@@ -459,28 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_upsample)
 
-    b = sub.add_parser(
-        "baseline", help="super-resolve one thick-slice LR scan: lrtv, smore (per scan), saint, i3net (trained bundles)"
-    )
+    b = sub.add_parser("baseline",
+                       help="super-resolve one thick-slice LR scan: lrtv, smore (per scan), saint, i3net (trained "
+                            "bundles)")
     b.add_argument("--method", choices=("lrtv", "smore", "saint", "i3net"), required=True)
     b.add_argument("--image", required=True)
     _add_grid_args(b)
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_baseline)
 
-    pr = sub.add_parser(
-        "predict", help="super-resolve a subject's T1w + T2w LR scans with a trained bundle (Nexus-INR)"
-    )
-    pr.add_argument(
-        "--bundle",
-        default=None,
-        help="bundle folder (configs/inference.yaml, models/model.pt); default: the checkout's bundles/nexus_inr",
-    )
-    pr.add_argument(
-        "--config",
-        action="append",
-        help="config overlay the checkpoint was trained with (e.g. configs/paper.yaml); repeatable",
-    )
+    pr = sub.add_parser("predict",
+                        help="super-resolve a subject's T1w + T2w LR scans with a trained bundle (Nexus-INR)")
+    pr.add_argument("--bundle", default=None,
+                    help="bundle folder (configs/inference.yaml, models/model.pt); default: the checkout's "
+                         "bundles/nexus_inr")
+    pr.add_argument("--config", action="append",
+                    help="config overlay the checkpoint was trained with (e.g. configs/paper.yaml); repeatable")
     pr.add_argument("--weights", help="checkpoint path (default <bundle>/models/model.pt)")
     pr.add_argument("--t1", required=True, help="T1w LR NIfTI")
     pr.add_argument("--t2", required=True, help="T2w LR NIfTI")
@@ -489,135 +417,93 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: cuda if available)")
     pr.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    pr.add_argument(
-        "--max-memory-gib",
-        type=float,
-        default=None,
-        help="target peak RSS in GiB: the encoders run on tiles of the LR volumes sized to it (default 1.75)",
-    )
-    pr.add_argument(
-        "--refine",
-        metavar="SECONDS",
-        default=None,
-        help="test-time refinement: fine-tune a copy of the model on these two scans for SECONDS through the "
-        "acquisition model; held-out LR voxels decide per contrast whether the refined model is used",
-    )
-    pr.add_argument(
-        "--guard",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="data-consistency guard (default on): correct the output where its re-acquisition departs from the "
-        "input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual on the output grid)",
-    )
+    pr.add_argument("--max-memory-gib", type=float, default=None,
+                    help="target peak RSS in GiB: the encoders run on tiles of the LR volumes sized to it (default "
+                         "1.75)")
+    pr.add_argument("--refine", metavar="SECONDS", default=None,
+                    help="test-time refinement: fine-tune a copy of the model on these two scans for SECONDS through "
+                         "the "
+                         "acquisition model; held-out LR voxels decide per contrast whether the refined model is used")
+    pr.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                    help="data-consistency guard (default on): correct the output where its re-acquisition departs "
+                         "from the "
+                         "input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual on the output grid)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser(
-        "evaluate", help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables"
-    )
-    e.add_argument(
-        "--data",
-        required=True,
-        help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the bundles' default simulated dataset)",
-    )
-    e.add_argument(
-        "--methods",
-        default="trilinear,cubic",
-        help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_refined (NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)",
-    )
+    e = sub.add_parser("evaluate",
+                       help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
+    e.add_argument("--data", required=True,
+                   help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the "
+                        "bundles' default simulated dataset)")
+    e.add_argument("--methods", default="trilinear,cubic",
+                   help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,"
+                        "ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_refined "
+                        "(NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
-    e.add_argument(
-        "--split",
-        default="test",
-        help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only anatomy family)",
-    )
+    e.add_argument("--split", default="test",
+                   help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only "
+                        "anatomy family)")
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
     e.add_argument("--max-subjects", type=int, default=None)
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
-    e.add_argument(
-        "--downstream",
-        default="",
-        help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in bundles/<name>/models)",
-    )
-    e.add_argument(
-        "--weights",
-        action="append",
-        metavar="METHOD=CKPT",
-        help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable",
-    )
-    e.add_argument(
-        "--bundle",
-        action="append",
-        metavar="METHOD=FOLDER",
-        help="bundle folder of a cohort method instead of bundles/<method>; repeatable",
-    )
+    e.add_argument("--downstream", default="",
+                   help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in "
+                        "bundles/<name>/models)")
+    e.add_argument("--weights", action="append", metavar="METHOD=CKPT",
+                   help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable")
+    e.add_argument("--bundle", action="append", metavar="METHOD=FOLDER",
+                   help="bundle folder of a cohort method instead of bundles/<method>; repeatable")
     e.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
-    e.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the project store ~/.cache/nexus_monai/mlflow/mlruns.db)",
-    )
+    e.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the project store "
+                        "~/.cache/nexus_monai/mlflow/mlruns.db)")
     e.add_argument("--experiment", default="nexus_monai_evaluate", help="MLflow experiment name")
     e.add_argument("--run-name", default=None, help="MLflow run name (default evaluate_<protocol>_<split>)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_evaluate)
 
-    bm = sub.add_parser(
-        "benchmark",
-        help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training steps/s",
-    )
-    bm.add_argument(
-        "--bundle",
-        default=None,
-        help="bundle folder (network_def, loss, training setting of configs/train.yaml); default: the checkout's bundles/nexus_inr",
-    )
-    bm.add_argument(
-        "--config",
-        action="append",
-        help="config overlay over train.yaml (e.g. bundles/nexus_inr/configs/paper.yaml); repeatable",
-    )
-    bm.add_argument(
-        "--weights", help="checkpoint (default <bundle>/models/model.pt if present, else random weights: same cost)"
-    )
-    bm.add_argument(
-        "--random-weights", action="store_true", help="ignore any checkpoint: seeded random weights (same cost)"
-    )
+    bm = sub.add_parser("benchmark",
+                        help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training "
+                             "steps/s")
+    bm.add_argument("--bundle", default=None,
+                    help="bundle folder (network_def, loss, training setting of configs/train.yaml); default: the "
+                         "checkout's bundles/nexus_inr")
+    bm.add_argument("--config", action="append",
+                    help="config overlay over train.yaml (e.g. bundles/nexus_inr/configs/paper.yaml); repeatable")
+    bm.add_argument("--weights",
+                    help="checkpoint (default <bundle>/models/model.pt if present, else random weights: same cost)")
+    bm.add_argument("--random-weights", action="store_true",
+                    help="ignore any checkpoint: seeded random weights (same cost)")
     bm.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once")
     bm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     bm.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 2 warm-up steps)")
     bm.add_argument("--skip-train", action="store_true", help="skip the training measurement")
     bm.add_argument("--max-memory-gib", type=float, default=None,
                     help="target peak RSS of the inference in GiB; sets the encoder tiles (default 1.75)")
-    bm.add_argument(
-        "--skip-before", action="store_true", help="skip the untiled 'before' inference (the same-run comparison)"
-    )
-    bm.add_argument(
-        "--repeats", type=int, default=1, help="after/before inference pairs, alternating (the fastest of each counts)"
-    )
-    bm.add_argument(
-        "--fit", action="store_true", help="also time SSMCSR fit-subject epochs on the 2 mm embedded subject"
-    )
+    bm.add_argument("--skip-before", action="store_true",
+                    help="skip the untiled 'before' inference (the same-run comparison)")
+    bm.add_argument("--repeats", type=int, default=1,
+                    help="after/before inference pairs, alternating (the fastest of each counts)")
+    bm.add_argument("--fit", action="store_true",
+                    help="also time SSMCSR fit-subject epochs on the 2 mm embedded subject")
     bm.add_argument("--fit-author-seconds", type=float, default=120.0,
                     help="with --fit: seconds of fitting at the authors' network size (epoch time extrapolated)")
     bm.add_argument("--json", help="also write every number to this JSON file")
     bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    bm.add_argument(
-        "--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"), help=argparse.SUPPRESS
-    )  # tests: a tiny volume
+    # tests: a tiny volume
+    bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"),
+                    help=argparse.SUPPRESS)
     bm.set_defaults(func=cmd_benchmark)
 
-    sv = sub.add_parser(
-        "serve", help="MONAI-Label-style REST service: GET /info/, POST /infer/{model} with NIfTI uploads"
-    )
-    sv.add_argument(
-        "--bundle",
-        action="append",
-        help="bundle folder to serve, named by its folder (default: the checkout's bundles/nexus_inr); repeatable",
-    )
-    sv.add_argument(
-        "--config", action="append", help="config overlay the checkpoint was trained with; [MODEL=]PATH, repeatable"
-    )
+    sv = sub.add_parser("serve",
+                        help="MONAI-Label-style REST service: GET /info/, POST /infer/{model} with NIfTI uploads")
+    sv.add_argument("--bundle", action="append",
+                    help="bundle folder to serve, named by its folder (default: the checkout's bundles/nexus_inr); "
+                         "repeatable")
+    sv.add_argument("--config", action="append",
+                    help="config overlay the checkpoint was trained with; [MODEL=]PATH, repeatable")
     sv.add_argument("--weights", action="append", help="checkpoint; [MODEL=]PATH (default <bundle>/models/model.pt)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed on the first line)")
@@ -626,58 +512,37 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="inference threads (requests run at once)")
     sv.add_argument("--max-queue", type=int, default=16, help="requests waiting or running before 503 busy")
     sv.add_argument("--max-upload-mb", type=float, default=512.0, help="largest request body in MiB (413 above)")
-    sv.add_argument(
-        "--max-output-voxels",
-        type=float,
-        default=1.5e8,
-        help="largest volume in voxels: target grid (422 above) and uploads by their header (413 above)",
-    )
+    sv.add_argument("--max-output-voxels", type=float, default=1.5e8,
+                    help="largest volume in voxels: target grid (422 above) and uploads by their header (413 above)")
     sv.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
     sv.add_argument("--max-memory-gib", type=float, default=None,
                     help="target peak RSS of an inference in GiB (encoder tiles, as for predict; default 1.75)")
-    sv.add_argument(
-        "--workdir", default=None, help="parent of the per-request temporary folders (default: system temp)"
-    )
+    sv.add_argument("--workdir", default=None,
+                    help="parent of the per-request temporary folders (default: system temp)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
-    fs = sub.add_parser(
-        "fit-subject",
-        help="SSMCSR: fit a subject-specific INR on a subject's T1w + T2w LR scans (no HR data), write both SR volumes",
-    )
+    fs = sub.add_parser("fit-subject",
+                        help="SSMCSR: fit a subject-specific INR on a subject's T1w + T2w LR scans (no HR data), write "
+                             "both SR volumes")
     fs.add_argument("--t1", required=True, help="T1w LR NIfTI")
     fs.add_argument("--t2", required=True, help="T2w LR NIfTI (registered to the T1w: same world frame)")
     fs.add_argument("--variant", choices=("split_head", "vanilla", "single"), default="split_head")
-    fs.add_argument(
-        "--forward-model",
-        choices=("profile", "point"),
-        default="profile",
-        help="profile (ours): LR voxel = slice-profile-weighted INR samples along the thick axis; point (paper): INR at the voxel centre",
-    )
-    fs.add_argument(
-        "--profile",
-        choices=("gaussian", "boxcar", "none"),
-        default="gaussian",
-        help="slice profile of the acquisition (profile model)",
-    )
+    fs.add_argument("--forward-model", choices=("profile", "point"), default="profile",
+                    help="profile (ours): LR voxel = slice-profile-weighted INR samples along the thick axis; point "
+                         "(paper): INR at the voxel centre")
+    fs.add_argument("--profile", choices=("gaussian", "boxcar", "none"), default="gaussian",
+                    help="slice profile of the acquisition (profile model)")
     _add_grid_args(fs)
     fs.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz, fit_log.json")
-    fs.add_argument(
-        "--max-minutes",
-        type=float,
-        default=14.0,
-        help="wall-clock budget of the fit, rendering excluded (0: none; then --epochs or the MI plateau ends it)",
-    )
+    fs.add_argument("--max-minutes", type=float, default=14.0,
+                    help="wall-clock budget of the fit, rendering excluded (0: none; then --epochs or the MI plateau "
+                         "ends it)")
     fs.add_argument("--epochs", type=int, default=50, help="passes over all observed LR voxels (paper: 50)")
     fs.add_argument("--batch-size", type=int, default=250, help="LR voxels per step (paper: 1000)")
-    fs.add_argument(
-        "--lr", type=float, default=2e-3, help="Adam learning rate, cosine-annealed over the run (paper: 4e-4)"
-    )
-    fs.add_argument(
-        "--point-warmup",
-        type=float,
-        default=0.4,
-        help="fraction of the run fitted with the point model before the profile model (paper: 0)",
-    )
+    fs.add_argument("--lr", type=float, default=2e-3,
+                    help="Adam learning rate, cosine-annealed over the run (paper: 4e-4)")
+    fs.add_argument("--point-warmup", type=float, default=0.4,
+                    help="fraction of the run fitted with the point model before the profile model (paper: 0)")
     fs.add_argument("--hidden", type=int, default=256, help="trunk width (paper: 1024)")
     fs.add_argument("--trunk-layers", type=int, default=5, help="Linear+ReLU layers of the trunk (paper: 5)")
     fs.add_argument("--head-hidden", type=int, default=128, help="hidden width of each split head (paper: 512)")
@@ -688,27 +553,21 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fit_subject)
 
-    ex = sub.add_parser(
-        "experiment", help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), tabulate"
-    )
+    ex = sub.add_parser("experiment",
+                        help="the Nexus-INR paper's Tables 2-5: train every row x seed, score the test split(s), "
+                             "tabulate")
     ex.add_argument("table", help="table2 (components), table3 (encoders), table4 (decoders), table5 (segmentation)")
-    ex.add_argument(
-        "--form", default="default", help="default (CPU default, ours) or paper_cpu (the paper's form at CPU width)"
-    )
+    ex.add_argument("--form", default="default",
+                    help="default (CPU default, ours) or paper_cpu (the paper's form at CPU width)")
     ex.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     ex.add_argument("--max-epochs", type=int, default=None, help="training epochs per run (default: the form's)")
     ex.add_argument("--data", default="embedded", help="dataset folder / datalist JSON / BraTS root, or embedded")
     ex.add_argument("--jobs", type=int, default=1, help="trainings at once (>1: OMP_NUM_THREADS=1 each)")
-    ex.add_argument(
-        "--override",
-        action="append",
-        metavar="KEY=VALUE",
-        help="bundle config override for every run (YAML value); repeatable",
-    )
+    ex.add_argument("--override", action="append", metavar="KEY=VALUE",
+                    help="bundle config override for every run (YAML value); repeatable")
     ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    ex.add_argument(
-        "--out", required=True, help="output folder (runs/, tableN.csv, tableN.md); MLflow runs go to the project store"
-    )
+    ex.add_argument("--out", required=True,
+                    help="output folder (runs/, tableN.csv, tableN.md); MLflow runs go to the project store")
     ex.set_defaults(func=cmd_experiment)
     return p
 

@@ -65,9 +65,8 @@ def parse_axis(axis: int | str) -> int:
 
 def as_affine(affine) -> torch.Tensor:
     """A float64 ``(4, 4)`` (or ``(B, 4, 4)``) torch affine from a tensor, MetaTensor or array."""
-    if isinstance(affine, MetaTensor) or (
-        hasattr(affine, "affine") and not isinstance(affine, (torch.Tensor, np.ndarray))
-    ):
+    if isinstance(affine,
+                  MetaTensor) or (hasattr(affine, "affine") and not isinstance(affine, (torch.Tensor, np.ndarray))):
         affine = affine.affine
     if isinstance(affine, torch.Tensor):
         out = affine.detach().as_subclass(torch.Tensor) if type(affine) is not torch.Tensor else affine.detach()
@@ -131,9 +130,8 @@ def voxel_to_grid(indices, shape: Sequence[int]) -> torch.Tensor:
     ``align_corners=False``: index ``-0.5`` maps to ``-1`` and ``n - 0.5`` to ``+1``.
     """
     idx = torch.as_tensor(indices)
-    n = torch.as_tensor(
-        [float(s) for s in shape[-3:]], dtype=idx.dtype if idx.is_floating_point() else torch.float32, device=idx.device
-    )
+    n = torch.as_tensor([float(s) for s in shape[-3:]], dtype=idx.dtype if idx.is_floating_point() else torch.float32,
+                        device=idx.device)
     g = (2.0 * idx + 1.0) / n - 1.0
     return g.flip(-1)
 
@@ -191,9 +189,8 @@ def sample_at_world(
     return out if batched else out[0]
 
 
-def sample_at_voxel(
-    volume: torch.Tensor, indices: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
+def sample_at_voxel(volume: torch.Tensor, indices: torch.Tensor, mode: str = "bilinear",
+                    padding_mode: str = "border") -> torch.Tensor:
     """Sample a batched volume ``(B, C, X, Y, Z)`` at continuous voxel indices ``(B, N, 3)`` -> ``(B, C, N)``.
 
     The index-space twin of :func:`sample_at_world` (same ``grid_sample`` convention).
@@ -294,9 +291,8 @@ class TargetGrid:
         """World coordinates of all voxel centres, ``(X, Y, Z, 3)`` mm."""
         return voxel_centres(self.shape, self.affine, dtype=dtype)
 
-    def iter_world_chunks(
-        self, max_points: int, dtype: torch.dtype = torch.float32
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def iter_world_chunks(self, max_points: int,
+                          dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield ``(start, stop, coords (stop - start, 3))`` over the C-order flattened grid.
 
         Only one chunk of coordinates exists at a time, so memory stays bounded for any output
@@ -360,23 +356,17 @@ class WorldNormalizer:
 def rotation_matrix(angles_deg: Sequence[float]) -> torch.Tensor:
     """3x3 rotation (float64) from x-y-z Euler angles in degrees (R = Rz @ Ry @ Rx)."""
     ax, ay, az = (math.radians(float(v)) for v in angles_deg)
-    rx = torch.tensor(
-        [[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]], dtype=torch.float64
-    )
-    ry = torch.tensor(
-        [[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]], dtype=torch.float64
-    )
-    rz = torch.tensor(
-        [[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]], dtype=torch.float64
-    )
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]],
+                      dtype=torch.float64)
+    ry = torch.tensor([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]],
+                      dtype=torch.float64)
+    rz = torch.tensor([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]],
+                      dtype=torch.float64)
     return rz @ ry @ rx
 
 
-def make_affine(
-    spacing_mm: Sequence[float],
-    origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
-    rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
-) -> torch.Tensor:
+def make_affine(spacing_mm: Sequence[float], origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
+                rotation_deg: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
     """A 4x4 affine with the given voxel size (mm), origin (world mm of voxel 0) and rotation."""
     a = torch.eye(4, dtype=torch.float64)
     a[:3, :3] = rotation_matrix(rotation_deg) @ torch.diag(torch.as_tensor(spacing_mm, dtype=torch.float64))

@@ -24,13 +24,8 @@ def to_uint8(image: np.ndarray, vmax: float) -> np.ndarray:
     return np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255).astype(np.uint8)
 
 
-def save_panel(
-    tiles: Sequence[Sequence[np.ndarray]],
-    path: str | os.PathLike,
-    row_labels: Sequence[str] = (),
-    col_labels: Sequence[str] = (),
-    zoom: int = 2,
-) -> None:
+def save_panel(tiles: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, row_labels: Sequence[str] = (),
+               col_labels: Sequence[str] = (), zoom: int = 2) -> None:
     """Save a grid of 2D uint8 tiles (rows x columns) with text labels as one PNG.
 
     Tiles are shown with array axis 0 horizontal and axis 1 vertical, flipped so that the

@@ -23,12 +23,10 @@ from nexus_monai.geometry import TargetGrid
 __all__ = ["i3net"]
 
 
-def i3net(
-    lr: MetaTensor, grid: TargetGrid, *, network=None, bundle=None, weights=None, axis=None, factor=None, source=None
-) -> MetaTensor:
+def i3net(lr: MetaTensor, grid: TargetGrid, *, network=None, bundle=None, weights=None, axis=None, factor=None,
+          source=None) -> MetaTensor:
     """I3Net on one LR scan ``(1, x, y, z)`` -> ``(1, *grid.shape)`` (trained bundle checkpoint)."""
     network = network if network is not None else cohort_network("i3net", bundle, weights)
     neighbours = int(getattr(network, "in_channels", 7)) - 3
-    return predict_thick_axis(
-        lr, grid, network, neighbours=neighbours, axis=axis, factor=factor, source=source, method="I3Net"
-    )
+    return predict_thick_axis(lr, grid, network, neighbours=neighbours, axis=axis, factor=factor, source=source,
+                              method="I3Net")

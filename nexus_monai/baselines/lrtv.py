@@ -71,7 +71,8 @@ def detect_thick_axis(affine, source=None) -> tuple[int, float]:
     if factor < 1.0 + _ISO_TOL:
         raise NexusInputError(
             source,
-            f"no thick axis: volume is isotropic (spacing {', '.join(f'{s:g}' for s in sp)} mm); LRTV needs a thick-slice scan",
+            f"no thick axis: volume is isotropic (spacing {', '.join(f'{s:g}' for s in sp)} mm); LRTV needs a "
+            f"thick-slice scan"
         )
     return axis, factor
 
@@ -159,15 +160,13 @@ def lrtv(
     affine = as_affine(lr.affine) if isinstance(lr, MetaTensor) else torch.eye(4, dtype=torch.float64)
     det_axis, det_factor = detect_thick_axis(affine, src)
     if axis is not None and parse_axis(axis) != det_axis:
-        raise NexusInputError(
-            src,
-            f"thick axis {axis!r} does not match the volume, whose spacing {spacing(affine).tolist()} makes axis {'xyz'[det_axis]} the thick one",
-        )
+        raise NexusInputError(src,
+                              f"thick axis {axis!r} does not match the volume, whose spacing "
+                              f"{spacing(affine).tolist()} makes axis {'xyz'[det_axis]} the thick one")
     if factor is not None and abs(float(factor) - det_factor) > 1e-3 * det_factor:
-        raise NexusInputError(
-            src,
-            f"factor {factor} does not match the volume's spacing, which implies a factor of {det_factor:.4g} along axis {'xyz'[det_axis]}",
-        )
+        raise NexusInputError(src,
+                              f"factor {factor} does not match the volume's spacing, which implies a factor of "
+                              f"{det_factor:.4g} along axis {'xyz'[det_axis]}")
     a, k = det_axis, det_factor
     if not torch.isfinite(lr.as_subclass(torch.Tensor)).all():
         raise NexusInputError(src, "LR volume contains NaN or infinite values")
@@ -210,14 +209,8 @@ def lrtv(
             history.append(objective(x))
 
     meta = {kk: v for kk, v in lr.meta.items() if kk != "affine"} if isinstance(lr, MetaTensor) else {}
-    meta["lrtv"] = {
-        "axis": a,
-        "factor": k,
-        "profile": profile,
-        "lambda_tv": lambda_tv,
-        "lambda_rank": lambda_rank,
-        "iterations": int(iterations),
-    }
+    meta["lrtv"] = {"axis": a, "factor": k, "profile": profile, "lambda_tv": lambda_tv, "lambda_rank": lambda_rank,
+                    "iterations": int(iterations)}
     arr = (x * scale)[None].contiguous()
     same = tuple(grid.shape) == tuple(hr.shape) and torch.allclose(as_affine(grid.affine), hr.affine, atol=1e-5)
     if same:

@@ -24,9 +24,8 @@ from nexus_monai.geometry import TargetGrid
 __all__ = ["saint"]
 
 
-def saint(
-    lr: MetaTensor, grid: TargetGrid, *, network=None, bundle=None, weights=None, axis=None, factor=None, source=None
-) -> MetaTensor:
+def saint(lr: MetaTensor, grid: TargetGrid, *, network=None, bundle=None, weights=None, axis=None, factor=None,
+          source=None) -> MetaTensor:
     """SAINT on one LR scan ``(1, x, y, z)`` -> ``(1, *grid.shape)`` (trained bundle checkpoint)."""
     network = network if network is not None else cohort_network("saint", bundle, weights)
     return predict_thick_axis(lr, grid, network, neighbours=0, axis=axis, factor=factor, source=source, method="SAINT")

@@ -68,9 +68,8 @@ __all__ = [
 ]
 
 
-def check_thick_scan(
-    lr, axis=None, factor=None, source=None, method: str = "this method"
-) -> tuple[int, float, torch.Tensor]:
+def check_thick_scan(lr, axis=None, factor=None, source=None, method: str = "this method") -> tuple[int, float,
+                                                                                                    torch.Tensor]:
     """``(axis, factor, affine)`` of a single-channel LR scan ``(1, x, y, z)``; one-line errors.
 
     Isotropic volumes, explicit ``axis``/``factor`` that contradict the affine, non-finite
@@ -90,21 +89,19 @@ def check_thick_scan(
         raise NexusInputError(src, err.problem.replace("LRTV", method)) from None
     sp = [round(float(s), 4) for s in spacing(affine)]
     if axis is not None and parse_axis(axis) != det_axis:
-        raise NexusInputError(
-            src,
-            f"thick axis {axis!r} does not match the volume, whose spacing {sp} mm makes axis {'xyz'[det_axis]} the thick one",
-        )
+        raise NexusInputError(src,
+                              f"thick axis {axis!r} does not match the volume, whose spacing {sp} mm makes axis "
+                              f"{'xyz'[det_axis]} the thick one")
     if factor is not None and abs(float(factor) - det_factor) > 1e-3 * det_factor:
-        raise NexusInputError(
-            src,
-            f"factor {factor} does not match the volume's spacing {sp} mm, which implies a factor of {det_factor:.4g} along axis {'xyz'[det_axis]}",
-        )
+        raise NexusInputError(src,
+                              f"factor {factor} does not match the volume's spacing {sp} mm, which implies a factor of "
+                              f"{det_factor:.4g} along axis {'xyz'[det_axis]}")
     if not torch.isfinite(lr.as_subclass(torch.Tensor) if isinstance(lr, MetaTensor) else lr).all():
         raise NexusInputError(src, "LR volume contains NaN or infinite values")
     if lr.shape[1 + det_axis] < 2:
-        raise NexusInputError(
-            src, f"only {lr.shape[1 + det_axis]} slice along the thick axis {'xyz'[det_axis]}; at least 2 are needed"
-        )
+        raise NexusInputError(src,
+                              f"only {lr.shape[1 + det_axis]} slice along the thick axis {'xyz'[det_axis]}; at least 2 "
+                              f"are needed")
     return det_axis, det_factor, affine
 
 
@@ -135,9 +132,8 @@ def thick_slice_channels(base: torch.Tensor, lr: torch.Tensor, factor: float, ne
     return torch.stack(chans, dim=0)
 
 
-def degrade_and_interpolate(
-    hr: torch.Tensor, axis: int, factor: float, profile: str = "gaussian"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def degrade_and_interpolate(hr: torch.Tensor, axis: int, factor: float,
+                            profile: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Simulate a thick-slice acquisition of a 3D array and interpolate it back.
 
     ``hr`` ``(A, B, C)`` on a unit grid; returns ``(lr, base)``: ``lr`` with ``floor(n / factor)``
@@ -152,9 +148,8 @@ def degrade_and_interpolate(
     return lr, base
 
 
-def training_pair(
-    hr: torch.Tensor, axis, factor: float, profile: str = "gaussian", neighbours: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def training_pair(hr: torch.Tensor, axis, factor: float, profile: str = "gaussian",
+                  neighbours: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs (3 + n, X, Y, Zh), target (1, X, Y, Zh))`` in the canonical layout from an HR ``(1, ...)`` volume."""
     a = parse_axis(axis)
     x = (hr.as_subclass(torch.Tensor) if isinstance(hr, MetaTensor) else torch.as_tensor(hr)).float()[0]
@@ -181,19 +176,13 @@ class ThickSliceTrainingPaird(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key], d[self.label_key] = training_pair(
-                d[key],
-                d[self.axis_key],
-                float(d[self.factor_key]),
-                str(d.get(self.profile_key, "gaussian")),
-                self.neighbours,
-            )
+            d[key], d[self.label_key] = training_pair(d[key], d[self.axis_key], float(d[self.factor_key]),
+                                                      str(d.get(self.profile_key, "gaussian")), self.neighbours)
         return d
 
 
-def contrast_items(
-    datalist: str | os.PathLike, split: str, protocol: Mapping, contrasts: Sequence[str] = ("t1", "t2")
-) -> list[dict]:
+def contrast_items(datalist: str | os.PathLike, split: str, protocol: Mapping,
+                   contrasts: Sequence[str] = ("t1", "t2")) -> list[dict]:
     """One item per subject and contrast of a datalist split, with the protocol's acquisition.
 
     ``{"image": path, "contrast": c, "axis": "z", "factor": 2.0, "profile": "gaussian"}``.
@@ -220,9 +209,8 @@ def contrast_items(
 def on_requested_grid(volume: torch.Tensor, hr_grid: TargetGrid, grid: TargetGrid, meta: dict) -> MetaTensor:
     """A result ``(X, Y, Z)`` on ``hr_grid`` as a MetaTensor ``(1, ...)`` on ``grid`` (trilinear if they differ)."""
     arr = volume.float()[None].contiguous()
-    same = tuple(grid.shape) == tuple(hr_grid.shape) and torch.allclose(
-        as_affine(grid.affine), hr_grid.affine, atol=1e-5
-    )
+    same = tuple(grid.shape) == tuple(hr_grid.shape) and torch.allclose(as_affine(grid.affine), hr_grid.affine,
+                                                                        atol=1e-5)
     if same:
         return MetaTensor(arr, affine=as_affine(grid.affine).clone(), meta=dict(meta))
     out = upsample(MetaTensor(arr, affine=hr_grid.affine.clone(), meta=dict(meta)), grid, "trilinear")
@@ -260,9 +248,8 @@ def predict_thick_axis(lr, grid: TargetGrid, network: torch.nn.Module, *, neighb
     return on_requested_grid(out, hr_grid, grid, meta)
 
 
-def cohort_network(
-    name: str, bundle: str | os.PathLike | None = None, weights: str | os.PathLike | None = None
-) -> torch.nn.Module:
+def cohort_network(name: str, bundle: str | os.PathLike | None = None,
+                   weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """The trained network of ``bundles/<name>`` (``models/model.pt`` or ``weights``), loaded once per process.
 
     Shares the cache of :func:`nexus_monai.engines.bundle_model.bundle_model`. A missing checkpoint
@@ -272,9 +259,8 @@ def cohort_network(
     return network
 
 
-def super_resolve_files(
-    fn, images: Sequence[str], output_dir: str | os.PathLike, spacing_mm=None, like=None, postfix: str = "sr"
-) -> list[Path]:
+def super_resolve_files(fn, images: Sequence[str], output_dir: str | os.PathLike, spacing_mm=None, like=None,
+                        postfix: str = "sr") -> list[Path]:
     """Apply ``fn(lr MetaTensor, grid) -> MetaTensor`` to NIfTI files; writes ``<name>_<postfix>.nii.gz``.
 
     The grid is ``like``'s, or each input's field of view at ``spacing_mm`` (default: the natural

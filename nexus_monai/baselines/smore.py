@@ -48,9 +48,8 @@ from nexus_monai.networks.slice_sr import ResidualSR2d, over_slices
 __all__ = ["smore", "smore_training_pairs", "fourier_burst_accumulation"]
 
 
-def smore_training_pairs(
-    lr_canonical: torch.Tensor, factor: float, profile: str = "gaussian"
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def smore_training_pairs(lr_canonical: torch.Tensor, factor: float,
+                         profile: str = "gaussian") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Self-supervised pairs from the in-plane slices of ONE scan (canonical ``(X, Y, M)``).
 
     Returns ``[(inputs (M, H, W), targets (M, H, W)), ...]`` for the two in-plane directions;

@@ -82,22 +82,13 @@ def benchmark_inputs(size: Sequence[int] = DEFAULT_SIZE) -> dict:
     grid = TargetGrid(size, t1_hr.affine)
     t1_lr = SimulateAnisotropicAcquisition(*T1_ACQUISITION)(t1_hr)
     t2_lr = SimulateAnisotropicAcquisition(*T2_ACQUISITION)(t2_hr)
-    return {
-        "t1_lr": t1_lr,
-        "t2_lr": t2_lr,
-        "grid": grid,
-        "spacing_mm": float(s),
-        "brain_voxels": int((t1_hr > 0).sum()),
-    }
+    return {"t1_lr": t1_lr, "t2_lr": t2_lr, "grid": grid, "spacing_mm": float(s),
+            "brain_voxels": int((t1_hr > 0).sum())}
 
 
-def load_benchmark_network(
-    bundle: str | os.PathLike = "bundles/nexus_inr",
-    overlays: Sequence[str] = (),
-    weights: str | os.PathLike | None = None,
-    random_weights: bool = False,
-    seed: int = 0,
-) -> tuple[nn.Module, nn.Module, dict, str]:
+def load_benchmark_network(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Sequence[str] = (),
+                           weights: str | os.PathLike | None = None, random_weights: bool = False,
+                           seed: int = 0) -> tuple[nn.Module, nn.Module, dict, str]:
     """``(network, loss, settings, weights description)`` from ``<bundle>/configs/train.yaml`` (+ overlays).
 
     ``settings``: ``patch_size``, ``num_points``, ``batch_size``, ``learning_rate``, ``config_files``.
@@ -170,9 +161,8 @@ def training_batch(batch_size: int, patch_size: Sequence[int], num_points: int, 
         shape = list(patch)
         a = parse_axis(axis)
         shape[a] = num_thick_slices(patch[a], factor)
-        lr[key] = MetaTensor(
-            torch.rand(batch_size, 1, *shape, generator=gen), affine=thick_slice_affine(hr_affine, axis, factor)
-        )
+        lr[key] = MetaTensor(torch.rand(batch_size, 1, *shape, generator=gen),
+                             affine=thick_slice_affine(hr_affine, axis, factor))
     index = torch.stack([torch.randint(0, p, (batch_size, num_points), generator=gen) for p in patch], dim=-1)
     world = voxel_to_world(index.to(torch.float64), hr_affine)
     norm = WorldNormalizer.from_grids([(lr[k].shape[-3:], lr[k].affine) for k in lr])

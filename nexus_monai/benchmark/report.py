@@ -25,13 +25,9 @@ def _ratio(x) -> str:
 def _parts_rows(add, r: Mapping, indent: str = "  ") -> None:
     add((f"{indent}part: time / FLOPs / attainable / ratio", ""))
     for name, row in r["parts"].items():
-        add(
-            (
-                f"{indent}  {_PART_NAMES.get(name, name)}",
-                f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
-                f"{row['attainable_s']:.2f} s / {_ratio(row['ratio_to_attainable'])}",
-            )
-        )
+        add((f"{indent}  {_PART_NAMES.get(name, name)}", f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
+                                                          f"{row['attainable_s']:.2f} s / "
+                                                          f"{_ratio(row['ratio_to_attainable'])}"))
     add((f"{indent}  whole inference",
          f"{r['nexus_s']:.2f} s / {_si(r['flops'], 'FLOP')} / {r['attainable_s']:.2f} s / "
                                        f"{_ratio(r['whole_inference_ratio_to_attainable'])}"))
@@ -55,10 +51,9 @@ def format_report(r: Mapping) -> str:
             + f" (other processes share these {m['cpus_available']} CPUs)"
         )
     add(f"input    : {r['input']}")
-    add(
-        f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} {tuple(r['t2_lr_shape'])}, "
-        f"target grid {tuple(r['output_shape'])}, brain {r['brain_voxels']:,} voxels"
-    )
+    add(f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} "
+        f"{tuple(r['t2_lr_shape'])}, "
+        f"target grid {tuple(r['output_shape'])}, brain {r['brain_voxels']:,} voxels")
     add(f"network  : {r['network']}")
     add(f"weights  : {r['weights']}")
     if r.get("config_files"):
@@ -69,12 +64,10 @@ def format_report(r: Mapping) -> str:
     add((f"peak fp32 GEMM ({r['peak_gemm_n']}^3 matmul, {r['peak_gemm_threads']} threads; best of runs {runs})",
          _si(peak, "FLOP/s")))
     plan = r.get("plan", {})
-    tiling = (
-        f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
-        f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of {plan['chunk_size']:,}"
-        if plan.get("tiled")
-        else "untiled"
-    )
+    tiling = (f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
+              f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of "
+              f"{plan['chunk_size']:,}"
+              if plan.get("tiled") else "untiled")
     v = r["output_voxels"]
     add((f"inference, whole volume (after: {tiling}; max {r['max_memory_gib']:g} GiB)", ""))
     add(("  Nexus-INR (predict_volumes)", f"{r['nexus_s']:.2f} s"))
@@ -90,7 +83,8 @@ def format_report(r: Mapping) -> str:
         add(
             (
                 f"  KD-Attn alone ({a['points']:,} points, window {a['window']}, key map {tuple(a['key_shape'])})",
-                f"gather {_si(a['gather_bytes_per_s'], 'B/s')}, positional MLP {_si(a['positional_mlp_flops_per_s'], 'FLOP/s')}, "
+                f"gather {_si(a['gather_bytes_per_s'], 'B/s')}, "
+                f"positional MLP {_si(a['positional_mlp_flops_per_s'], 'FLOP/s')}, "
                 f"whole {_si(a['forward_flops_per_s'], 'FLOP/s')} ({a['forward_fraction_of_peak']:.2f} of peak)",
             )
         )
@@ -123,27 +117,20 @@ def format_report(r: Mapping) -> str:
         add(("training", "skipped (--skip-train)"))
     else:
         p = "x".join(str(s) for s in r["train_patch_size"])
-        add(
-            (
-                f"training at the bundle setting (batch {r['train_batch_size']}, patch {p}, {r['train_num_points']:,} points)",
-                "",
-            )
-        )
+        add((f"training at the bundle setting (batch {r['train_batch_size']}, patch {p}, {r['train_num_points']:,} "
+             f"points)", ""))
         add(("  steps/s (forward + all losses + backward + Adam)",
              f"{r['train_steps_per_s']:.3f} ({r['train_s'] / r['train_steps']:.2f} s/step, "
              f"{r['train_steps']} steps after {r['train_warmup_steps']} warm-up)"))
         add(("  loss terms", ", ".join(r["train_loss_terms"])))
     f = r.get("fit")
     if f:
-        add(
-            (
-                f"SSMCSR fit-subject, split-head, {f['subject']} (T1 LR {tuple(f['t1_lr_shape'])}, T2 LR {tuple(f['t2_lr_shape'])})",
-                "",
-            )
-        )
+        add((f"SSMCSR fit-subject, split-head, {f['subject']} (T1 LR {tuple(f['t1_lr_shape'])}, T2 LR "
+             f"{tuple(f['t2_lr_shape'])})", ""))
         for run in f["runs"]:
             what = (
-                f"  {run['forward_model']}, {run['trunk_layers']} x {run['hidden']} trunk, batch {run['batch_size']}"
+                f"  {run['forward_model']}, {run['trunk_layers']} x {run['hidden']} trunk, batch "
+                f"{run['batch_size']}"
                 + (
                     f" ({run['iterations_timed']} of {run['iterations_per_epoch']} iterations, extrapolated)"
                     if run["extrapolated"]

@@ -59,28 +59,14 @@ def _inference_fields(r: Mapping, peak: float) -> dict:
     }
 
 
-def run_benchmark(
-    bundle: str | os.PathLike = "bundles/nexus_inr",
-    overlays: Sequence[str] = (),
-    weights: str | os.PathLike | None = None,
-    random_weights: bool = False,
-    size: Sequence[int] = DEFAULT_SIZE,
-    chunk_size: int = 32768,
-    threads: int = 0,
-    train_steps: int = 20,
-    skip_train: bool = False,
-    network: nn.Module | None = None,
-    loss: nn.Module | None = None,
-    settings: Mapping | None = None,
-    gemm_repeats: int = 5,
-    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
-    compare_before: bool = True,
-    fit: bool = False,
-    fit_author_seconds: float = 120.0,
-    peak_gemm_n: int = 2048,
-    repeats: int = 1,
-    log: Callable[[str], None] | None = None,
-) -> dict:
+def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Sequence[str] = (),
+                  weights: str | os.PathLike | None = None, random_weights: bool = False,
+                  size: Sequence[int] = DEFAULT_SIZE,
+                  chunk_size: int = 32768, threads: int = 0, train_steps: int = 20, skip_train: bool = False,
+                  network: nn.Module | None = None, loss: nn.Module | None = None, settings: Mapping | None = None,
+                  gemm_repeats: int = 5, max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB, compare_before: bool = True,
+                  fit: bool = False, fit_author_seconds: float = 120.0, peak_gemm_n: int = 2048, repeats: int = 1,
+                  log: Callable[[str], None] | None = None) -> dict:
     """Every measurement of the package docstring; a flat JSON-serialisable dict.
 
     ``network`` / ``loss`` / ``settings`` replace the bundle's (tests use a tiny network);
@@ -111,26 +97,19 @@ def run_benchmark(
     log(f"inputs: MNI152 template on a {'x'.join(str(s) for s in size)} grid")
     inputs = benchmark_inputs(size)
     gc.collect()
-    result.update(
-        {
-            "input": "nilearn MNI152 2009 T1 template (skull-stripped, zero background); T2 = 1.05 - T1 inside the brain mask",
-            "spacing_mm": inputs["spacing_mm"],
-            "brain_voxels": inputs["brain_voxels"],
-            "t1_lr_shape": list(inputs["t1_lr"].shape[1:]),
-            "t2_lr_shape": list(inputs["t2_lr"].shape[1:]),
-            "t1_acquisition": f"{T1_ACQUISITION[0]} x {T1_ACQUISITION[1]}",
-            "t2_acquisition": f"{T2_ACQUISITION[0]} x {T2_ACQUISITION[1]}",
-            "network": describe_network(network),
-            "network_params": int(sum(p.numel() for p in network.parameters())),
-            "weights": weights_desc,
-            "config_files": list(settings.get("config_files", [])),
-            "device": "cpu",
-            "output_shape": list(inputs["grid"].shape),
-            "output_voxels": inputs["grid"].num_voxels,
-            "chunk_size": int(chunk_size),
-            "max_memory_gib": float(max_memory_gib),
-        }
-    )
+    result.update({
+        "input": "nilearn MNI152 2009 T1 template (skull-stripped, zero background); T2 = 1.05 - T1 inside the brain "
+                 "mask",
+        "spacing_mm": inputs["spacing_mm"], "brain_voxels": inputs["brain_voxels"],
+        "t1_lr_shape": list(inputs["t1_lr"].shape[1:]), "t2_lr_shape": list(inputs["t2_lr"].shape[1:]),
+        "t1_acquisition": f"{T1_ACQUISITION[0]} x {T1_ACQUISITION[1]}",
+        "t2_acquisition": f"{T2_ACQUISITION[0]} x {T2_ACQUISITION[1]}",
+        "network": describe_network(network), "network_params": int(sum(p.numel() for p in network.parameters())),
+        "weights": weights_desc, "config_files": list(settings.get("config_files", [])), "device": "cpu",
+        "output_shape": list(inputs["grid"].shape), "output_voxels": inputs["grid"].num_voxels,
+        "chunk_size": int(chunk_size),
+        "max_memory_gib": float(max_memory_gib),
+    })
     log(f"peak GEMM: {peak_gemm_n}^3 matmul at {torch.get_num_threads()} threads")
     peak_runs = [measure_peak_gemm(peak_gemm_n, gemm_repeats)]
     after = before = None
@@ -199,9 +178,8 @@ def run_benchmark(
     if skip_train:
         result.update({"train_steps": 0, "train_steps_per_s": None})
     else:
-        log(
-            f"training: {train_steps} steps at batch {settings['batch_size']}, patch {settings['patch_size']}, {settings['num_points']} points"
-        )
+        log(f"training: {train_steps} steps at batch {settings['batch_size']}, patch {settings['patch_size']}, "
+            f"{settings['num_points']} points")
         if loss is None:
             loss = NexusINRLoss()
         result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"],
@@ -213,9 +191,8 @@ def run_benchmark(
         for model in ("point", "profile"):
             log(f"SSMCSR fit-subject: one epoch, split-head, {model} forward model ({subject})")
             runs.append(time_fit(t1_lr, t2_lr, model, peak))
-        log(
-            f"SSMCSR fit-subject at the authors' size (4 x 1024 trunk, batch 1000), {fit_author_seconds:g} s extrapolated"
-        )
+        log(f"SSMCSR fit-subject at the authors' size (4 x 1024 trunk, batch 1000), {fit_author_seconds:g} s "
+            f"extrapolated")
         runs.append(time_fit(t1_lr, t2_lr, "point", peak, max_seconds=fit_author_seconds, hidden=AUTHORS["hidden"],
                              trunk_layers=AUTHORS["trunk_layers"], head_hidden=AUTHORS["head_hidden"],
                              batch_size=AUTHORS["batch_size"]))

@@ -79,9 +79,9 @@ def _subject_from_folder(folder: Path, required: Sequence[str]) -> dict | None:
     foreign = sorted(i for i in ids if i != folder.name)
     if foreign:
         bad = next(f for f in files if _FILE_RE.match(f.name)["id"] == foreign[0])
-        raise NexusInputError(
-            bad, f"file belongs to subject {foreign[0]!r}, not to its folder {folder.name!r} (mismatched subjects)"
-        )
+        raise NexusInputError(bad,
+                              f"file belongs to subject {foreign[0]!r}, not to its folder {folder.name!r} (mismatched "
+                              f"subjects)")
     fmt = "2023" if any(_FILE_RE.match(f.name)["suffix"].startswith("-") for f in files) else "2020"
     if fmt == "2020" and folder.name.startswith("BraTS2021"):
         fmt = "2021"
@@ -110,15 +110,13 @@ def _check_headers(subject: dict, keys: Sequence[str]) -> None:
         if ref is None:
             ref_key, ref = key, geo
         elif geo[0] != ref[0] or not np.allclose(geo[1], ref[1], atol=1e-3):
-            raise NexusInputError(
-                subject[key],
-                f"grid {geo[0]} differs from {ref_key} {ref[0]} of the same subject (shape or affine mismatch)",
-            )
+            raise NexusInputError(subject[key],
+                                  f"grid {geo[0]} differs from {ref_key} {ref[0]} of the same subject (shape or affine "
+                                  f"mismatch)")
 
 
-def discover_brats(
-    root: str | os.PathLike, required: Sequence[str] = ("t1", "t2"), check_headers: bool = True
-) -> list[dict]:
+def discover_brats(root: str | os.PathLike, required: Sequence[str] = ("t1", "t2"),
+                   check_headers: bool = True) -> list[dict]:
     """All subjects under ``root`` (folders at any depth), sorted by subject ID.
 
     Raises :class:`NexusInputError` for a missing root, no subjects, a subject missing a
@@ -179,13 +177,11 @@ class LoadVolumed(MapTransform):
             if self.same_grid:
                 if first is None:
                     first = key
-                elif d[key].shape[1:] != d[first].shape[1:] or not torch.allclose(
-                    as_affine(d[key]), as_affine(d[first]), atol=1e-3
-                ):
-                    raise NexusInputError(
-                        d[key].meta["filename_or_obj"],
-                        f"grid {tuple(d[key].shape[1:])} differs from {first} {tuple(d[first].shape[1:])} (shape or affine mismatch)",
-                    )
+                elif d[key].shape[1:] != d[first].shape[1:] or not torch.allclose(as_affine(d[key]),
+                                                                                  as_affine(d[first]), atol=1e-3):
+                    raise NexusInputError(d[key].meta["filename_or_obj"],
+                                          f"grid {tuple(d[key].shape[1:])} differs from {first} "
+                                          f"{tuple(d[first].shape[1:])} (shape or affine mismatch)")
         return d
 
 
@@ -196,13 +192,8 @@ class RemapBraTSLabelsd(MapTransform):
     (those editions never use it), as is any label outside {0, 1, 2, 3, 4}.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection = "seg",
-        format_key: str = "brats_format",
-        default_format: str = "2020",
-        allow_missing_keys: bool = True,
-    ):
+    def __init__(self, keys: KeysCollection = "seg", format_key: str = "brats_format", default_format: str = "2020",
+                 allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
         self.format_key, self.default_format = format_key, default_format
 
@@ -221,9 +212,9 @@ class RemapBraTSLabelsd(MapTransform):
             allowed = {0, 1, 2, 3, 4} if fmt == "2023" else set(BRATS_LABELS)
             bad = sorted(present - allowed)
             if bad:
-                raise NexusInputError(
-                    source, f"labels {bad} not allowed in a BraTS {fmt} segmentation (expected {sorted(allowed)})"
-                )
+                raise NexusInputError(source,
+                                      f"labels {bad} not allowed in a BraTS {fmt} segmentation (expected "
+                                      f"{sorted(allowed)})")
             if fmt == "2023" and 3 in present:
                 seg = seg.clone()
                 seg[seg == 3] = 4

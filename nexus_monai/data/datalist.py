@@ -59,13 +59,8 @@ def split_counts(n: int, proportions: Sequence[float] = DEFAULT_PROPORTIONS) -> 
     return n - val - test, val, test
 
 
-def make_datalist(
-    subjects: Sequence[dict],
-    seed: int = 0,
-    proportions: Sequence[float] = DEFAULT_PROPORTIONS,
-    base_dir: str | os.PathLike | None = None,
-    **info,
-) -> dict:
+def make_datalist(subjects: Sequence[dict], seed: int = 0, proportions: Sequence[float] = DEFAULT_PROPORTIONS,
+                  base_dir: str | os.PathLike | None = None, **info) -> dict:
     """A MONAI decathlon-style datalist with a seeded ``training``/``validation``/``test`` split.
 
     Paths are written relative to ``base_dir`` (the folder the JSON will live in) when given.
@@ -78,11 +73,8 @@ def make_datalist(
             for k in PATH_KEYS:
                 if k in s:
                     s[k] = os.path.relpath(s[k], base_dir)
-    splits = {
-        "training": chosen[:n_train],
-        "validation": chosen[n_train : n_train + n_val],
-        "test": chosen[n_train + n_val :],
-    }
+    splits = {"training": chosen[:n_train], "validation": chosen[n_train : n_train + n_val],
+              "test": chosen[n_train + n_val :]}
     for part in splits.values():
         part.sort(key=lambda s: s["subject"])
     return {**info, "split_seed": seed, "proportions": list(proportions), **splits}

@@ -21,15 +21,8 @@ from monai.data import MetaTensor
 
 from nexus_monai.errors import NexusInputError
 
-__all__ = [
-    "load_volume",
-    "save_volume",
-    "check_volume",
-    "atomic_path",
-    "write_text_atomic",
-    "fsync_path",
-    "check_nifti_file",
-]
+__all__ = ["load_volume", "save_volume", "check_volume", "atomic_path", "write_text_atomic", "fsync_path",
+           "check_nifti_file"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -42,9 +35,8 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt headers
-        raise NexusInputError(
-            path, f"corrupt or truncated NIfTI: cannot read its header ({type(err).__name__})"
-        ) from err
+        raise NexusInputError(path,
+                              f"corrupt or truncated NIfTI: cannot read its header ({type(err).__name__})") from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise NexusInputError(path, f"not a NIfTI image ({type(img).__name__})")
     return img

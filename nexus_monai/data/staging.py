@@ -71,16 +71,14 @@ def _check_writable_parent(path: Path, what: str) -> None:
         ) from None
 
 
-def check_output_file(
-    path: str | os.PathLike, suffixes: Iterable[str] = (".nii.gz", ".nii"), what: str = "output"
-) -> Path:
+def check_output_file(path: str | os.PathLike, suffixes: Iterable[str] = (".nii.gz", ".nii"),
+                      what: str = "output") -> Path:
     """Check an output FILE path before any work: right suffix, not a folder, parent creatable and writable."""
     path = Path(path)
     suffixes = tuple(suffixes)
     if path.is_dir():
-        raise NexusInputError(
-            path, f"{what} is an existing folder; give a file name ({' or '.join(suffixes) or 'any'})"
-        )
+        raise NexusInputError(path,
+                              f"{what} is an existing folder; give a file name ({' or '.join(suffixes) or 'any'})")
     if suffixes and not path.name.endswith(suffixes):
         raise NexusInputError(path, f"{what} must be a {' or '.join(suffixes)} file")
     _check_writable_parent(path, what)

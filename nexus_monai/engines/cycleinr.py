@@ -56,7 +56,5 @@ class CycleINRTrainStep:
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
         engine.optimizer.step()
-        return {
-            "loss": float(terms["loss"].detach()),
-            **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"},
-        }
+        return {"loss": float(terms["loss"].detach()),
+                **{f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}}

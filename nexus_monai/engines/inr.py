@@ -137,9 +137,8 @@ class ImplicitGridInferer(Inferer):
         for c, img in (("t1", t1_lr), ("t2", t2_lr)):
             v = plain_tensor(img).float()
             vols[c] = (v[None] if v.ndim == 4 else v).to(device)
-        affines = {
-            c: as_affine(img.affine).reshape(-1, 4, 4)[:1].to(device) for c, img in (("t1", t1_lr), ("t2", t2_lr))
-        }
+        affines = {c: as_affine(img.affine).reshape(-1, 4, 4)[:1].to(device) for c,
+                   img in (("t1", t1_lr), ("t2", t2_lr))}
         if normalizer is None:
             normalizer = WorldNormalizer.from_grids([(vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS])
         bg = {c: float((background or {}).get(c, 0.0)) for c in CONTRASTS}
@@ -202,13 +201,8 @@ class INRValidationStep:
             restored = unnormalise(lr[c].as_subclass(torch.Tensor), m, s)
             lr[c] = MetaTensor(restored, affine=lr[c].affine)
         subject = batch.get("subject", ["?"])
-        out = {
-            "pred": pred,
-            "gt": gt,
-            "lr": lr,
-            "grid": grid,
-            "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject),
-        }
+        out = {"pred": pred, "gt": gt, "lr": lr, "grid": grid,
+               "subject": subject[0] if isinstance(subject, (list, tuple)) else str(subject)}
         if LESIONS in batch:  # the subject's lesion instance map, for the lesion-fidelity scores
             out[LESIONS] = plain_tensor(batch[LESIONS])[0, 0]
         return out

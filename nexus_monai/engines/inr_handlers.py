@@ -122,11 +122,8 @@ class SRValidationReport:
         tri = {c: upsample(out["lr"][c], out["grid"], "trilinear")[0].as_subclass(torch.Tensor) for c in CONTRASTS}
         scores = out.get("scores") or subject_scores(out["gt"], out["pred"])
         ref = subject_scores(out["gt"], tri, out.get("lesions"))  # lesion columns when the subject has a map
-        row = {
-            "subject": out["subject"],
-            **{f"model_{k}": v for k, v in scores.items()},
-            **{f"trilinear_{k}": v for k, v in ref.items()},
-        }
+        row = {"subject": out["subject"], **{f"model_{k}": v for k, v in scores.items()},
+               **{f"trilinear_{k}": v for k, v in ref.items()}}
         self.rows.append(row)
         if self.panel is None:
             self.panel = self._tiles(out, tri)
@@ -168,9 +165,8 @@ class SRValidationReport:
         summary = {"epoch": epoch, "subjects": len(self.rows), "mean": means, "psnr_gain_over_trilinear_db": gain}
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
         panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
-        save_panel(
-            self.panel, panel, row_labels=["T1w", "T2w"], col_labels=["LR (nearest)", "trilinear", "model", "GT HR"]
-        )
+        save_panel(self.panel, panel, row_labels=["T1w", "T2w"],
+                   col_labels=["LR (nearest)", "trilinear", "model", "GT HR"])
         # for the tracking handler (nexus_monai.engines.mlflow_logging.MLflowRunLogger): an MLflow image and table
         engine.state.validation_report = {"epoch": epoch, "panel": str(panel), "rows": list(self.rows)}
 
@@ -222,13 +218,9 @@ class TrainingCheckpoint:
         objects = {**self.save_dict, "trainer": engine}
         if self.resume:
             engine.add_event_handler(Events.STARTED, self._load, objects)
-        self.saver = AtomicCheckpointSaver(
-            save_dir=str(self.ckpt_dir),
-            save_dict=objects,
-            save_interval=self.save_interval,
-            n_saved=self.n_saved,
-            epoch_level=True,
-        )
+        self.saver = AtomicCheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects,
+                                           save_interval=self.save_interval,
+                                           n_saved=self.n_saved, epoch_level=True)
         self.saver.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(self.save_interval, 1)), self._prune)
 

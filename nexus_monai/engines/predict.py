@@ -31,24 +31,15 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
 
-__all__ = [
-    "predict_volumes",
-    "predict_files",
-    "target_grid",
-    "check_reachable",
-    "load_weights",
-    "bundle_config",
-    "load_bundle",
-    "OUTPUT_NAMES",
-]
+__all__ = ["predict_volumes", "predict_files", "target_grid", "check_reachable", "load_weights", "bundle_config",
+           "load_bundle", "OUTPUT_NAMES"]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
 MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 would overflow the affine)
 
 
-def target_grid(
-    reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None
-) -> TargetGrid:
+def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None,
+                like: str | os.PathLike | None = None) -> TargetGrid:
     """The output grid: the field of view of ``reference`` at ``spacing_mm``, or the grid of the ``like`` file."""
     if like is not None:
         try:
@@ -81,9 +72,9 @@ def check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Map
     """Raise a one-line :class:`NexusInputError` if ``grid`` has more than ``max_voxels`` voxels or
     misses the field of view of any scan in ``lr`` (``sources`` names each scan's file for the message)."""
     if grid.num_voxels > max_voxels:
-        raise NexusInputError(
-            None, f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of {int(max_voxels):,}"
-        )
+        raise NexusInputError(None,
+                              f"target grid {grid.shape} has {grid.num_voxels:,} voxels, above the limit of "
+                              f"{int(max_voxels):,}")
     out_box = field_of_view(grid.shape, grid.affine)
     lo_o, hi_o = out_box.min(0).values, out_box.max(0).values
     for c, img in lr.items():
@@ -95,9 +86,8 @@ def check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Map
             )
 
 
-def predict_volumes(
-    network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid, inferer: ImplicitGridInferer | None = None
-) -> dict:
+def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid,
+                    inferer: ImplicitGridInferer | None = None) -> dict:
     """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units."""
     inferer = inferer or ImplicitGridInferer()
     mode = getattr(inferer, "intensity_norm", "percentile")
@@ -136,10 +126,8 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
-            raise NexusInputError(
-                path if path not in ("", "None") else None,
-                f"missing {c} input scan" if path in ("", "None") else "file not found",
-            )
+            raise NexusInputError(path if path not in ("", "None") else None,
+                                  f"missing {c} input scan" if path in ("", "None") else "file not found")
     refine_seconds = check_refine_seconds(refine_seconds, "refine_seconds")
     out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *CONSISTENCY_NAMES.values()])
     lr = {c: load_volume(p) for c, p in sources.items()}
@@ -167,9 +155,8 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
             **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report}
 
 
-def load_weights(
-    network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> torch.nn.Module:
+def load_weights(network: torch.nn.Module, path: str | os.PathLike,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a ``CheckpointSaver`` file (``{"model": state}``, ``{"network": state}`` or a bare state dict).
 
     A missing file or a checkpoint whose tensors do not match the network raises a one-line

@@ -28,13 +28,8 @@ class BraTSRegionMetrics:
     """Attach to a (decollated) evaluator whose outputs hold region masks ``pred`` and ``label``
     of shape ``(3, X, Y, Z)`` (TC, WT, ET) as MetaTensors."""
 
-    def __init__(
-        self,
-        output_dir: str | os.PathLike | None = None,
-        prefix: str = "regions",
-        pred_key: str = "pred",
-        label_key: str = "label",
-    ):
+    def __init__(self, output_dir: str | os.PathLike | None = None, prefix: str = "regions", pred_key: str = "pred",
+                 label_key: str = "label"):
         self.output_dir = Path(output_dir) if output_dir else None
         self.prefix, self.pred_key, self.label_key = prefix, pred_key, label_key
         self.rows: list[dict] = []

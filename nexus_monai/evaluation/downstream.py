@@ -35,9 +35,8 @@ logger = logging.getLogger(__name__)
 class FrozenSegmenter:
     """A trained segmentation bundle in eval mode: ``(t1, t2) -> regions (3, X, Y, Z) bool``."""
 
-    def __init__(
-        self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu", overrides: Mapping | None = None
-    ):
+    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                 overrides: Mapping | None = None):
         bundle = Path(bundle_dir)
         if not bundle.is_dir() and (REPO_BUNDLES / str(bundle_dir)).is_dir():
             bundle = REPO_BUNDLES / str(bundle_dir)
@@ -46,10 +45,9 @@ class FrozenSegmenter:
         if not config.exists():
             raise NexusInputError(bundle, "not a segmentation bundle (no configs/inference.yaml)")
         if not weights.exists():
-            raise NexusInputError(
-                weights,
-                f"no trained weights; train first: python -m monai.bundle run training --config_file {bundle}/configs/train.yaml",
-            )
+            raise NexusInputError(weights,
+                                  f"no trained weights; train first: python -m monai.bundle run training --config_file "
+                                  f"{bundle}/configs/train.yaml")
         self.name = bundle.name
         parser = ConfigParser()
         parser.read_config(str(config))
@@ -83,12 +81,8 @@ def load_segmenters(names: Sequence[str]) -> dict[str, FrozenSegmenter]:
 def _on_grid(image: MetaTensor, grid: TargetGrid, what: str) -> tuple[MetaTensor, bool]:
     if tuple(image.shape[1:]) == grid.shape and torch.allclose(as_affine(image), grid.affine, atol=1e-4):
         return image, False
-    logger.warning(
-        "%s is on grid %s, not the labels' grid %s: resampled (trilinear) before segmentation",
-        what,
-        tuple(image.shape[1:]),
-        grid.shape,
-    )
+    logger.warning("%s is on grid %s, not the labels' grid %s: resampled (trilinear) before segmentation", what,
+                   tuple(image.shape[1:]), grid.shape)
     return upsample(image, grid, "trilinear"), True
 
 
@@ -153,15 +147,16 @@ def table5_markdown(table: pd.DataFrame, n_subjects: int) -> str:
                 continue
             r = r.iloc[0]
             empty += int(r["empty_cases"])
-            cells += [
-                f"{r['dice_mean_mean']:.4f} ± {r['dice_mean_std']:.4f}",
-                f"{r['hd95_mean_mean']:.2f} ± {r['hd95_mean_std']:.2f}",
-            ]
+            cells += [f"{r['dice_mean_mean']:.4f} ± {r['dice_mean_std']:.4f}",
+                      f"{r['hd95_mean_mean']:.2f} ± {r['hd95_mean_std']:.2f}"]
         lines.append("| " + " | ".join(cells + [str(empty)]) + " |")
     notes = [
-        f"{n_subjects} subjects; Dice and HD95 are the mean over the BraTS regions {', '.join(REGIONS)} (per region in table5.csv); mean ± std over subjects.",
-        "Original LR: each LR scan put on the HR grid by nearest-neighbour interpolation; Original HR: the ground-truth scans. "
-        "Every input is zeroed outside the subject's brain mask (ground-truth T1w > 0) before segmentation, as BraTS inputs are skull-stripped.",
+        f"{n_subjects} subjects; Dice and HD95 are the mean over the BraTS regions {', '.join(REGIONS)} (per region in "
+        f"table5.csv); mean ± std over subjects.",
+        "Original LR: each LR scan put on the HR grid by nearest-neighbour interpolation; Original HR: the "
+        "ground-truth scans. "
+        "Every input is zeroed outside the subject's brain mask (ground-truth T1w > 0) before segmentation, as BraTS "
+        "inputs are skull-stripped.",
         EMPTY_POLICY,
     ]
     return (

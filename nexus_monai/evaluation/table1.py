@@ -44,21 +44,12 @@ from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_m
 from nexus_monai.metrics.lesion import check_lesion_map
 from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
-__all__ = [
-    "select_subjects",
-    "check_subject_files",
-    "check_lesion_files",
-    "prepare_subject",
-    "evaluate_methods",
-    "summarise",
-    "markdown_table",
-    "log_mlflow",
-]
+__all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods",
+           "summarise", "markdown_table", "log_mlflow"]
 
 
-def select_subjects(
-    data: str | os.PathLike, split: str = "test", seed: int = 0, max_subjects: int | None = None
-) -> list[dict]:
+def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
+                    max_subjects: int | None = None) -> list[dict]:
     """Subjects of ``split`` from a datalist JSON, a folder holding ``dataset.json``, or a BraTS root.
 
     A BraTS root without a datalist is discovered and split with ``seed`` (48/10/15 proportions).
@@ -88,11 +79,9 @@ def _check_datalist_json(path: Path, split: str) -> None:
     except (OSError, ValueError) as err:
         raise NexusInputError(path, f"not a datalist: cannot read it as JSON ({type(err).__name__})") from None
     if not isinstance(content, dict):
-        raise NexusInputError(
-            path,
-            f"not a datalist: expected a JSON object with split lists (training, validation, test), "
-            f"got a JSON {type(content).__name__}",
-        )
+        raise NexusInputError(path,
+                              f"not a datalist: expected a JSON object with split lists (training, validation, test), "
+                                    f"got a JSON {type(content).__name__}")
     splits = [k for k, v in content.items() if isinstance(v, list) and v and all(isinstance(e, dict) for e in v)]
     if split not in content:
         raise NexusInputError(path, f"no {split!r} split (has: {', '.join(splits) or 'none'})")
@@ -197,9 +186,8 @@ def evaluate_methods(
                 pred = fn(data, grid, **method_options.get(m, {}))
                 seconds = time.perf_counter() - t0
                 for c in CONTRASTS:
-                    if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(
-                        pred[c].affine.double(), grid.affine, atol=1e-4
-                    ):
+                    if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(),
+                                                                                     grid.affine, atol=1e-4):
                         raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
                 lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
@@ -253,23 +241,16 @@ def evaluate_methods(
         log_mlflow(table, [f for f in files if f.exists()] + panels, out_dir=out, **mlflow)
     if input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
         sid, first = input_errors[0]
-        raise NexusInputError(
-            first.source,
-            f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
-            f"per_subject.csv, the other rows kept)",
-        )
+        raise NexusInputError(first.source,
+                              f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
+                                            f"per_subject.csv, the other rows kept)")
     return frame
 
 
-def log_mlflow(
-    table: pd.DataFrame,
-    artifacts: Sequence[Path],
-    out_dir: str | os.PathLike,
-    tracking_uri: str | None = None,
-    run_name: str = "evaluate",
-    experiment: str = "nexus_monai_evaluate",
-    params: Mapping | None = None,
-) -> str:
+def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os.PathLike,
+               tracking_uri: str | None = None,
+               run_name: str = "evaluate", experiment: str = "nexus_monai_evaluate",
+               params: Mapping | None = None) -> str:
     """One MLflow run: ``params``, every numeric table column as ``<method>/<column>``, the files as artifacts.
 
     ``tracking_uri`` default: ``MLFLOW_TRACKING_URI``, else the project's one store
@@ -291,11 +272,8 @@ def log_mlflow(
             client.log_param(run_id, k, str(v)[:6000])
         for _, r in table.iterrows():
             for col, v in r.items():
-                if (
-                    col in ("method",)
-                    or not isinstance(v, (int, float, np.floating, np.integer))
-                    or isinstance(v, bool)
-                ):
+                if col in ("method",) or not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v,
+                                                                                                                bool):
                     continue
                 if math.isfinite(float(v)):
                     client.log_metric(run_id, f"{r['method']}/{col}", float(v))
@@ -354,27 +332,17 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
     if protocol.name == "ssmcsr":
         extra = [("ε_MI^T1", "eps_mi_t1"), ("ε_MI^T2", "eps_mi_t2"), ("ε̂_MI", "eps_mi_joint")]
         head += [e[0] for e in extra]
-    head += [
-        "PSNR eroded T1w",
-        "PSNR eroded T2w",
-        "PSNR volume T1w",
-        "PSNR volume T2w",
-        "s / subject (fit + inference)",
-        "training (steps, s)",
-        "failed",
-    ]
+    head += ["PSNR eroded T1w", "PSNR eroded T2w", "PSNR volume T1w", "PSNR volume T2w",
+             "s / subject (fit + inference)",
+             "training (steps, s)", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["method"])]
         for _, key, digits in cols:
             cells += [_pm(r, f"{key}_t1", digits), _pm(r, f"{key}_t2", digits), _pm(r, f"{key}_avg", digits)]
         cells += [_pm(r, k, 4) for _, k in extra]
-        cells += [
-            _pm(r, "psnr_eroded_t1", 2),
-            _pm(r, "psnr_eroded_t2", 2),
-            _pm(r, "psnr_volume_t1", 2),
-            _pm(r, "psnr_volume_t2", 2),
-        ]
+        cells += [_pm(r, "psnr_eroded_t1", 2), _pm(r, "psnr_eroded_t2", 2), _pm(r, "psnr_volume_t1", 2),
+                  _pm(r, "psnr_volume_t2", 2)]
         cells += [
             _pm(r, "seconds", 2),
             _budget(r),
@@ -385,7 +353,8 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
     c = protocol.config["contrasts"]
     statuses = sorted({p for s in table.get("lpips_statuses", []) if isinstance(s, str) for p in s.split("; ")})
     notes = [
-        f"Protocol `{protocol.name}`: {protocol.config.get('description', '')}; T1w {c['t1']['axis']}×{c['t1']['factor']}, T2w {c['t2']['axis']}×{c['t2']['factor']}.",
+        f"Protocol `{protocol.name}`: {protocol.config.get('description', '')}; T1w "
+        f"{c['t1']['axis']}×{c['t1']['factor']}, T2w {c['t2']['axis']}×{c['t2']['factor']}.",
         f"{n_subjects} subjects; mean ± std over subjects (population std).",
         "training (steps, s): each cohort model's bundle training as recorded beside its checkpoint "
         "(optimisation steps, wall-clock seconds incl. validation); '-' for methods without cohort training "

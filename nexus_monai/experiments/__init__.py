@@ -122,20 +122,9 @@ def _merged_config(files: Sequence[Path]) -> dict:
     """The training config of ``files`` (hyper-parameters for MLflow), references resolved where plain."""
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
-    keys = (
-        "seed",
-        "split_seed",
-        "patch_size",
-        "num_points",
-        "batch_size",
-        "learning_rate",
-        "max_epochs",
-        "val_interval",
-        "flip_prob",
-        "rot90_prob",
-        "intensity_norm",
-        "aux_warmup_epochs",
-    )
+    keys = ("seed", "split_seed", "patch_size", "num_points", "batch_size", "learning_rate", "max_epochs",
+            "val_interval",
+            "flip_prob", "rot90_prob", "intensity_norm", "aux_warmup_epochs")
     params = {k: parser.get(k) for k in keys if parser.get(k) is not None}
     for section in ("network_def", "loss"):
         for k, v in (parser.get(section) or {}).items():
@@ -164,29 +153,11 @@ def _train(run: Run, ctx: dict, run_dir: Path) -> None:
     if (run_dir / "trained.json").exists() or run.seed is None:
         return
     files = [CONFIGS / "train.yaml", *run.overlays, run_dir / "overrides.yaml"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        repr([str(f) for f in files]),
-        "--dataset_dir",
-        str(ctx["datalist"]),
-        "--ckpt_dir",
-        str(run_dir / "models"),
-        "--output_dir",
-        str(run_dir / "eval"),
-        "--tracking",
-        "mlflow",
-        "--tracking_uri",
-        ctx["tracking_uri"],
-        "--experiment_name",
-        ctx["experiment"],
-        "--run_name",
-        f"{run.table}_{run.name}",
-    ]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr([str(f) for f in files]),
+           "--dataset_dir", str(ctx["datalist"]), "--ckpt_dir", str(run_dir / "models"), "--output_dir",
+           str(run_dir / "eval"),
+           "--tracking", "mlflow", "--tracking_uri", ctx["tracking_uri"], "--experiment_name", ctx["experiment"],
+           "--run_name", f"{run.table}_{run.name}"]
     t0 = time.time()
     _subprocess(cmd, run_dir / "train.log", ctx["env"])
     if not (run_dir / "models" / "model.pt").is_file():
@@ -199,15 +170,9 @@ def _evaluate(run: Run, ctx: dict, run_dir: Path) -> None:
     options = {} if run.seed is None else {"nexus_inr": {
         "bundle": str(BUNDLE), "weights": str(run_dir / "models" / "model.pt"),
         "overlays": [str(p) for p in run.overlays] + [str(run_dir / "overrides.yaml")]}}
-    spec = {
-        "datalist": str(ctx["datalist"]),
-        "splits": ctx["splits"],
-        "methods": methods,
-        "options": options,
-        "lpips": ctx["lpips"],
-        "segmenters": list(TABLE5_SEGMENTERS) if run.table == "table5" else [],
-        "out": str(run_dir),
-    }
+    spec = {"datalist": str(ctx["datalist"]), "splits": ctx["splits"], "methods": methods, "options": options,
+            "lpips": ctx["lpips"], "segmenters": list(TABLE5_SEGMENTERS) if run.table == "table5" else [],
+            "out": str(run_dir)}
     write_text_atomic(run_dir / "evaluate.json", json.dumps(spec, indent=1) + "\n")
     if ctx["jobs"] == 1:  # one run at a time: in this process (no interpreter start-up per run)
         _evaluate_run(str(run_dir / "evaluate.json"))
@@ -227,12 +192,8 @@ def _results(run: Run, run_dir: Path) -> pd.DataFrame:
                 f.insert(0, "split", split)
                 frames.append(f)
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    for col, value in (
-        ("seed", -1 if run.seed is None else run.seed),
-        ("row", run.row),
-        ("form", run.form),
-        ("table", run.table),
-    ):
+    for col, value in (("seed", -1 if run.seed is None else run.seed), ("row", run.row), ("form", run.form),
+                       ("table", run.table)):
         out.insert(0, col, value)
     return out
 
@@ -247,18 +208,13 @@ def _log_mlflow(run: Run, ctx: dict, params: dict, results: pd.DataFrame) -> Non
             client.create_experiment(ctx["experiment"])
         )
         name = f"{run.table}_{run.name}"
-        found = client.search_runs(
-            [exp.experiment_id], f"tags.mlflow.runName = '{name}'", order_by=["attributes.start_time DESC"]
-        )
+        found = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'",
+                                   order_by=["attributes.start_time DESC"])
         run_id = found[0].info.run_id if found else client.create_run(exp.experiment_id, run_name=name).info.run_id
         for stale in found[1:]:  # earlier attempts of a killed run: partial curves only
             client.delete_run(stale.info.run_id)
-        for k, v in {
-            "row": run.row,
-            "seed": "" if run.seed is None else run.seed,
-            "form": run.form,
-            "table": run.table,
-        }.items():
+        for k, v in {"row": run.row, "seed": "" if run.seed is None else run.seed, "form": run.form,
+                     "table": run.table}.items():
             client.set_tag(run_id, k, str(v))
         existing = client.get_run(run_id).data.params
         for k, v in params.items():
@@ -298,15 +254,13 @@ def _run_one(run: Run, ctx: dict, index: int, total: int) -> None:
     write_text_atomic(run_dir / "results.csv", results.to_csv(index=False))
     try:
         if run.seed is not None:
-            _log_mlflow(
-                run, ctx, {**params, "form": run.form, "overlays": ",".join(p.name for p in run.overlays)}, results
-            )
+            _log_mlflow(run, ctx, {**params, "form": run.form, "overlays": ",".join(p.name for p in run.overlays)},
+                        results)
     except Exception as err:  # noqa: BLE001 - the results are on disk; MLflow is a view of them
         print(f"{label}: warning: MLflow logging failed ({type(err).__name__}: {err})", flush=True)
     trained = json.loads((run_dir / "trained.json").read_text()) if (run_dir / "trained.json").exists() else {}
-    write_text_atomic(
-        run_dir / "done.json", json.dumps({"seconds": time.time() - t0, "train_seconds": trained.get("seconds")}) + "\n"
-    )
+    write_text_atomic(run_dir / "done.json",
+                      json.dumps({"seconds": time.time() - t0, "train_seconds": trained.get("seconds")}) + "\n")
     ours = (
         results[(results["kind"] == "image") & (results["method"] == "nexus_inr")] if "method" in results else results
     )
@@ -357,11 +311,8 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
         for r in runs
         if (root / "runs" / r.name / "results.csv").is_file() and (root / "runs" / r.name / "done.json").exists()
     ]
-    frame = (
-        pd.concat([pd.read_csv(root / "runs" / r.name / "results.csv") for r in done], ignore_index=True)
-        if done
-        else pd.DataFrame()
-    )
+    frame = pd.concat([pd.read_csv(root / "runs" / r.name / "results.csv") for r in done],
+                      ignore_index=True) if done else pd.DataFrame()
     written = write_tables(table, form, frame, root, n_planned=len(runs), failures=failures,
                            command=" ".join(["nexus-sr", "experiment", table, "--form", form, "--seeds", seeds]
                                             + ([f"--max-epochs {max_epochs}"] if max_epochs else [])))
@@ -376,16 +327,8 @@ def _evaluate_run(spec_path: str) -> int:
     segmenters = load_segmenters(spec["segmenters"]) if spec["segmenters"] else None
     for split in spec["splits"]:
         subjects = select_subjects(spec["datalist"], split)
-        evaluate_methods(
-            subjects,
-            spec["methods"],
-            load_protocol("nexus"),
-            Path(spec["out"]) / split,
-            lpips=spec["lpips"],
-            progress=False,
-            segmenters=segmenters,
-            method_options=spec["options"],
-            panel_subjects=1,
-        )
+        evaluate_methods(subjects, spec["methods"], load_protocol("nexus"), Path(spec["out"]) / split,
+                         lpips=spec["lpips"],
+                         progress=False, segmenters=segmenters, method_options=spec["options"], panel_subjects=1)
     return 0
 

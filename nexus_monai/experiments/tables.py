@@ -23,17 +23,9 @@ from nexus_monai.data.io import write_text_atomic
 
 __all__ = ["PAPER", "ROW_LABELS", "paired_interval", "write_tables", "seed_summary"]
 
-ROW_LABELS = {
-    "baseline": "Baseline",
-    "mmf": "+MMF",
-    "mmf_kdattn": "+MMF +KD-Attn",
-    "mmf_kdattn_sel": "+MMF +KD-Attn +SEL (full)",
-    "rdn": "RDN",
-    "srresnet": "SRResNet",
-    "rescnn": "ResCNN",
-    "mlp": "MLP",
-    "siren": "SIREN",
-}
+ROW_LABELS = {"baseline": "Baseline", "mmf": "+MMF", "mmf_kdattn": "+MMF +KD-Attn",
+              "mmf_kdattn_sel": "+MMF +KD-Attn +SEL (full)",
+              "rdn": "RDN", "srresnet": "SRResNet", "rescnn": "ResCNN", "mlp": "MLP", "siren": "SIREN"}
 # The paper's published numbers (BraTS2020 test set, 128-channel GPU setting).
 PAPER = {
     "baseline": {"psnr_t1": 30.01, "psnr_t2": 28.58, "psnr_avg": 29.30, "ssim_avg": 0.9348, "lpips_avg": 0.0161},
@@ -47,25 +39,17 @@ PAPER = {
     "siren": {"psnr_avg": 33.21, "ssim_avg": 0.9639, "lpips_avg": 0.0081},
 }
 # Table 5 (Dice % / HD95 mm, U-Net | TransUNet)
-PAPER_T5 = {
-    "Original LR": (78.80, 8.65, 79.40, 8.33),
-    "trilinear": (82.65, 7.24, 83.11, 7.05),
-    "smore": (85.72, 6.58, 86.09, 6.31),
-    "arssr": (87.02, 5.90, 87.41, 5.64),
-    "ssmcsr_split_head": (87.18, 5.84, 87.52, 5.61),
-    "cycleinr": (87.24, 5.79, 87.63, 5.55),
-    "nexus_inr": (88.92, 5.03, 88.97, 4.82),
-    "Original HR": (90.12, 4.32, 91.05, 3.97),
-}
-METRICS = (
-    ("psnr_t1", "PSNR T1w", 2),
-    ("psnr_t2", "PSNR T2w", 2),
-    ("psnr_avg", "PSNR avg", 2),
-    ("ssim_avg", "SSIM avg", 4),
-    ("lpips_avg", "LPIPS avg", 4),
-    ("psnr_eroded_avg", "PSNR eroded avg", 2),
-    ("psnr_volume_avg", "PSNR volume avg", 2),
-)
+PAPER_T5 = {"Original LR": (78.80, 8.65, 79.40, 8.33), "trilinear": (82.65, 7.24, 83.11, 7.05),
+            "smore": (85.72, 6.58, 86.09, 6.31),
+            "arssr": (87.02, 5.90, 87.41, 5.64), "ssmcsr_split_head": (87.18, 5.84, 87.52, 5.61),
+            "cycleinr": (87.24, 5.79, 87.63, 5.55), "nexus_inr": (88.92, 5.03, 88.97, 4.82), "Original HR": (90.12,
+                                                                                                             4.32,
+                                                                                                             91.05,
+                                                                                                             3.97)}
+METRICS = (("psnr_t1", "PSNR T1w", 2), ("psnr_t2", "PSNR T2w", 2), ("psnr_avg", "PSNR avg", 2),
+           ("ssim_avg", "SSIM avg", 4),
+           ("lpips_avg", "LPIPS avg", 4), ("psnr_eroded_avg", "PSNR eroded avg", 2), ("psnr_volume_avg",
+                                                                                      "PSNR volume avg", 2))
 DIFF_METRICS = ("psnr_t1", "psnr_t2", "psnr_avg", "ssim_avg", "lpips_avg")
 
 
@@ -86,9 +70,8 @@ def seed_summary(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def paired_interval(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[float, float, float, int]:
     """``(mean, lo, hi, n)`` of ``b - a`` paired on (seed, subject), 95 % Student t interval."""
-    m = a[["seed", "subject", metric]].merge(
-        b[["seed", "subject", metric]], on=["seed", "subject"], suffixes=("_a", "_b")
-    )
+    m = a[["seed", "subject", metric]].merge(b[["seed", "subject", metric]], on=["seed", "subject"],
+                                             suffixes=("_a", "_b"))
     d = (m[f"{metric}_b"] - m[f"{metric}_a"]).astype(float).dropna().to_numpy()
     n = len(d)
     if n == 0:
@@ -124,16 +107,12 @@ def _image_markdown(table: str, form: str, frame: pd.DataFrame, rows: Sequence[s
                     paper = PAPER.get(row, {}).get(m) if method == "nexus_inr" else None
                     cells.append(ours + (f" / {paper:.{digits}f}" if paper is not None else ""))
                 lines.append("| " + " | ".join([cells[0], str(seeds)] + cells[1:]) + " |")
-        lines += [
-            "",
-            f"Paired difference to the previous row (ours, split `{split}`; 95 % t-interval over seeds x subjects):",
-            "",
-        ]
+        lines += ["",
+                  f"Paired difference to the previous row (ours, split `{split}`; 95 % t-interval over seeds x "
+                  f"subjects):", ""]
         diff_metrics = [m for m in DIFF_METRICS if m in part and part[m].notna().any()]
-        lines += [
-            "| Row vs previous | n pairs | " + " | ".join(diff_metrics) + " |",
-            "|" + "---|" * (len(diff_metrics) + 2),
-        ]
+        lines += ["| Row vs previous | n pairs | " + " | ".join(diff_metrics) + " |",
+                  "|" + "---|" * (len(diff_metrics) + 2)]
         ours = part[part["method"] == "nexus_inr"]
         for prev, row in zip(rows, rows[1:]):
             cells, n = [], 0
@@ -158,12 +137,10 @@ def _table5_markdown(frame: pd.DataFrame) -> list[str]:
     lines = []
     for split in sorted(seg["split"].unique()):
         part = seg[seg["split"] == split]
-        lines += [
-            f"## Split `{split}` (mean ± std over seeds of per-seed subject means; paper: Dice / HD95 U-Net | TransUNet)",
-            "",
-            "| Segmenter | Input | " + " | ".join(value_cols) + " | paper |",
-            "|" + "---|" * (len(value_cols) + 3),
-        ]
+        lines += [f"## Split `{split}` (mean ± std over seeds of per-seed subject means; paper: Dice / HD95 U-Net | "
+                  f"TransUNet)", "",
+                  "| Segmenter | Input | " + " | ".join(value_cols) + " | paper |",
+                  "|" + "---|" * (len(value_cols) + 3)]
         for (segmenter, inp), g in part.groupby(["segmenter", "input"], sort=False):
             cells = []
             for c in value_cols:
@@ -184,11 +161,9 @@ def write_tables(table: str, form: str, frame: pd.DataFrame, out: Path, n_planne
     csv = write_text_atomic(out / f"{table}.csv", frame.to_csv(index=False))
     rows = [r for r in ROW_LABELS if len(frame) and r in set(frame["row"])]
     n_done = frame[["form", "row", "seed"]].drop_duplicates().shape[0] if len(frame) else 0
-    head = [
-        f"# {table.capitalize()} ({'both forms' if table == 'table5' else form + ' form'}): Nexus-INR ablation reproduced",
-        "",
-        f"Command: `{command}`. Runs finished: {n_done} of {n_planned}.",
-    ]
+    head = [f"# {table.capitalize()} ({'both forms' if table == 'table5' else form + ' form'}): Nexus-INR ablation "
+            f"reproduced",
+            "", f"Command: `{command}`. Runs finished: {n_done} of {n_planned}."]
     if failures:
         head.append("Failed runs: " + "; ".join(failures))
     body = (
@@ -196,14 +171,12 @@ def write_tables(table: str, form: str, frame: pd.DataFrame, out: Path, n_planne
         if table == "table5"
         else (_image_markdown(table, form, frame, rows) if len(frame) else [])
     )
-    notes = [
-        "",
-        "Ours: mean ± std (sample, over seeds) of each seed's mean over the split's subjects, scored with "
-        "`nexus-sr evaluate`'s metric code (brain mask, GT 99.5th-percentile scale). Paper: Zhang et al., "
-        "\"Nexus-INR: Diverse Knowledge-guided Arbitrary-Scale Multimodal Medical Image Super-Resolution\", 2025, "
-        "BraTS2020 test set at 128 channels on GPUs (not comparable in absolute terms with a CPU-width run on other data).",
-        "Paired differences: each (seed, subject) pair of the two rows, 95 % Student t interval over the pairs "
-        "(subjects repeat across seeds, so the pairs are not independent).",
-    ]
+    notes = ["", "Ours: mean ± std (sample, over seeds) of each seed's mean over the split's subjects, scored with "
+             "`nexus-sr evaluate`'s metric code (brain mask, GT 99.5th-percentile scale). Paper: Zhang et al., "
+             "\"Nexus-INR: Diverse Knowledge-guided Arbitrary-Scale Multimodal Medical Image Super-Resolution\", 2025, "
+             "BraTS2020 test set at 128 channels on GPUs (not comparable in absolute terms with a CPU-width run on "
+             "other data).",
+             "Paired differences: each (seed, subject) pair of the two rows, 95 % Student t interval over the pairs "
+             "(subjects repeat across seeds, so the pairs are not independent)."]
     md = write_text_atomic(out / f"{table}.md", "\n".join(head + [""] + body + notes) + "\n")
     return {"csv": Path(csv), "md": Path(md)}

@@ -56,15 +56,8 @@ class NexusINRLoss(nn.Module):
         self.cmfa_reduction = cmfa_reduction
         self.sr = F.l1_loss if sr == "l1" else F.mse_loss
         self.feature_norm = bool(feature_norm)
-        self.w = {
-            "sr_t1": w_t1,
-            "sr_t2": w_t2,
-            "kd": w_kd,
-            "t2self": w_t2self,
-            "cmfa": w_cmfa,
-            "fdl": w_fdl,
-            "seg": w_seg,
-        }
+        self.w = {"sr_t1": w_t1, "sr_t2": w_t2, "kd": w_kd, "t2self": w_t2self, "cmfa": w_cmfa, "fdl": w_fdl,
+                  "seg": w_seg}
 
     def forward(self, out: Mapping[str, torch.Tensor], target_t1: torch.Tensor, target_t2: torch.Tensor,
                 label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -88,8 +81,7 @@ class NexusINRLoss(nn.Module):
         if seg_logits_key("t1") in out and label is not None:
             cls = brats_label_to_class(label).reshape(-1)
             s1, s2 = out[seg_logits_key("t1")], out[seg_logits_key("t2")]
-            terms["seg"] = F.cross_entropy(s1.reshape(-1, s1.shape[-1]), cls) + F.cross_entropy(
-                s2.reshape(-1, s2.shape[-1]), cls
-            )
+            terms["seg"] = F.cross_entropy(s1.reshape(-1, s1.shape[-1]),
+                                           cls) + F.cross_entropy(s2.reshape(-1, s2.shape[-1]), cls)
         terms["loss"] = sum(self.w[k] * v for k, v in terms.items())
         return terms

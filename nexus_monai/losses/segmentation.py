@@ -22,14 +22,8 @@ class DiceBCELoss(nn.Module):
         squared_pred, smooth_nr, smooth_dr: passed to MONAI's ``DiceLoss``.
     """
 
-    def __init__(
-        self,
-        lambda_dice: float = 1.0,
-        lambda_bce: float = 1.0,
-        squared_pred: bool = True,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-5,
-    ):
+    def __init__(self, lambda_dice: float = 1.0, lambda_bce: float = 1.0, squared_pred: bool = True,
+                 smooth_nr: float = 0.0, smooth_dr: float = 1e-5):
         super().__init__()
         self.dice = DiceLoss(sigmoid=True, squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.bce = nn.BCEWithLogitsLoss()

@@ -68,12 +68,10 @@ class CycleINR(nn.Module):
         self.features = int(features)
         self.local_attention, self.residual = bool(local_attention), bool(residual)
         self.encoder = build_encoder(encoder, 1, self.features, **dict(encoder_options or {}))
-        self.attention = (
-            LocalWindowCrossAttention(self.features, attn_heads, attn_window) if self.local_attention else None
-        )
-        self.decoder = build_decoder(
-            decoder, self.features + 3 + 1, 1, hidden=decoder_hidden, hidden_layers=decoder_layers
-        )
+        self.attention = LocalWindowCrossAttention(self.features, attn_heads,
+                                                   attn_window) if self.local_attention else None
+        self.decoder = build_decoder(decoder, self.features + 3 + 1, 1, hidden=decoder_hidden,
+                                     hidden_layers=decoder_layers)
 
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 1, x, y, z)`` -> ``{"latent": (B, C, x, y, z)}`` (+ the attention's projected keys)."""
@@ -83,9 +81,8 @@ class CycleINR(nn.Module):
             out["kv"] = self.attention.project_keys(latent)
         return out
 
-    def query(
-        self, encoded: Mapping[str, torch.Tensor], image: torch.Tensor, affine: torch.Tensor, world: torch.Tensor
-    ) -> torch.Tensor:
+    def query(self, encoded: Mapping[str, torch.Tensor], image: torch.Tensor, affine: torch.Tensor,
+              world: torch.Tensor) -> torch.Tensor:
         """Intensities ``(B, K)`` at world points ``(B, K, 3)`` mm; ``affine`` ``(B, 4, 4)`` is the LR scan's."""
         z, index = lookup(encoded["latent"], affine, world)  # (B, K, C), continuous LR voxel index
         if self.attention is not None:
@@ -114,17 +111,10 @@ class CycleINRPair(nn.Module):
         """Latent codes of each LR scan on its own grid: ``{"t1": {...}, "t2": {...}}``."""
         return {c: self.nets[c].encode(img) for c, img in zip(CONTRASTS, (t1, t2))}
 
-    def decode(
-        self,
-        maps: Mapping,
-        t1: torch.Tensor,
-        t2: torch.Tensor,
-        t1_affine: torch.Tensor,
-        t2_affine: torch.Tensor,
-        query_world: torch.Tensor,
-        query_norm: torch.Tensor | None = None,
-        aux: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def decode(self, maps: Mapping, t1: torch.Tensor, t2: torch.Tensor, t1_affine: torch.Tensor,
+               t2_affine: torch.Tensor,
+               query_world: torch.Tensor, query_norm: torch.Tensor | None = None, aux: bool = False) -> dict[str,
+               torch.Tensor]:
         """Both contrasts at ``query_world (B, K, 3)`` -> ``{"t1": (B, K), "t2": (B, K)}``.
 
         ``query_norm`` and ``aux`` are accepted for interface compatibility and unused (CycleINR
@@ -133,7 +123,6 @@ class CycleINRPair(nn.Module):
         images, affines = {"t1": t1, "t2": t2}, {"t1": t1_affine, "t2": t2_affine}
         return {c: self.nets[c].query(maps[c], images[c], affines[c], query_world) for c in CONTRASTS}
 
-    def forward(
-        self, t1, t2, t1_affine, t2_affine, query_world, query_norm=None, aux: bool = False
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, t1, t2, t1_affine, t2_affine, query_world, query_norm=None, aux: bool = False) -> dict[str,
+                                                                                                             torch.Tensor]:
         return self.decode(self.encode(t1, t2), t1, t2, t1_affine, t2_affine, query_world, query_norm, aux)

@@ -51,9 +51,8 @@ class SIRENDecoder(nn.Module):
     ``(..., in_features) -> (..., out_features)``; ``w0`` = 30 as in the SIREN paper.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int = 1, hidden: int = 256, hidden_layers: int = 4, w0: float = 30.0
-    ):
+    def __init__(self, in_features: int, out_features: int = 1, hidden: int = 256, hidden_layers: int = 4,
+                 w0: float = 30.0):
         super().__init__()
         layers, width = [], in_features
         for i in range(hidden_layers):

@@ -59,15 +59,9 @@ class EncoderConv3d(nn.Conv3d):
             weight = self.weight.reshape(self.out_channels, c).t()
             y = torch.addmm(self.bias, rows, weight) if self.bias is not None else rows @ weight
             return y.reshape(n, d, h, w, self.out_channels).permute(0, 4, 1, 2, 3)
-        return F.conv3d(
-            x,
-            self.weight.contiguous(memory_format=_CL),
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+        return F.conv3d(x, self.weight.contiguous(memory_format=_CL), self.bias, self.stride, self.padding,
+                        self.dilation,
+                        self.groups)
 
 
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv3d:

@@ -51,9 +51,8 @@ class _FrequencyMixer(nn.Module):
     def __init__(self, features: int, expansion: int = 2):
         super().__init__()
         self.norm = nn.LayerNorm(features)
-        self.mlp = nn.Sequential(
-            nn.Linear(features, features * expansion), nn.GELU(), nn.Linear(features * expansion, features)
-        )
+        self.mlp = nn.Sequential(nn.Linear(features, features * expansion), nn.GELU(),
+                                 nn.Linear(features * expansion, features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ch, cw = dct_matrix(x.shape[-2], x.dtype, x.device), dct_matrix(x.shape[-1], x.dtype, x.device)
@@ -67,11 +66,8 @@ class I2Block(nn.Module):
 
     def __init__(self, features: int):
         super().__init__()
-        self.inter = nn.Sequential(
-            nn.Conv2d(features, features, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(features, features, 3, padding=1),
-        )
+        self.inter = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(features, features, 3, padding=1))
         self.intra = _FrequencyMixer(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +106,6 @@ class I3Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"I3Net expects (B, {self.in_channels}, X, Y, Z) with the thick axis last, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"I3Net expects (B, {self.in_channels}, X, Y, Z) with the thick axis last, got "
+                             f"{tuple(x.shape)}")
         return over_slices(self.net, x, 2, self.slice_chunk)

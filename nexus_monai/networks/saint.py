@@ -41,15 +41,8 @@ class SAINT(nn.Module):
         slice_chunk: 2D slices per network call (memory bound on whole volumes).
     """
 
-    def __init__(
-        self,
-        features: int = 32,
-        blocks: int = 4,
-        fusion_features: int = 16,
-        fusion_blocks: int = 2,
-        res_scale: float = 1.0,
-        slice_chunk: int = 64,
-    ):
+    def __init__(self, features: int = 32, blocks: int = 4, fusion_features: int = 16, fusion_blocks: int = 2,
+                 res_scale: float = 1.0, slice_chunk: int = 64):
         super().__init__()
         self.msr = ResidualSR2d(3, features, blocks, res_scale, base="first")
         self.fusion = ResidualSR2d(2, fusion_features, fusion_blocks, res_scale, base="mean")
@@ -61,8 +54,7 @@ class SAINT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != 3:
-            raise ValueError(
-                f"SAINT expects (B, 3, X, Y, Z) = [base, t, 1/k] with the thick axis last, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"SAINT expects (B, 3, X, Y, Z) = [base, t, 1/k] with the thick axis last, got "
+                             f"{tuple(x.shape)}")
         sag, cor = self.marginal(x)
         return over_slices(self.fusion, torch.cat((sag, cor), dim=1), 2, self.slice_chunk)

@@ -27,11 +27,8 @@ __all__ = ["ResidualSR2d", "over_slices"]
 class _ResBlock2d(nn.Module):
     def __init__(self, features: int, res_scale: float):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(features, features, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(features, features, 3, padding=1),
-        )
+        self.body = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(features, features, 3, padding=1))
         self.res_scale = float(res_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,17 +47,15 @@ class ResidualSR2d(nn.Module):
             channels + residual; SAINT's fusion of several estimates).
     """
 
-    def __init__(
-        self, in_channels: int = 1, features: int = 32, blocks: int = 4, res_scale: float = 1.0, base: str = "first"
-    ):
+    def __init__(self, in_channels: int = 1, features: int = 32, blocks: int = 4, res_scale: float = 1.0,
+                 base: str = "first"):
         super().__init__()
         if base not in ("first", "mean"):
             raise ValueError(f"base must be 'first' or 'mean', got {base!r}")
         self.base = base
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
-        self.body = nn.Sequential(
-            *[_ResBlock2d(features, res_scale) for _ in range(blocks)], nn.Conv2d(features, features, 3, padding=1)
-        )
+        self.body = nn.Sequential(*[_ResBlock2d(features, res_scale) for _ in range(blocks)],
+                                  nn.Conv2d(features, features, 3, padding=1))
         self.tail = nn.Conv2d(features, 1, 3, padding=1)
         nn.init.zeros_(self.tail.weight)  # starts as the interpolation itself
         nn.init.zeros_(self.tail.bias)
@@ -72,9 +67,8 @@ class ResidualSR2d(nn.Module):
         return base + self.tail(h)
 
 
-def over_slices(
-    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, axis: int, chunk: int = 64
-) -> torch.Tensor:
+def over_slices(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, axis: int,
+                chunk: int = 64) -> torch.Tensor:
     """Apply a 2D ``net`` ``(N, C, H, W) -> (N, C', H, W)`` to every slice of ``x`` along a spatial axis.
 
     Args:

@@ -33,9 +33,8 @@ def _trunk(in_features: int, hidden: int, layers: int) -> nn.Sequential:
     """``layers`` x (Linear -> ReLU) of width ``hidden``: ``(..., in) -> (..., hidden)``."""
     if layers < 1:
         raise ValueError(f"trunk_layers must be >= 1, got {layers}")
-    return nn.Sequential(
-        build_decoder("mlp", in_features, hidden, hidden=hidden, hidden_layers=layers - 1), nn.ReLU(inplace=True)
-    )
+    return nn.Sequential(build_decoder("mlp", in_features, hidden, hidden=hidden, hidden_layers=layers - 1),
+                         nn.ReLU(inplace=True))
 
 
 class SSMCSRNet(nn.Module):

@@ -56,9 +56,8 @@ _MAX_PARAMS_BYTES = 64 * 1024
 
 
 def _error_response(err: ServingError) -> JSONResponse:
-    return JSONResponse(
-        {"detail": str(err), "status": err.status, "source": err.source, "problem": err.problem}, status_code=err.status
-    )
+    return JSONResponse({"detail": str(err), "status": err.status, "source": err.source, "problem": err.problem},
+                        status_code=err.status)
 
 
 def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) -> ServingError:
@@ -73,11 +72,9 @@ def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) 
 def _header_info(path: Path) -> dict:
     img = nib.load(str(path))
     affine = np.asarray(img.affine, dtype=float)
-    return {
-        "shape": [int(s) for s in img.shape],
-        "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-        "affine": [[float(v) for v in row] for row in affine],
-    }
+    return {"shape": [int(s) for s in img.shape],
+            "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+            "affine": [[float(v) for v in row] for row in affine]}
 
 
 def _predict_job(model: BundleModel, scans: dict, out_dir: Path, params: InferParams, submitted: float,
@@ -119,14 +116,9 @@ def _remove_when_done(folder: Path, future) -> None:
         future.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
 
 
-def create_app(
-    models: Mapping[str, BundleModel],
-    *,
-    max_upload_bytes: int = 512 << 20,
-    workers: int = 1,
-    max_queue: int = 16,
-    workdir: str | Path | None = None,
-) -> FastAPI:
+def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512 << 20, workers: int = 1,
+               max_queue: int = 16,
+               workdir: str | Path | None = None) -> FastAPI:
     """The FastAPI application serving ``models`` (loaded once, by the caller).
 
     Args:
@@ -177,24 +169,16 @@ def create_app(
         """MONAI Label's app info: name, description, version, models (inputs, labels, description, versions)."""
         return {
             "name": "nexus_monai",
-            "description": "Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI): T1w + T2w LR scans in, both on any grid out",
+            "description": "Arbitrary-scale multi-contrast brain-MRI super-resolution (MONAI): T1w + T2w LR scans in, "
+                           "both on any grid out",
             "version": nexus_monai.__version__,
-            "versions": {
-                "nexus_monai": nexus_monai.__version__,
-                "monai": monai.__version__,
-                "torch": torch.__version__,
-            },
+            "versions": {"nexus_monai": nexus_monai.__version__, "monai": monai.__version__,
+                         "torch": torch.__version__},
             "labels": [],
             "models": {name: m.info() for name, m in models.items()},
-            "trainers": {},
-            "strategies": {},
-            "scoring": {},
-            "train_stats": {},
-            "datastore": {},
-            "limits": {
-                "max_upload_bytes": int(max_upload_bytes),
-                "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes)",
-            },
+            "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
+            "limits": {"max_upload_bytes": int(max_upload_bytes),
+                       "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes)"},
             "queue": queue.stats(),
         }
 
@@ -205,15 +189,12 @@ def create_app(
             raise ServingError(404, f"unknown model; available: {', '.join(models) or 'none'}", model)
         served = models[model]
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise ServingError(
-                415,
-                "send multipart/form-data with NIfTI uploads (t1, t2 or file parts) and an optional params JSON field",
-                "request",
-            )
+            raise ServingError(415,
+                               "send multipart/form-data with NIfTI uploads (t1, t2 or file parts) and an optional "
+                               "params JSON field", "request")
         try:
-            form = await request.form(
-                max_files=_MAX_FORM_FIELDS, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_PARAMS_BYTES
-            )
+            form = await request.form(max_files=_MAX_FORM_FIELDS, max_fields=_MAX_FORM_FIELDS,
+                                      max_part_size=_MAX_PARAMS_BYTES)
         except BodyTooLarge:
             raise
         except Exception as err:  # noqa: BLE001 - any parser failure is the client's malformed body
@@ -236,30 +217,24 @@ def create_app(
                 if key == "file":
                     field = next(file_parts, None)
                     if field is None:
-                        raise ServingError(
-                            400, f"more 'file' parts than params.modalities {list(params.modalities)}", "file"
-                        )
+                        raise ServingError(400, f"more 'file' parts than params.modalities {list(params.modalities)}",
+                                           "file")
                 elif key not in (*served.inputs, LIKE_FIELD):
-                    raise ServingError(
-                        400,
-                        f"unexpected upload field; {model} takes {list(served.inputs)} (or 'file' parts) and 'like'",
-                        key,
-                    )
+                    raise ServingError(400,
+                                       f"unexpected upload field; {model} takes {list(served.inputs)} (or 'file' "
+                                       f"parts) and 'like'", key)
                 if field in scans:
                     raise ServingError(400, "uploaded twice", field)
                 name = check_filename(upload.filename, field)
                 label = upload_label(field, name)
-                scans[field] = await run_in_threadpool(
-                    store_upload, upload.file, folder, field, label, served.max_output_voxels
-                )
+                scans[field] = await run_in_threadpool(store_upload, upload.file, folder, field, label,
+                                                       served.max_output_voxels)
                 labels[str(scans[field])] = label
             missing = [c for c in served.inputs if c not in scans]
             if missing:
-                raise ServingError(
-                    400,
-                    f"missing modality {missing[0]}: {model} needs uploads {list(served.inputs)} (got {sorted(scans) or 'none'})",
-                    missing[0],
-                )
+                raise ServingError(400,
+                                   f"missing modality {missing[0]}: {model} needs uploads {list(served.inputs)} (got "
+                                   f"{sorted(scans) or 'none'})", missing[0])
             submitted = time.perf_counter()
             cancel = threading.Event()
             future = queue.submit(_predict_job, served, scans, folder / "out", params, submitted, cancel)

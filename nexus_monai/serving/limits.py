@@ -120,11 +120,9 @@ class InferenceQueue:
         with self._lock:
             if self.pending >= self.max_pending:
                 self.rejected += 1
-                raise ServingError(
-                    503,
-                    f"server busy: {self.pending} requests queued or running (limit {self.max_pending}); retry later",
-                    "queue",
-                )
+                raise ServingError(503,
+                                   f"server busy: {self.pending} requests queued or running (limit "
+                                   f"{self.max_pending}); retry later", "queue")
             self.pending += 1
         try:
             future = self._executor.submit(fn, *args)

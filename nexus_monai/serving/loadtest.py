@@ -31,11 +31,8 @@ def multipart_body(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) 
     boundary = uuid.uuid4().hex
     chunks = []
     for name, value in fields.items():
-        chunks += [
-            f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n'.encode(),
-            value.encode(),
-            b"\r\n",
-        ]
+        chunks += [f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n'.encode(), value.encode(),
+                   b"\r\n"]
     for name, (filename, data) in files.items():
         chunks += [f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"; filename="{filename}"\r\n'
                    "content-type: application/octet-stream\r\n\r\n".encode(), data, b"\r\n"]
@@ -70,20 +67,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_load(
-    url: str,
-    t1: Path,
-    t2: Path,
-    model: str = "nexus_inr",
-    params: str = "{}",
-    sequential: int = 3,
-    clients: int = 8,
-    per_client: int = 1,
-) -> dict:
+def run_load(url: str, t1: Path, t2: Path, model: str = "nexus_inr", params: str = "{}", sequential: int = 3,
+             clients: int = 8,
+             per_client: int = 1) -> dict:
     """Measure; returns every number (seconds, requests/s)."""
-    body, ctype = multipart_body(
-        {"params": params}, {"t1": (Path(t1).name, Path(t1).read_bytes()), "t2": (Path(t2).name, Path(t2).read_bytes())}
-    )
+    body, ctype = multipart_body({"params": params},
+                                 {"t1": (Path(t1).name, Path(t1).read_bytes()),
+                                  "t2": (Path(t2).name, Path(t2).read_bytes())})
     status, content, warmup = post_infer(url, model, body, ctype)
     _check(status, content)
     meta = json.loads(zipfile.ZipFile(io.BytesIO(content)).read("result.json"))
@@ -102,24 +92,13 @@ def run_load(
     with ThreadPoolExecutor(clients) as pool:
         lat = list(pool.map(one, range(clients * per_client)))
     wall = time.perf_counter() - start
-    return {
-        "model": model,
-        "output_grid": meta["grid"]["shape"],
-        "output_spacing_mm": meta["grid"]["spacing_mm"],
-        "inputs": {c: v["shape"] for c, v in meta["inputs"].items()},
-        "upload_bytes": len(body),
-        "warmup_s": warmup,
-        "sequential_s": seq,
-        "sequential_median_s": statistics.median(seq) if seq else None,
-        "server_inference_s": meta["latency_s"]["inference"],
-        "clients": clients,
-        "requests": len(lat),
-        "concurrent_wall_s": wall,
-        "throughput_rps": len(lat) / wall,
-        "concurrent_latency_p50_s": _percentile(lat, 0.5),
-        "concurrent_latency_p95_s": _percentile(lat, 0.95),
-        "concurrent_latency_max_s": max(lat),
-    }
+    return {"model": model, "output_grid": meta["grid"]["shape"], "output_spacing_mm": meta["grid"]["spacing_mm"],
+            "inputs": {c: v["shape"] for c, v in meta["inputs"].items()}, "upload_bytes": len(body),
+            "warmup_s": warmup, "sequential_s": seq, "sequential_median_s": statistics.median(seq) if seq else None,
+            "server_inference_s": meta["latency_s"]["inference"], "clients": clients, "requests": len(lat),
+            "concurrent_wall_s": wall,
+            "throughput_rps": len(lat) / wall, "concurrent_latency_p50_s": _percentile(lat, 0.5),
+            "concurrent_latency_p95_s": _percentile(lat, 0.95), "concurrent_latency_max_s": max(lat)}
 
 
 def main(argv=None) -> int:
@@ -134,9 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-client", type=int, default=1)
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    result = run_load(
-        args.url, Path(args.t1), Path(args.t2), args.model, args.params, args.sequential, args.clients, args.per_client
-    )
+    result = run_load(args.url, Path(args.t1), Path(args.t2), args.model, args.params, args.sequential, args.clients,
+                      args.per_client)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

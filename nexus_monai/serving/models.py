@@ -56,16 +56,10 @@ class BundleModel:
 
     inputs: tuple[str, ...] = ("t1", "t2")
 
-    def __init__(
-        self,
-        bundle: str | os.PathLike,
-        overlays: Sequence[str] = (),
-        weights: str | os.PathLike | None = None,
-        device: str | None = None,
-        chunk_size: int | None = None,
-        max_output_voxels: float = 1.5e8,
-        max_memory_gib: float | None = None,
-    ):
+    def __init__(self, bundle: str | os.PathLike, overlays: Sequence[str] = (),
+                 weights: str | os.PathLike | None = None,
+                 device: str | None = None, chunk_size: int | None = None, max_output_voxels: float = 1.5e8,
+                 max_memory_gib: float | None = None):
         self.bundle = Path(bundle).resolve()
         self.name = self.bundle.name
         self.network, self.inferer, parser = load_bundle(self.bundle, overlays, weights=weights, device=device)
@@ -97,7 +91,7 @@ class BundleModel:
             f"{self.name}: multi-contrast arbitrary-scale super-resolution of T1w + T2w LR scans onto any grid")
         return {
             "type": "others",  # MONAI Label's InferType for a model that is neither segmentation nor deepgrow
-            "labels": [],  # intensities out, no label classes
+            "labels": [],      # intensities out, no label classes
             "dimension": 3,
             "description": description,
             "version": self.version,
@@ -105,16 +99,11 @@ class BundleModel:
             "outputs": {c: OUTPUT_NAMES[c] for c in self.outputs},
             "weights": {"file": self.weights.name, "sha256": self.weights_sha256},
             "network_parameters": self.num_parameters,
-            "config": {
-                "spacing": list(self.default_spacing),
-                "like": None,
-                "contrasts": list(self.outputs),
-                "output": "image",
-                "device": self.device,
-                "chunk_size": self.inferer.chunk_size,
-                "max_output_voxels": int(self.max_output_voxels),
-                "max_memory_gib": getattr(self.inferer, "max_memory_gib", None),
-            },
+            "config": {"spacing": list(self.default_spacing), "like": None, "contrasts": list(self.outputs),
+                       "output": "image",
+                       "device": self.device, "chunk_size": self.inferer.chunk_size,
+                       "max_output_voxels": int(self.max_output_voxels),
+                       "max_memory_gib": getattr(self.inferer, "max_memory_gib", None)},
         }
 
     def predict(self, scans: Mapping[str, Path], out_dir: Path, params: InferParams) -> dict:
@@ -125,27 +114,20 @@ class BundleModel:
         """
         missing = [c for c in self.inputs if c not in scans]
         if missing:
-            raise ServingError(
-                400, f"missing modality: {self.name} needs uploads {list(self.inputs)}, got {sorted(scans)}", missing[0]
-            )
+            raise ServingError(400,
+                               f"missing modality: {self.name} needs uploads {list(self.inputs)}, got {sorted(scans)}",
+                               missing[0])
         like = None
         if params.like is not None:
             if params.like not in scans:
                 raise ServingError(400, f"params.like is {params.like!r} but no such upload was sent", params.like)
             like = scans[params.like]
         spacing = params.spacing_mm if (params.spacing_mm is not None or like is not None) else self.default_spacing
-        return predict_files(
-            self.network,
-            scans["t1"],
-            scans["t2"],
-            out_dir,
-            spacing_mm=None if like else spacing,
-            like=like,
-            inferer=self.inferer,
-            max_voxels=self.max_output_voxels,
-            refine_seconds=params.refine_seconds,
-            guard=params.guard,
-        )
+        return predict_files(self.network, scans["t1"], scans["t2"], out_dir, spacing_mm=None if like else spacing,
+                             like=like,
+                             inferer=self.inferer, max_voxels=self.max_output_voxels,
+                             refine_seconds=params.refine_seconds,
+                             guard=params.guard)
 
 
 def split_model_option(values: Sequence[str] | None, names: Sequence[str], option: str) -> dict[str, list[str]]:
@@ -164,10 +146,9 @@ def split_model_option(values: Sequence[str] | None, names: Sequence[str], optio
     if option == "--weights":
         for n, paths in per.items():
             if len(paths) > 1:
-                raise NexusInputError(
-                    None,
-                    f"--weights: {len(paths)} checkpoints for model {n!r}; with several bundles write --weights MODEL=PATH",
-                )
+                raise NexusInputError(None,
+                                      f"--weights: {len(paths)} checkpoints for model {n!r}; with several bundles "
+                                      f"write --weights MODEL=PATH")
     return per
 
 
@@ -177,9 +158,8 @@ def load_models(bundles: Sequence[str], configs: Sequence[str] | None = None, we
     """Load every ``--bundle`` once; ``{name: BundleModel}`` in the order given (names must be distinct)."""
     names = [Path(b).resolve().name for b in bundles]
     if len(set(names)) != len(names):
-        raise NexusInputError(
-            None, f"--bundle: two bundles share a folder name ({names}); models are named by their folder"
-        )
+        raise NexusInputError(None,
+                              f"--bundle: two bundles share a folder name ({names}); models are named by their folder")
     cfg = split_model_option(configs, names, "--config")
     wts = split_model_option(weights, names, "--weights")
     return {

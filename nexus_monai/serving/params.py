@@ -32,18 +32,8 @@ __all__ = ["ServingError", "InferParams", "parse_params", "OUTPUT_KINDS", "LIKE_
 OUTPUT_KINDS = ("image", "zip", "all", "json")
 LIKE_FIELD = "like"
 MAX_SPACING_MM = 1000.0  # as nexus-sr predict (nexus_monai.engines.predict.MAX_SPACING_MM)
-_KNOWN = {
-    "spacing",
-    "target_spacing",
-    "like",
-    "contrast",
-    "contrasts",
-    "output",
-    "modality",
-    "modalities",
-    "refine_seconds",
-    "guard",
-}
+_KNOWN = {"spacing", "target_spacing", "like", "contrast", "contrasts", "output", "modality", "modalities",
+          "refine_seconds", "guard"}
 MAX_REFINE_SECONDS = 600.0  # one request may hold a worker for at most this long refining
 
 
@@ -90,9 +80,9 @@ def _spacing(value: Any) -> tuple[float, float, float]:
     if len(sp) == 1:
         sp = sp * 3
     if len(sp) != 3 or not all(math.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in sp):
-        raise ServingError(
-            400, f"spacing must be one or three finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {value!r}", "params"
-        )
+        raise ServingError(400,
+                           f"spacing must be one or three finite numbers in (0, {MAX_SPACING_MM:g}] mm, got {value!r}",
+                           "params")
     return (sp[0], sp[1], sp[2])
 
 
@@ -129,30 +119,19 @@ def parse_params(raw: str | Mapping | None, inputs: Sequence[str] = ("t1", "t2")
     if like is not None:
         like = str(like)
         if like not in (*inputs, LIKE_FIELD):
-            raise ServingError(
-                400,
-                f"like names an upload field ({', '.join([*inputs, LIKE_FIELD])}), got {like!r}; paths are not accepted",
-                "params",
-            )
+            raise ServingError(400,
+                               f"like names an upload field ({', '.join([*inputs, LIKE_FIELD])}), got {like!r}; paths "
+                               f"are not accepted", "params")
     contrasts = _names(p.get("contrasts", p.get("contrast", list(outputs))), outputs, "contrast")
     output = str(query_output if query_output is not None else p.get("output", "image")).lower()
     if output not in OUTPUT_KINDS:
-        raise ServingError(
-            400,
-            f"output must be one of {list(OUTPUT_KINDS)}, got {output!r}",
-            "params" if query_output is None else "output",
-        )
+        raise ServingError(400, f"output must be one of {list(OUTPUT_KINDS)}, got {output!r}",
+                           "params" if query_output is None else "output")
     modalities = _names(p.get("modalities", p.get("modality", list(inputs))), inputs, "modalities")
-    return InferParams(
-        spacing_mm=None if spacing is None else _spacing(spacing),
-        like=like,
-        contrasts=contrasts,
-        output=output,
-        modalities=modalities,
-        ignored=tuple(sorted(set(p) - _KNOWN)),
-        refine_seconds=_refine_seconds(p.get("refine_seconds", 0)),
-        guard=_flag(p.get("guard", True), "guard"),
-    )
+    return InferParams(spacing_mm=None if spacing is None else _spacing(spacing), like=like, contrasts=contrasts,
+                       output=output, modalities=modalities, ignored=tuple(sorted(set(p) - _KNOWN)),
+                       refine_seconds=_refine_seconds(p.get("refine_seconds", 0)), guard=_flag(p.get("guard", True),
+                                                                                               "guard"))
 
 
 def _refine_seconds(value: Any) -> float:
@@ -161,9 +140,9 @@ def _refine_seconds(value: Any) -> float:
     except (TypeError, ValueError):
         seconds = math.nan
     if not (math.isfinite(seconds) and 0 <= seconds <= MAX_REFINE_SECONDS):
-        raise ServingError(
-            400, f"refine_seconds must be a number of seconds in [0, {MAX_REFINE_SECONDS:g}], got {value!r}", "params"
-        )
+        raise ServingError(400,
+                           f"refine_seconds must be a number of seconds in [0, {MAX_REFINE_SECONDS:g}], got {value!r}",
+                           "params")
     return seconds
 
 

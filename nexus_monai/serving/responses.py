@@ -48,7 +48,8 @@ def multipart_response(files: Mapping[str, Path], meta: Mapping) -> Response:
     """``multipart/form-data`` as MONAI Label's ``output=all``: a ``params`` JSON part, then one part per contrast."""
     boundary = uuid.uuid4().hex
     chunks = [
-        f'--{boundary}\r\ncontent-disposition: form-data; name="params"\r\ncontent-type: application/json\r\n\r\n'.encode(),
+        (f'--{boundary}\r\ncontent-disposition: form-data; name="params"\r\n'
+         'content-type: application/json\r\n\r\n').encode(),
         json.dumps(meta).encode(),
         b"\r\n",
     ]

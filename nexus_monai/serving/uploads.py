@@ -36,9 +36,9 @@ def check_filename(filename: str | None, field: str) -> str:
     bad = ("/" in filename or "\\" in filename or ".." in filename or len(filename) > 255
            or any(ord(ch) < 32 or ord(ch) == 127 for ch in filename))
     if bad:
-        raise ServingError(
-            400, f"unsafe upload filename {filename!r} (a plain file name without folders or '..' is required)", field
-        )
+        raise ServingError(400,
+                           f"unsafe upload filename {filename!r} (a plain file name without folders or '..' is "
+                           f"required)", field)
     return filename
 
 
@@ -71,17 +71,14 @@ def nifti_suffix(stream: BinaryIO, source: str) -> str:
                 head = gz.read(_HEADER_BYTES)
         except (OSError, EOFError, zlib.error) as err:
             stream.seek(0)
-            raise ServingError(
-                422, f"corrupt gzip stream, cannot read the NIfTI header ({type(err).__name__})", source
-            ) from None
+            raise ServingError(422, f"corrupt gzip stream, cannot read the NIfTI header ({type(err).__name__})",
+                               source) from None
         suffix = ".nii.gz"
     stream.seek(0)
     if not _is_nifti_header(head):
-        raise ServingError(
-            415,
-            "not a NIfTI file (no NIfTI-1/NIfTI-2 header magic; only single-file .nii / .nii.gz are accepted)",
-            source,
-        )
+        raise ServingError(415,
+                           "not a NIfTI file (no NIfTI-1/NIfTI-2 header magic; only single-file .nii / .nii.gz are "
+                           "accepted)", source)
     return suffix
 
 
@@ -94,11 +91,9 @@ def _check_declared_size(path: Path, max_voxels: float, source: str) -> None:
         return
     voxels = float(np.prod([float(s) for s in shape])) if shape else 0.0
     if voxels > max_voxels:
-        raise ServingError(
-            413,
-            f"image of shape {tuple(int(s) for s in shape)} has {voxels:,.0f} voxels, above the limit of {max_voxels:,.0f}",
-            source,
-        )
+        raise ServingError(413,
+                           f"image of shape {tuple(int(s) for s in shape)} has {voxels:,.0f} voxels, above the limit "
+                           f"of {max_voxels:,.0f}", source)
 
 
 def store_upload(stream: BinaryIO, folder: Path, field: str, source: str, max_voxels: float = float("inf")) -> Path:

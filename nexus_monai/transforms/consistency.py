@@ -98,9 +98,8 @@ def _resample(volume: torch.Tensor, affine, grid: TargetGrid, chunk: int = 1 << 
         i = torch.arange(i0, min(i0 + step, nx), dtype=torch.float32)
         g = (2.0 * (base[None] + i[:, None, None, None] * m[:3, 0]) + 1.0) / n - 1.0  # grid_sample units
         inside = (g.abs() <= 1.0 + 1e-6).all(-1)
-        sampled = F.grid_sample(vol, g.flip(-1)[None], mode="bilinear", padding_mode="border", align_corners=False)[
-            0, 0
-        ]
+        sampled = F.grid_sample(vol, g.flip(-1)[None], mode="bilinear", padding_mode="border", align_corners=False)[0,
+                                                                                                                    0]
         out[i0:i0 + len(i)] = sampled * inside
     return out
 

@@ -27,9 +27,8 @@ def frame_shape(frame_mm: Sequence[float], affine) -> tuple[int, int, int]:
 class PadToFramed(MapTransform):
     """Pad with zeros / crop ``keys`` (one grid) symmetrically to ``frame_mm`` (mm per axis)."""
 
-    def __init__(
-        self, keys: KeysCollection, frame_mm: Sequence[float] = (240.0, 240.0, 160.0), allow_missing_keys: bool = False
-    ):
+    def __init__(self, keys: KeysCollection, frame_mm: Sequence[float] = (240.0, 240.0, 160.0),
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.frame_mm = tuple(float(f) for f in frame_mm)
 

@@ -52,9 +52,8 @@ class ZScoreLikeReferenced(MapTransform, InvertibleTransform):
     applied operations, so :meth:`inverse` restores scanner units.
     """
 
-    def __init__(
-        self, keys: KeysCollection, ref_key: str, keep_zero_background: bool = True, allow_missing_keys: bool = False
-    ):
+    def __init__(self, keys: KeysCollection, ref_key: str, keep_zero_background: bool = True,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.ref_key = ref_key
         self.keep_zero_background = keep_zero_background
@@ -95,14 +94,8 @@ class ScaleByMaskPercentiled(MapTransform):
     ``keys=["t1", "pred_t1"], ref_key="t1"``.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        ref_key: str,
-        mask_key: str | None = None,
-        percentile: float = 99.5,
-        allow_missing_keys: bool = False,
-    ):
+    def __init__(self, keys: KeysCollection, ref_key: str, mask_key: str | None = None, percentile: float = 99.5,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.ref_key, self.mask_key, self.percentile = ref_key, mask_key, float(percentile)
 
@@ -117,9 +110,8 @@ class ScaleByMaskPercentiled(MapTransform):
         return d
 
 
-def intensity_normalizer(
-    mode: str, keys: KeysCollection, ref_key: str, allow_missing_keys: bool = False
-) -> MapTransform:
+def intensity_normalizer(mode: str, keys: KeysCollection, ref_key: str,
+                         allow_missing_keys: bool = False) -> MapTransform:
     """The training-time normaliser of ``keys`` by statistics of ``ref_key`` (the LR scan).
 
     ``"percentile"``: :class:`ScaleByMaskPercentiled` (divide by the 99.5th percentile of the
@@ -131,14 +123,14 @@ def intensity_normalizer(
     if mode == "percentile":
         return ScaleByMaskPercentiled(keys, ref_key=ref_key, allow_missing_keys=allow_missing_keys)
     if mode == "zscore":
-        return ZScoreLikeReferenced(
-            keys, ref_key=ref_key, keep_zero_background=False, allow_missing_keys=allow_missing_keys
-        )
+        return ZScoreLikeReferenced(keys, ref_key=ref_key, keep_zero_background=False,
+                                    allow_missing_keys=allow_missing_keys)
     raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {mode!r}")
 
 
 def reference_normalization(ref: torch.Tensor, mode: str) -> tuple[float, float]:
-    """``(offset, scale)`` with ``normalised = (x - offset) / scale``: :func:`intensity_normalizer`'s map for ``ref``."""
+    """``(offset, scale)`` with ``normalised = (x - offset) / scale``: :func:`intensity_normalizer`'s map for
+    ``ref``."""
     if mode == "percentile":
         r = ref.as_subclass(torch.Tensor) if isinstance(ref, torch.Tensor) else torch.as_tensor(ref)
         return 0.0, (intensity_scale(r, r != 0) if bool((r != 0).any()) else 1.0)

@@ -23,11 +23,8 @@ class BraTSRegionsToLabels(Transform):
     def __call__(self, regions: torch.Tensor) -> torch.Tensor:
         if regions.shape[0] != 3:
             raise ValueError(f"expected 3 region channels (TC, WT, ET), got shape {tuple(regions.shape)}")
-        r = (
-            regions.as_subclass(torch.Tensor) > 0.5
-            if isinstance(regions, MetaTensor)
-            else torch.as_tensor(regions) > 0.5
-        )
+        r = regions.as_subclass(torch.Tensor) > 0.5 if isinstance(regions,
+                                                                  MetaTensor) else torch.as_tensor(regions) > 0.5
         out = torch.zeros((1, *r.shape[1:]), dtype=torch.uint8, device=r.device)
         out[0][r[1]] = 2
         out[0][r[0]] = 1

@@ -32,9 +32,8 @@ __all__ = ["thick_axis_operator", "SampleThickAxisLines", "SampleThickAxisLinesd
 LINE_FIELDS = ("world", "hr", "lr", "operator", "valid")
 
 
-def thick_axis_operator(
-    n_hr: int, n_lr: int, factor: float, lr_offset: float, profile: str = "gaussian"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def thick_axis_operator(n_hr: int, n_lr: int, factor: float, lr_offset: float,
+                        profile: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """``(operator (n_lr, n_hr) float64, valid (n_lr,) bool)`` along the thick axis of a patch pair.
 
     ``lr_offset``: the LR index of HR index 0 along the thick axis (``lr = i / factor + lr_offset``,
@@ -94,9 +93,8 @@ class SampleThickAxisLines(Randomizable):
         inplane = [a for a in range(3) if a != axis]
         for a in inplane:
             if abs(scale[a] - 1.0) > 1e-4 or abs(offset[a] - round(offset[a])) > 1e-4:
-                raise ValueError(
-                    f"LR in-plane axis {a} is not the HR grid (scale {scale[a]:.4g}, offset {offset[a]:.4g})"
-                )
+                raise ValueError(f"LR in-plane axis {a} is not the HR grid (scale {scale[a]:.4g}, offset "
+                                 f"{offset[a]:.4g})")
         h = hr.as_subclass(torch.Tensor)[0].movedim(axis, -1)  # (P, Q, n): in-plane, then thick axis
         l = lr.as_subclass(torch.Tensor)[0].movedim(axis, -1)  # (p, q, M)
         if randomize:
@@ -138,9 +136,8 @@ class SampleThickAxisLinesd(Randomizable, MapTransform):
         profiles = [profiles] * len(self.keys) if isinstance(profiles, str) else list(profiles)
         if len(self.lr_keys) != len(self.keys) or len(profiles) != len(self.keys):
             raise ValueError("keys, lr_keys and profiles must have the same length")
-        self.samplers = {
-            k: SampleThickAxisLines(num_lines, p, foreground_fraction) for k, p in zip(self.keys, profiles)
-        }
+        self.samplers = {k: SampleThickAxisLines(num_lines, p, foreground_fraction) for k,
+                         p in zip(self.keys, profiles)}
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)

@@ -40,9 +40,8 @@ def hr_to_lr_index_map(hr_affine, lr_affine, tol: float = 1e-4) -> tuple[np.ndar
     t = (torch.linalg.inv(as_affine(lr_affine)) @ as_affine(hr_affine)).numpy()
     off_diag = t[:3, :3] - np.diag(np.diag(t[:3, :3]))
     if np.abs(off_diag).max() > tol or np.any(np.diag(t[:3, :3]) <= 0):
-        raise ValueError(
-            "LR grid is not axis-aligned with the HR grid (rotated, flipped or permuted); paired patches need aligned grids"
-        )
+        raise ValueError("LR grid is not axis-aligned with the HR grid (rotated, flipped or permuted); paired patches "
+                         "need aligned grids")
     return np.diag(t[:3, :3]).copy(), t[:3, 3].copy()
 
 
@@ -124,9 +123,8 @@ class RandPairedPatchd(Randomizable, MapTransform):
             if good.size == 0:  # non-integer factors: no exact alignment, nearest box instead
                 good = starts[inside]
             if good.size == 0:
-                raise ValueError(
-                    f"no patch position of size {self.patch_size} fits inside every LR volume along axis {ax}"
-                )
+                raise ValueError(f"no patch position of size {self.patch_size} fits inside every LR volume along axis "
+                                 f"{ax}")
             cands.append(good)
         return cands
 

@@ -31,13 +31,8 @@ class ComputeWorldNormalizerd(MapTransform):
     ``{"centre": (3,), "scale": ()}`` that collates into batches.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_key: str = "world_norm",
-        margin_mm: float = 0.0,
-        allow_missing_keys: bool = False,
-    ):
+    def __init__(self, keys: KeysCollection, output_key: str = "world_norm", margin_mm: float = 0.0,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.output_key = output_key
         self.margin_mm = float(margin_mm)
@@ -88,9 +83,8 @@ class SampleQueryPointsd(Randomizable, MapTransform):
         shape = tuple(ref.shape[1:])
         for k in keys[1:] + ([self.label_key] if self.label_key else []):
             if tuple(d[k].shape[1:]) != shape:
-                raise ValueError(
-                    f"query keys must share one grid: {k!r} has {tuple(d[k].shape[1:])}, {keys[0]!r} has {shape}"
-                )
+                raise ValueError(f"query keys must share one grid: {k!r} has {tuple(d[k].shape[1:])}, {keys[0]!r} has "
+                                 f"{shape}")
         if self.normalizer_key not in d:
             raise KeyError(f"{self.normalizer_key!r} missing: run ComputeWorldNormalizerd on the full scans first")
         self.randomize(int(np.prod(shape)))
@@ -109,9 +103,8 @@ class SampleQueryPointsd(Randomizable, MapTransform):
         return d
 
 
-def iter_query_chunks(
-    grid: TargetGrid, normalizer: WorldNormalizer, max_points: int = 65536
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+def iter_query_chunks(grid: TargetGrid, normalizer: WorldNormalizer,
+                      max_points: int = 65536) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, stop, world (n, 3), normalised (n, 3))`` over a full output grid."""
     for start, stop, world in grid.iter_world_chunks(max_points, dtype=torch.float64):
         yield start, stop, world.to(torch.float32), normalizer(world).to(torch.float32)

@@ -112,9 +112,8 @@ def draw_anatomy(rng: np.random.Generator, source: str, held_out: bool) -> Anato
     aniso = r["anisotropy_held_out"] if held_out else r["anisotropy"]
     scale = rng.uniform(*r["head_scale"]) * (1.0 + rng.uniform(-1, 1, 3) * aniso)
     scale *= (_REFERENCE_BRAIN_L / volume_l) ** (1.0 / 3.0)
-    rotation_deg = (
-        rng.uniform(-1, 1, 3) * np.array(r["rotation_deg"]) * (r["rotation_held_out_factor"] if held_out else 1.0)
-    )
+    rotation_deg = rng.uniform(-1, 1,
+                               3) * np.array(r["rotation_deg"]) * (r["rotation_held_out_factor"] if held_out else 1.0)
     shift = np.array([*rng.uniform(*r["shift_xy_mm"], 2), 0.0])
     top_margin = rng.uniform(*r["top_margin_mm"])
     warp_rms = rng.uniform(*r["warp_rms_held_out_mm"]) if held_out else rng.uniform(*r["warp_rms_mm"])

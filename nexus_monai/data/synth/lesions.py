@@ -50,12 +50,8 @@ _SUBSAMPLES = 4
 
 LESION_RANGES = {
     LESION_T2_ONLY: {"count": (3, 10), "radius_mm": (1.0, 6.0), "t2_factor": (1.5, 3.0), "t1_factor": (1.0, 1.3)},
-    LESION_T1_ONLY: {
-        "count": (1, 3),
-        "radius_mm": (1.5, 4.0),
-        "t1_factor_bright": (0.5, 0.75),
-        "t1_factor_dark": (1.5, 2.0),
-    },
+    LESION_T1_ONLY: {"count": (1, 3), "radius_mm": (1.5, 4.0), "t1_factor_bright": (0.5, 0.75),
+                     "t1_factor_dark": (1.5, 2.0)},
     LESION_BOTH: {"count": (2, 6), "long_semi_axis_mm": (2.0, 6.0), "short_semi_axis_mm": (1.0, 1.5)},
 }
 """Every lesion range (counts inclusive, mm, relaxation factors); the dataset README prints it."""
@@ -115,9 +111,8 @@ def probe_axes() -> list[np.ndarray]:
     return grid_axes(tuple(int(round(f / _PROBE_MM)) for f in FOV_MM), _PROBE_MM)
 
 
-def draw_lesions(
-    rng: np.random.Generator, anatomy: Anatomy, physics: Physics, tumour, probe=None
-) -> tuple[list[Lesion], int]:
+def draw_lesions(rng: np.random.Generator, anatomy: Anatomy, physics: Physics, tumour,
+                 probe=None) -> tuple[list[Lesion], int]:
     """Draw and place the lesions of one subject; returns ``(lesions, skipped)``.
 
     ``probe``: the warped source WM and mask maps on :func:`probe_axes` when already computed
@@ -170,14 +165,12 @@ def rasterise_lesions(lesions: list[Lesion], axes, spacing: float) -> tuple[np.n
             sl.append(slice(max(lo, 0), min(hi, shape[a])))
         sub = [axes[a][sl[a]] for a in range(3)]
         # sub-sample coordinates: (X, s, Y, s, Z, s) offsets from the centre, per world axis
-        grids = np.meshgrid(
-            *[(s[:, None] + offsets[None, :]).ravel() - lesion.centre[a] for a, s in enumerate(sub)], indexing="ij"
-        )
+        grids = np.meshgrid(*[(s[:, None] + offsets[None, :]).ravel() - lesion.centre[a] for a, s in enumerate(sub)],
+                            indexing="ij")
         local = np.einsum("ij,j...->i...", lesion.axes, np.stack(grids))
         inside = ((local / lesion.semi_axes[:, None, None, None]) ** 2).sum(0) <= 1.0
-        frac = inside.reshape(len(sub[0]), _SUBSAMPLES, len(sub[1]), _SUBSAMPLES, len(sub[2]), _SUBSAMPLES).mean(
-            (1, 3, 5)
-        )
+        frac = inside.reshape(len(sub[0]), _SUBSAMPLES, len(sub[1]), _SUBSAMPLES, len(sub[2]),
+                              _SUBSAMPLES).mean((1, 3, 5))
         box = tuple(sl)
         hit = frac > 0
         pv[box][hit] = frac[hit]

@@ -68,11 +68,10 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
     ]
     lines += [f"  {k}: {_fmt(k, v)}" for k, v in ANATOMY_RANGES.items()]
     lines += ["  head_scale is further multiplied by (1.88 L / source brain volume)^(1/3)", ""]
-    lines += _TUMOUR_RANGES + [
-        "",
-        "Contrast-specific white-matter lesions (every subject; instance map <ID>_lesions.nii.gz,",
-        "value = class * 1000 + n; class 1 = T2w/FLAIR only, 2 = T1w only, 3 = both):",
-    ]
+    lines += _TUMOUR_RANGES + ["",
+                               "Contrast-specific white-matter lesions (every subject; instance map "
+                               "<ID>_lesions.nii.gz,",
+                               "value = class * 1000 + n; class 1 = T2w/FLAIR only, 2 = T1w only, 3 = both):"]
     names = {LESION_T2_ONLY: "T2-only (1)", LESION_T1_ONLY: "T1-only (2)", LESION_BOTH: "both / PVS (3)"}
     for klass, ranges in LESION_RANGES.items():
         lines.append(f"  {names[klass]}: " + "; ".join(f"{k} {_fmt(k, v)}" for k, v in ranges.items()))
@@ -85,9 +84,8 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
     ]
     for name, t in TISSUE_PROPERTIES.items():
         gd = f"{t.gd_mM[0]:g}" if t.gd_mM[0] == t.gd_mM[1] else f"{t.gd_mM[0]:g}-{t.gd_mM[1]:g}"
-        lines.append(
-            f"  {name:<12} {t.t1_ms:>7g} {t.t2_ms:>7g} {t.pd:>5.2f}  {gd:<12}  {T1_RATIO_15T[name]:g}/{T2_RATIO_15T[name]:g}"
-        )
+        lines.append(f"  {name:<12} {t.t1_ms:>7g} {t.t2_ms:>7g} {t.pd:>5.2f}  {gd:<12}  "
+                     f"{T1_RATIO_15T[name]:g}/{T2_RATIO_15T[name]:g}")
     lines += [
         "  spin echo (T1w, T1ce, T2w): S = PD (1 - exp(-TR/T1)) exp(-TE/T2)",
         "  FLAIR inversion recovery:   S = |PD (1 - 2 exp(-TI/T1) + exp(-TR/T1)) exp(-TE/T2)|, TI = CSF null x factor",

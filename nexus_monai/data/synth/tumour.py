@@ -26,14 +26,8 @@ from nexus_monai.data.synth.anatomy import Anatomy, sample_source
 from nexus_monai.data.synth.grid import COARSE_MM, FOV_MM, SmoothField, grid_axes
 from nexus_monai.data.synth.sources import source_maps
 
-__all__ = [
-    "TumourShape",
-    "draw_tumour_shape",
-    "draw_tumour_fields",
-    "choose_tumour_centre",
-    "tumour_fractions",
-    "TUMOUR_COMPARTMENTS",
-]
+__all__ = ["TumourShape", "draw_tumour_shape", "draw_tumour_fields", "choose_tumour_centre", "tumour_fractions",
+           "TUMOUR_COMPARTMENTS"]
 
 TUMOUR_COMPARTMENTS = ("oedema", "necrosis", "enhancing")
 
@@ -134,9 +128,8 @@ def _radial_factor(field: SmoothField, centre: np.ndarray, radius: float, amplit
     polar = np.linspace(0.0, np.pi, n_pol)
     azimuth = np.linspace(-np.pi, np.pi, n_az + 1)  # last column repeats the first (wrap)
     pp, aa = np.meshgrid(polar, azimuth, indexing="ij")
-    points = centre + radius * np.stack([np.sin(pp) * np.cos(aa), np.sin(pp) * np.sin(aa), np.cos(pp)], -1).reshape(
-        -1, 3
-    )
+    points = centre + radius * np.stack([np.sin(pp) * np.cos(aa), np.sin(pp) * np.sin(aa), np.cos(pp)], -1).reshape(-1,
+                                                                                                                    3)
     table = 1.0 + amplitude * np.clip(field.at(points)[0].reshape(pp.shape), -2.0, 2.0)
     dx, dy, dz = np.broadcast_arrays(*offsets)
     dist = np.sqrt(dx**2 + dy**2 + dz**2)

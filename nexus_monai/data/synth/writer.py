@@ -147,9 +147,8 @@ def _write_subject(out_dir: Path, name: str, subject: SimulatedSubject) -> None:
             shutil.rmtree(stale)
     tmp.mkdir()
     for modality in MODALITIES:
-        save_volume(
-            subject.images[modality], tmp / f"{name}_{modality}.nii.gz", affine=subject.affine, dtype=np.float32
-        )
+        save_volume(subject.images[modality], tmp / f"{name}_{modality}.nii.gz", affine=subject.affine,
+                    dtype=np.float32)
     save_volume(subject.seg, tmp / f"{name}_seg.nii.gz", affine=subject.affine, dtype=np.uint8)
     save_volume(subject.lesions, tmp / f"{name}_{LESIONS}.nii.gz", affine=subject.affine, dtype=np.int16)
     params = json.dumps(subject.parameters, indent=1, sort_keys=True) + "\n"
@@ -179,9 +178,8 @@ def _check_count(out_dir: Path, name: str, value) -> int:
     return int(value)
 
 
-def generate_dataset(
-    out_dir: str | os.PathLike, subjects: int, seed: int, size: str = "small", test_anatomy: int = 5
-) -> Path:
+def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size: str = "small",
+                     test_anatomy: int = 5) -> Path:
     """Generate ``subjects`` simulated BraTS-2020-format subjects plus ``test_anatomy`` subjects of
     the test-only anatomy family under ``out_dir``; return it.
 

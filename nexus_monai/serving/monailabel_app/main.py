@@ -41,15 +41,10 @@ class NexusSRApp(MONAILabelApp):
         self.models = load_models(_conf_list(conf, "bundles") or ["bundles/nexus_inr"], _conf_list(conf, "config"),
                                   _conf_list(conf, "weights"), device=conf.get("device") or None)
         logger.info("+++ nexus_monai models: %s", ", ".join(self.models))
-        super().__init__(
-            app_dir=app_dir,
-            studies=studies,
-            conf=conf,
-            name="nexus_monai super-resolution",
-            description="Arbitrary-scale multi-contrast brain-MRI super-resolution (T1w + T2w LR scans -> any grid)",
-            version=nexus_monai.__version__,
-            labels=[],
-        )
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="nexus_monai super-resolution",
+                         description="Arbitrary-scale multi-contrast brain-MRI super-resolution (T1w + T2w LR scans -> "
+                                     "any grid)",
+                         version=nexus_monai.__version__, labels=[])
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {name: NexusSRInfer(model) for name, model in self.models.items()}

@@ -25,15 +25,8 @@ from typing import Any
 
 from nexus_monai.serving.params import ServingError, parse_params
 
-__all__ = [
-    "scan_contrast",
-    "companion_scan",
-    "prepare_request",
-    "PrepareSRRequest",
-    "predict_request",
-    "write_result",
-    "CONTRAST_TOKENS",
-]
+__all__ = ["scan_contrast", "companion_scan", "prepare_request", "PrepareSRRequest", "predict_request", "write_result",
+           "CONTRAST_TOKENS"]
 
 # file-name tokens per contrast (BraTS 2020/2021: t1/t2; BraTS 2023: t1n/t2w; BIDS: T1w/T2w)
 CONTRAST_TOKENS = {"t1": ("t1", "t1w", "t1n"), "t2": ("t2", "t2w")}
@@ -83,28 +76,24 @@ def prepare_request(data: dict, inputs=("t1", "t2"), outputs=("t1", "t2")) -> di
     """
     image = data.get("image")
     if not isinstance(image, (str, os.PathLike)) or not Path(image).is_file():
-        raise ServingError(
-            400, "the request has no image file (MONAI Label resolves the image id to a datastore path)", "image"
-        )
+        raise ServingError(400,
+                           "the request has no image file (MONAI Label resolves the image id to a datastore path)",
+                           "image")
     own = scan_contrast(image)
     if own is None:
-        raise ServingError(
-            400,
-            f"cannot tell the contrast of {Path(image).name!r} (expect a token {CONTRAST_TOKENS} in the file name)",
-            "image",
-        )
+        raise ServingError(400,
+                           f"cannot tell the contrast of {Path(image).name!r} (expect a token {CONTRAST_TOKENS} in the "
+                           f"file name)", "image")
     scans = {own: Path(image)}
     for other in inputs:
         if other == own:
             continue
         companion = data.get("companion_path") or companion_scan(image, other)
         if companion is None or not Path(companion).is_file():
-            raise ServingError(
-                400,
-                f"missing modality {other}: no {other} scan beside {Path(image).name!r} (same name, contrast token "
-                f"{'/'.join(CONTRAST_TOKENS[other])})",
-                other,
-            )
+            raise ServingError(400,
+                               f"missing modality {other}: no {other} scan beside {Path(image).name!r} (same name, "
+                               f"contrast token "
+                                    f"{'/'.join(CONTRAST_TOKENS[other])})", other)
         scans[other] = Path(companion)
     params = {
         k: data[k]
@@ -117,9 +106,8 @@ def prepare_request(data: dict, inputs=("t1", "t2"), outputs=("t1", "t2")) -> di
     if parsed.like not in (None, *inputs):
         raise ServingError(400, "like must name one of the subject's scans here (t1 or t2)", "params")
     if len(parsed.contrasts) != 1:
-        raise ServingError(
-            400, f"MONAI Label returns one image: ask for one contrast, got {list(parsed.contrasts)}", "params"
-        )
+        raise ServingError(400, f"MONAI Label returns one image: ask for one contrast, got {list(parsed.contrasts)}",
+                           "params")
     return {**data, "sr_scans": scans, "sr_params": parsed}
 
 
@@ -134,7 +122,8 @@ class PrepareSRRequest:
 
 
 def predict_request(model, data: dict, workdir: str | os.PathLike | None = None) -> dict:
-    """Run ``model.predict`` on the prepared pair into a fresh temporary folder; adds ``sr_result`` and ``sr_folder``."""
+    """Run ``model.predict`` on the prepared pair into a fresh temporary folder; adds ``sr_result`` and
+    ``sr_folder``."""
     folder = Path(tempfile.mkdtemp(prefix="nexus-monailabel-", dir=workdir))
     try:
         result = model.predict(data["sr_scans"], folder, data["sr_params"])
