@@ -29,8 +29,15 @@ from torch import nn
 
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, sample_at_world, voxel_to_world, world_to_voxel
 from nexus_monai.keys import CONTRASTS
-from nexus_monai.networks.tiling import (core_box, decode_bytes_per_point, encode_box, encoder_radius, iter_boxes,
-                                         plan_tile_shape, window_margin)
+from nexus_monai.networks.tiling import (
+    core_box,
+    decode_bytes_per_point,
+    encode_box,
+    encoder_radius,
+    iter_boxes,
+    plan_tile_shape,
+    window_margin,
+)
 
 __all__ = ["DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "tileable", "process_rss_bytes", "plan", "tiled_decode"]
 

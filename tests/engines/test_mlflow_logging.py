@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.handlers import MLFlowHandler
 from PIL import Image
 
 from nexus_monai.engines import mlflow_logging as ml
+from nexus_monai.engines.segmentation import BraTSRegionMetrics
 
 RAW_CONFIG = {
     "imports": ["$import torch"],
@@ -84,8 +86,8 @@ def test_run_with_params_tags_model_images_and_tables(tmp_path, monkeypatch):
 
     @evaluator.on(Events.EPOCH_COMPLETED)
     def report(engine):  # what SRValidationReport leaves for the logger
-        engine.state.validation_report = {"epoch": trainer.state.epoch, "panel": str(panel),
-                                          "rows": [{"subject": "s1", "psnr": 30.5}, {"subject": "s2", "psnr": float("nan")}]}
+        rows = [{"subject": "s1", "psnr": 30.5}, {"subject": "s2", "psnr": float("nan")}]
+        engine.state.validation_report = {"epoch": trainer.state.epoch, "panel": str(panel), "rows": rows}
 
     ml.MLflowRunLogger(executed_config=str(executed), tags={"bundle": "nexus_inr", "protocol": "nexus"},
                        model_file=str(model), **common).attach(trainer)
@@ -129,3 +131,51 @@ def test_run_with_params_tags_model_images_and_tables(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value, expected", [(float("inf"), None), (np.float32(1.5), 1.5), ("a", "a")])
 def test_table_cells(value, expected):
     assert ml._cell(value) == expected
+
+
+def test_segmentation_validation_reaches_mlflow_as_image_and_table(tmp_path, monkeypatch):
+    """seg_unet / seg_transunet: BraTSRegionMetrics leaves the per-case rows and a panel of the first case
+    in ``state.validation_report``; the logger turns them into an MLflow image and table."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0]))
+    label = torch.zeros(3, 12, 10, 8)
+    label[1, 3:9, 2:8, 2:6] = 1  # whole tumour
+    label[0, 4:8, 3:7, 3:5] = 1  # tumour core inside it
+    label[2, 5:7, 4:6, 4] = 1  # enhancing tumour, largest on slice 4
+    pred = label.clone()
+    pred[2] = 0  # enhancing tumour missed
+    image = torch.rand(4, 12, 10, 8) + 0.1
+    item = {"image": MetaTensor(image, affine=affine), "pred": MetaTensor(pred, affine=affine),
+            "label": MetaTensor(label, affine=affine,
+                                meta={"filename_or_obj": "/d/BraTS20_Training_007_seg.nii.gz"})}
+    common = {"tracking_uri": uri, "experiment_name": "unit_seg", "run_name": "seg_run"}
+    evaluator = Engine(lambda e, b: [item])
+    BraTSRegionMetrics(output_dir=tmp_path / "eval", prefix="validation").attach(evaluator)
+    ml.MLflowRunLogger(executed_config=str(tmp_path / "none.json"), report=True, **common).attach(evaluator)
+    MLFlowHandler(iteration_log=False, close_on_complete=True, **common).attach(evaluator)
+    evaluator.run([0], max_epochs=1)
+
+    report = evaluator.state.validation_report
+    assert report["epoch"] == 1 and [r["case"] for r in report["rows"]] == ["BraTS20_Training_007_seg.nii.gz"]
+    row = report["rows"][0]
+    assert row["dice_WT"] == pytest.approx(1.0) and row["dice_TC"] == pytest.approx(1.0) and row["dice_ET"] == 0.0
+    with Image.open(report["panel"]) as png:  # image | label | prediction of slice 4, grey levels per region
+        panel = np.asarray(png)
+    assert panel.ndim == 2 and panel.shape[1] > 3 * 2 * 12
+    tiles = BraTSRegionMetrics()._tiles(item)
+    assert [t.shape for t in tiles] == [(12, 10)] * 3
+    assert int(tiles[1].max()) == 255 and int(tiles[2].max()) == 170  # label reaches ET (3), prediction TC (2)
+    assert np.array_equal(tiles[1] // 85, label.numpy().sum(0)[..., 4].astype(np.uint8))
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("unit_seg").experiment_id])[0]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all("validation_panel" in p for p in images)
+    local = client.download_artifacts(run.info.run_id, "validation/epoch_0001.json", str(tmp_path / "dl"))
+    table = json.loads(open(local).read())
+    case = table["data"][0][table["columns"].index("case")]
+    assert case == "BraTS20_Training_007_seg.nii.gz"
+    assert table["data"][0][table["columns"].index("dice_ET")] == 0.0
