@@ -21,7 +21,7 @@ from nexus_monai.baselines.saint import saint
 from nexus_monai.baselines.smore import smore
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.bundle_model import bundle_folder, bundle_model
-from nexus_monai.engines.consistency import consistency_guard
+from nexus_monai.engines.consistency import GuardOptions, consistency_guard
 from nexus_monai.engines.predict import predict_volumes
 from nexus_monai.engines.refine import RefineOptions, contrast_networks, refine_network
 from nexus_monai.engines.run_record import read_run_record
@@ -180,8 +180,15 @@ def nexus_inr_refined_method(inputs: Mapping, grid: TargetGrid, bundle: str = "b
 
 
 def _guarded(pred: dict, inputs: Mapping, grid: TargetGrid) -> dict:
-    """``pred`` after the data-consistency guard of ``nexus-sr predict`` (default settings)."""
-    outputs, _, _ = consistency_guard({c: pred[c] for c in CONTRASTS}, {c: inputs[f"{c}_lr"] for c in CONTRASTS}, grid)
+    """``pred`` after the data-consistency guard of ``nexus-sr predict``: its default
+    :class:`~nexus_monai.engines.consistency.GuardOptions`, overridden by the JSON object in the
+    environment variable ``NEXUS_GUARD_OPTIONS`` (e.g. ``{"k": 0, "floor": 0, "iterations": 10}``)."""
+    try:
+        options = GuardOptions(**json.loads(os.environ.get("NEXUS_GUARD_OPTIONS") or "{}"))
+    except (TypeError, ValueError) as err:
+        raise NexusInputError(None, f"NEXUS_GUARD_OPTIONS: {err}") from None
+    lr = {c: inputs[f"{c}_lr"] for c in CONTRASTS}
+    outputs, _, _ = consistency_guard({c: pred[c] for c in CONTRASTS}, lr, grid, options)
     return {**pred, **outputs}
 
 
