@@ -42,6 +42,16 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
+def _spatial_shape(img, path: Path) -> tuple[int, int, int]:
+    """The 3D shape of a NIfTI image (a 4th axis of length 1 dropped); a one-line error otherwise."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise NexusInputError(path, f"expected a 3D volume, got {len(img.shape)}D of shape {tuple(img.shape)}")
+    return shape
+
+
 def check_nifti_file(path: str | os.PathLike) -> tuple[int, ...]:
     """Open ``path`` without keeping its data: header readable, 3D, finite invertible affine, and every
     data byte present (a ``.nii.gz`` is decompressed as a stream, so truncation shows). Returns the
@@ -49,11 +59,7 @@ def check_nifti_file(path: str | os.PathLike) -> tuple[int, ...]:
     """
     path = Path(path)
     img = _read_nifti(path)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise NexusInputError(path, f"expected a 3D volume, got shape {tuple(img.shape)}")
+    shape = _spatial_shape(img, path)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise NexusInputError(path, "affine is singular or not finite")
@@ -99,11 +105,7 @@ def load_volume(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     """
     path = Path(path)
     img = _read_nifti(path)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise NexusInputError(path, f"expected a 3D volume, got {len(img.shape)}D of shape {tuple(img.shape)}")
+    shape = _spatial_shape(img, path)
     if np.dtype(img.get_data_dtype()).kind == "c":
         raise NexusInputError(path, f"complex-valued data ({img.get_data_dtype()}); give a magnitude image")
     try:

@@ -198,6 +198,17 @@ def _results(run: Run, run_dir: Path) -> pd.DataFrame:
     return out
 
 
+def _prepare_store(ctx: dict) -> None:
+    """Create the MLflow store and the table's experiment once, before trainings run in parallel:
+    two processes opening a new sqlite store at once both run its schema migration, and one fails."""
+    from mlflow.tracking import MlflowClient  # lazy: optional heavy dependency, only when runs go in parallel
+
+    with _MLFLOW_LOCK:
+        client = MlflowClient(tracking_uri=ctx["tracking_uri"])
+        if client.get_experiment_by_name(ctx["experiment"]) is None:
+            client.create_experiment(ctx["experiment"])
+
+
 def _log_mlflow(run: Run, ctx: dict, params: dict, results: pd.DataFrame) -> None:
     """Tag the training's MLflow run (row, seed, form), add the parameters and the test means."""
     from mlflow.tracking import MlflowClient  # lazy: optional heavy dependency (~1.3 s), only when a run is logged
@@ -304,6 +315,8 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
             failures.append(f"{run.name}: {err}")
             print(f"[{i}/{len(runs)}] {run.table} {run.name}: FAILED: {err}", flush=True)
 
+    if int(jobs) > 1:
+        _prepare_store(ctx)
     with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
         list(pool.map(work, enumerate(runs, 1)))
     done = [

@@ -37,7 +37,7 @@ from nexus_monai.serving.params import ServingError, parse_params
 from nexus_monai.serving.uploads import check_filename, nifti_suffix
 from nexus_monai.transforms import SimulateAnisotropicAcquisition
 
-from helpers import BUNDLE, REPO, TINY_OVERLAY
+from helpers import BUNDLE, REPO, TINY_OVERLAY, live_server
 
 MAX_UPLOAD_MB = 0.25
 
@@ -317,31 +317,16 @@ class _FailingModel:
 
 
 def test_unexpected_failure_is_500_without_traceback(pair, tmp_path):
-    import uvicorn
-
     from nexus_monai.serving.app import create_app
-    from nexus_monai.serving.server import bind_socket
 
     app = create_app({"fails": _FailingModel()}, workdir=tmp_path / "work")
-    sock = bind_socket("127.0.0.1", 0)
-    url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
+    with live_server(app) as url:
         r = requests.post(f"{url}/infer/fails", files=_files(pair), timeout=60)
         assert r.status_code == 500
         assert set(r.json()) == {"detail", "status", "source", "problem"} and "reference" in r.json()["detail"]
         assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
         assert requests.get(f"{url}/info/", timeout=30).json()["models"]["fails"]["description"] == "fails"
         assert not any((tmp_path / "work").iterdir())
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def test_queue_is_bounded():

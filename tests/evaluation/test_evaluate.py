@@ -12,9 +12,6 @@ from nexus_monai.cli import main
 from nexus_monai.evaluation.methods import METHODS, register_method
 from nexus_monai.geometry import make_affine
 
-# Still imported from this module by test_experiments (make_tiny_bundle_dataset); new code takes the
-# conftest fixtures tiny_dataset / tiny_bundle_dataset instead.
-from conftest import make_tiny_bundle_dataset, make_tiny_dataset  # noqa: F401
 
 if "broken_for_test" not in METHODS:
 

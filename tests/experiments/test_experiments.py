@@ -25,7 +25,7 @@ from nexus_monai.experiments.tables import paired_interval
 from nexus_monai.geometry import TargetGrid, make_affine
 from nexus_monai.networks import NexusINR
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "nexus_inr" / "configs"
 TINY = {"network_def#features": 4, "network_def#encoder_options": {"blocks": 1, "layers": 1, "growth": 4},
         "network_def#decoder_hidden": 16, "network_def#attn_heads": 2, "patch_size": [16, 16, 16], "num_points": 64}
@@ -37,7 +37,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiments").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from test_evaluate import make_tiny_bundle_dataset
+    from conftest import make_tiny_bundle_dataset
 
     return make_tiny_bundle_dataset(tmp_path_factory.mktemp("expdata") / "data", n=3)
 
@@ -150,7 +150,8 @@ def test_table2_two_seeds_then_rerun_skips_every_run(tiny_data, tmp_path, capsys
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")  # the one store, honoured
     out = tmp_path / "t2"
-    cmd = ["experiment", "table2", "--seeds", "0,1", "--max-epochs", "1", "--data", str(tiny_data), "--no-lpips", "--out", str(out)]
+    cmd = ["experiment", "table2", "--seeds", "0,1", "--max-epochs", "1", "--data", str(tiny_data), "--no-lpips", "--out", str(out),
+           "--jobs", "2"]  # two trainings at once: the suite runs on 2 cores
     cmd += [a for o in TINY_OVERRIDES for a in ("--override", o)]
     assert main(cmd) == 0
     first = capsys.readouterr().out
