@@ -112,10 +112,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="append", default=[], metavar="A,B",
                     help="paired comparison A - B on every split holding both; repeatable")
     ap.add_argument("--title", default="Generalisation and lesion fidelity")
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="rename a method after loading (all renames at once); repeatable")
     ap.add_argument("--methods", default="", help="comma-separated methods to show, in this order (default: all)")
     ap.add_argument("runs", nargs="+", help="SPLIT=FOLDER[:SUFFIX]")
     args = ap.parse_args(argv)
     rows = load_runs(args.runs)
+    if args.rename:
+        rows["method"] = rows["method"].replace(dict(r.split("=", 1) for r in args.rename))
     if args.methods:
         order = ["trilinear"] + [m for m in args.methods.split(",") if m != "trilinear"]
         rows = rows[rows["method"].isin(order)]

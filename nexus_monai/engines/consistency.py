@@ -22,8 +22,10 @@ the scan's natural HR grid, slice-profile average along the thick axis) and comp
 Why the guard is on by default in ``nexus-sr predict``: a cohort model can smooth away a finding
 that only one contrast shows (a T2w-only lesion has no T1w edge to borrow) while its output still
 looks plausible; the measured LR data are the only evidence of such findings at inference time,
-and the back-projection changes only voxels whose re-acquired output departs from that evidence
-by more than the noise. ``--no-guard`` gives the network's raw output.
+and the back-projection changes only voxels whose slabs depart from that evidence (by default any
+departure above rounding: full data consistency, measured best in validation, see
+:class:`GuardOptions`; ``k = 3`` limits it to departures beyond 3x the noise). ``--no-guard`` gives
+the network's raw output.
 """
 
 from __future__ import annotations
@@ -60,11 +62,19 @@ class GuardOptions:
         iterations, step: back-projection iterations and step size. correct: apply the
             correction (False: only measure and map the residual).
         profile: slice profile of the acquisition model (the scans' own; ``gaussian`` as simulated here).
+
+    Defaults: full data consistency (``k = 0``; the floor only ignores rounding-level residuals),
+    10 iterations. Chosen on the 3 validation subjects of the embedded world (masked PSNR gain over
+    the raw cohort output +1.38 / +1.03 dB T1w / T2w; T2w-only lesion contrast recovered 0.34 -> 0.44;
+    false imprint of T1w-only lesions on T2w 0.089 -> 0.048) against ``k = 3, floor = 0.01, 5
+    iterations`` (+0.08 / +0.11 dB, lesions unchanged: their LR residual lies below 3 sigma), and
+    confirmed on the test-only anatomy family (docs/generalisation.md). ``k = 3`` keeps the output
+    untouched wherever it agrees with the scans within the noise.
     """
 
-    k: float = 3.0
-    floor: float = 0.01
-    iterations: int = 5
+    k: float = 0.0
+    floor: float = 1e-4
+    iterations: int = 10
     step: float = 1.0
     correct: bool = True
     profile: str = "gaussian"

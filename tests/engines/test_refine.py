@@ -157,7 +157,10 @@ def _lesion_case():
 def test_guard_restores_a_lost_lesion_and_lowers_the_lr_residual():
     hr, raw, lr, blob = _lesion_case()
     grid = TargetGrid.like(hr)
-    out, maps, report = consistency_guard({"t1": raw, "t2": raw}, lr, grid)
+    # the local setting (residuals beyond 3x the noise only): nothing changes away from the lesion
+    local = GuardOptions(k=3.0, floor=0.01, iterations=5)
+    out, maps, report = consistency_guard({"t1": raw, "t2": raw}, lr, grid, local)
+    full, _, _ = consistency_guard({"t1": raw, "t2": raw}, lr, grid)  # the default: full data consistency
     truth, lost = hr[0], raw[0]
     for c in ("t1", "t2"):
         model = AcquisitionModel.of(lr[c], grid)
@@ -168,6 +171,9 @@ def test_guard_restores_a_lost_lesion_and_lowers_the_lr_residual():
         # the blob comes partly back: its mean moves at least 40 % of the way toward the truth
         restored = (out[c][0][blob].mean() - lost[blob].mean()) / (truth[blob].mean() - lost[blob].mean())
         assert restored > 0.4, (c, float(restored))
+        full_residual = lr_residual(model, full[c][0]).norm()
+        full_restored = (full[c][0][blob].mean() - lost[blob].mean()) / (truth[blob].mean() - lost[blob].mean())
+        assert full_residual < after and full_restored >= restored - 1e-6, (c, float(full_restored))
         # far from the blob (more than a slab away) nothing changes
         far = torch.ones_like(blob)
         far[4:17, 4:18, 4:17] = False
