@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from nexus_monai.data.io import fsync_path
+from nexus_monai.data.io import fsync_path, write_text_atomic
 from nexus_monai.errors import NexusInputError
 
 __all__ = ["check_output_dir", "check_output_file", "staged_output_dir", "remove_stale_temporaries",
-           "exchange_paths"]
+           "exchange_paths", "invalidate_manifest", "write_manifest", "check_manifest", "MANIFEST"]
 
 _RENAME_EXCHANGE = 2
 _STAGE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
@@ -186,3 +189,48 @@ def staged_output_dir(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"
+
+
+def invalidate_manifest(folder: str | os.PathLike) -> None:
+    """Mark an output folder's file set as incomplete before a run rewrites it (removes its manifest).
+
+    For outputs that are written file by file into a folder that holds more than the set (e.g.
+    ``nexus-sr evaluate``'s tables beside its panels): the manifest, written LAST by
+    :func:`write_manifest`, is the mark of a complete set, so a run killed while rewriting the files
+    leaves a folder without a manifest (incomplete), never a mix that claims to be whole.
+    """
+    path = Path(folder) / MANIFEST
+    if path.exists():
+        path.unlink()
+        fsync_path(path.parent)
+
+
+def write_manifest(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path:
+    """Write ``<folder>/manifest.json`` (atomically, last) listing ``files`` (paths inside ``folder``,
+    absolute or relative to it) with their sizes and sha256."""
+    folder = Path(folder)
+    entries = {}
+    for f in map(Path, files):
+        f = f if f.is_absolute() else folder / f
+        entries[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size,
+                                                     "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    body = {"complete": True, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": entries}
+    return write_text_atomic(folder / MANIFEST, json.dumps(body, indent=1) + "\n")
+
+
+def check_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a complete output folder; a one-line error when it is missing or a listed file
+    is missing or changed (a run was killed while writing, or the files were edited afterwards)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise NexusInputError(folder, f"incomplete output: no {MANIFEST} (the run that wrote it did not finish)")
+    body = json.loads(path.read_text())
+    for name, entry in body["files"].items():
+        f = folder / name
+        if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+            raise NexusInputError(f, f"missing or changed since {MANIFEST} was written")
+    return body

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist, resolve_datalist
 from nexus_monai.data.io import check_nifti_file, write_text_atomic
+from nexus_monai.data.staging import invalidate_manifest, write_manifest
 from nexus_monai.errors import NexusInputError, find_input_error
 from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
 from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
@@ -159,6 +160,7 @@ def evaluate_methods(
     check_lesion_files(subjects)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    invalidate_manifest(out)  # the earlier run's tables count as complete no more while this run rewrites them
     fns = {m: get_method(m) for m in methods}
     rows, seg_rows, panels, input_errors = [], [], [], []
     bar = tqdm(total=len(subjects) * len(methods), desc="evaluate", disable=not progress, unit="run")
@@ -233,12 +235,12 @@ def evaluate_methods(
         t5 = summarise_table5(seg_frame, ["Original LR", *methods, "Original HR"])
         write_text_atomic(out / "table5.csv", t5.to_csv(index=False))
         write_text_atomic(out / "table5.md", table5_markdown(t5, n_subjects=len(subjects)))
+    names = ["per_subject.csv", "table1.csv", "table1.md"]
+    names += ["table5_per_subject.csv", "table5.csv", "table5.md"] if segmenters else []
+    files = [out / n for n in names]  # written by THIS run (a stale table5 of an earlier run is not listed)
+    write_manifest(out, files + [Path(p) for p in panels])  # last: marks the file set as complete
     if mlflow is not None:
-        files = [
-            out / n
-            for n in ("per_subject.csv", "table1.csv", "table1.md", "table5_per_subject.csv", "table5.csv", "table5.md")
-        ]
-        log_mlflow(table, [f for f in files if f.exists()] + panels, out_dir=out, **mlflow)
+        log_mlflow(table, files + panels, out_dir=out, **mlflow)
     if input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
         sid, first = input_errors[0]
         raise NexusInputError(first.source,

@@ -47,6 +47,37 @@ def test_evaluate_interpolation_table(tiny_dataset, tmp_path, capsys):
     assert math.isclose(table.loc[0, "psnr_t1_mean"], tri["psnr_t1"].mean(), rel_tol=1e-9)
 
 
+def test_evaluate_manifest_marks_the_complete_table_set(tiny_dataset, tmp_path, monkeypatch):
+    """The manifest is written last and lists every table file and panel with its sha256; a later run
+    that dies while rewriting the tables leaves the folder without a manifest (incomplete), never a
+    mix of two runs' files that claims to be whole."""
+    from nexus_monai.data.staging import MANIFEST, check_manifest
+    from nexus_monai.errors import NexusInputError
+    from nexus_monai.evaluation import table1
+
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "res"
+    args = ["evaluate", "--data", str(data), "--methods", "trilinear", "--protocol", "nexus", "--out", str(out), "--quiet",
+            "--no-mlflow", "--no-lpips"]
+    assert main(args) == 0
+    body = check_manifest(out)
+    assert {"per_subject.csv", "table1.csv", "table1.md"} <= set(body["files"])
+    assert any(n.startswith("panel_") for n in body["files"])
+    (out / "table1.md").write_text("edited")
+    with pytest.raises(NexusInputError, match="changed"):
+        check_manifest(out)
+
+    def killed(*a, **k):  # the run dies after per_subject.csv, before the summary tables
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table1, "summarise", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(NexusInputError, match="incomplete"):
+        check_manifest(out)
+
+
 def test_evaluate_ssmcsr_protocol_reports_mi_errors(tiny_dataset, tmp_path):
     data = tiny_dataset(tmp_path / "data", n=1)
     assert main(["evaluate", "--data", str(data / "dataset.json"), "--methods", "trilinear", "--protocol", "ssmcsr", "--no-lpips", "--out", str(tmp_path / "r"), "--quiet", "--no-mlflow"]) == 0
