@@ -26,6 +26,10 @@ number, a close match since the slice profile preserves the mean). Outputs are c
 Training pairs (:func:`degrade_and_interpolate`) go through the SAME acquisition operator as
 everything else (:func:`~nexus_monai.transforms.acquisition.slice_profile_matrix` along the
 axis) and the same B-spline interpolation as inference.
+
+:class:`SliceStackValidationReport` (a validation handler of the saint and i3net bundles) leaves
+per-case PSNR/SSIM of the network and of its B-spline input, and a panel of the first case, in
+``engine.state.validation_report`` for the MLflow image and table of a tracked run.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import os
 from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
@@ -46,9 +52,10 @@ from nexus_monai.data.io import load_volume, save_volume
 from nexus_monai.engines.bundle_model import bundle_model
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, as_affine, parse_axis, spacing, thick_slice_affine
-from nexus_monai.metrics.image_quality import intensity_scale
+from nexus_monai.metrics.image_quality import intensity_scale, psnr, ssim3d
 from nexus_monai.paths import REPO_BUNDLES
 from nexus_monai.transforms.acquisition import apply_along_axis, slice_profile_matrix
+from nexus_monai.visualize import save_panel, to_uint8
 
 __all__ = [
     "REPO_BUNDLES",
@@ -60,6 +67,7 @@ __all__ = [
     "training_pair",
     "ThickSliceTrainingPaird",
     "contrast_items",
+    "SliceStackValidationReport",
     "on_requested_grid",
     "prepare_scan",
     "predict_thick_axis",
@@ -204,6 +212,67 @@ def contrast_items(datalist: str | os.PathLike, split: str, protocol: Mapping,
     if not items:
         raise NexusInputError(datalist, f"split {split!r} has no subjects")
     return items
+
+
+class SliceStackValidationReport:
+    """Per-case rows and a panel of the first case after each validation of a slice-stack network.
+
+    Reads the evaluator's decollated output (``image`` = network input, channel 0 the B-spline
+    base; ``pred``; ``label`` = HR target; canonical layout, thick axis last) and, when the batch
+    kept them, the items' ``subject`` and ``contrast``. Rows: ``case``, ``psnr``/``ssim`` of the
+    network and ``bspline_psnr``/``bspline_ssim`` of its input (PSNR over the whole volume with data
+    range 1, as the bundles' key metric; SSIM on the target's non-zero voxels). Panel: B-spline
+    input, network and target on the slice across the thick axis (first axis) with the most
+    target voxels, saved as ``<output_dir>/<prefix>_panel_epochNNNN.png`` (without ``output_dir``
+    the tiles side by side as an array). Left in ``engine.state.validation_report`` as
+    ``{"epoch", "panel", "rows"}`` for :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger`.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, prefix: str = "validation"):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.prefix = prefix
+        self.rows: list[dict] = []
+        self.panel: list[np.ndarray] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self.panel = [], None
+
+    def _iteration(self, engine: Engine) -> None:
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else []
+        for i, out in enumerate(engine.state.output):
+            vols = {k: out[k].detach().cpu().as_subclass(torch.Tensor).float().numpy()[0]
+                    for k in ("image", "pred", "label")}
+            item = batch[i] if i < len(batch) and isinstance(batch[i], Mapping) else {}
+            name = "_".join(str(item[k]) for k in ("subject", "contrast") if item.get(k)) or str(len(self.rows))
+            gt, mask = vols["label"], vols["label"] > 0
+            row = {"case": name}
+            for tag, key in (("", "pred"), ("bspline_", "image")):
+                row[f"{tag}psnr"] = psnr(gt, vols[key])
+                row[f"{tag}ssim"] = ssim3d(gt, vols[key], mask) if mask.any() else float("nan")
+            self.rows.append(row)
+            if self.panel is None:
+                x = int(np.argmax(mask.sum((1, 2))))
+                vmax = intensity_scale(gt, mask) if mask.any() else 1.0
+                self.panel = [to_uint8(vols[k][x], vmax) for k in ("image", "pred", "label")]
+
+    def _epoch(self, engine: Engine) -> None:
+        if not self.rows:
+            return
+        epoch = engine.state.epoch  # ValidationHandler runs the evaluator with the trainer's epoch
+        panel = None
+        if self.panel:
+            if self.output_dir is not None:
+                panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
+                save_panel([self.panel], panel, col_labels=["B-spline input", "network", "target"])
+                panel = str(panel)
+            else:  # the tiles side by side, oriented as save_panel shows them
+                panel = np.hstack([np.flipud(t.T) for t in self.panel])
+        engine.state.validation_report = {"epoch": epoch, "panel": panel, "rows": list(self.rows)}
 
 
 def on_requested_grid(volume: torch.Tensor, hr_grid: TargetGrid, grid: TargetGrid, meta: dict) -> MetaTensor:

@@ -179,3 +179,53 @@ def test_segmentation_validation_reaches_mlflow_as_image_and_table(tmp_path, mon
     case = table["data"][0][table["columns"].index("case")]
     assert case == "BraTS20_Training_007_seg.nii.gz"
     assert table["data"][0][table["columns"].index("dice_ET")] == 0.0
+
+
+def test_slice_stack_validation_reaches_mlflow_as_image_and_table(tmp_path, monkeypatch):
+    """saint / i3net: SliceStackValidationReport leaves per-case rows (named by subject and contrast) and a
+    panel of the first case in ``state.validation_report``; the logger turns them into an MLflow image and table."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import Compose, DeleteItemsd
+
+    from nexus_monai.baselines.slice_stack import SliceStackValidationReport, ThickSliceTrainingPaird
+    from nexus_monai.networks.saint import SAINT
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    gen = torch.Generator().manual_seed(0)
+    hr = torch.zeros(1, 16, 16, 16)
+    hr[:, 3:13, 2:14, 4:12] = torch.rand(1, 10, 12, 8, generator=gen) * 0.8 + 0.1
+    data = [{"image": hr.clone(), "subject": "s01", "contrast": c, "axis": a, "factor": f, "profile": "gaussian"}
+            for c, a, f in (("t1", "z", 2.0), ("t2", "y", 4.0))]
+    transform = Compose([ThickSliceTrainingPaird(keys="image", label_key="label"),
+                         DeleteItemsd(keys=["axis", "factor", "profile"])])
+    loader = DataLoader(Dataset(data, transform), batch_size=1)
+    network = SAINT(features=4, blocks=1, fusion_features=4, fusion_blocks=1).eval()  # untrained: the B-spline
+    common = {"tracking_uri": uri, "experiment_name": "unit_saint", "run_name": "saint_run"}
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network)
+    SliceStackValidationReport(output_dir=tmp_path / "eval").attach(evaluator)
+    ml.MLflowRunLogger(executed_config=str(tmp_path / "none.json"), report=True, **common).attach(evaluator)
+    MLFlowHandler(iteration_log=False, close_on_complete=True, **common).attach(evaluator)
+    evaluator.run()
+
+    report = evaluator.state.validation_report
+    assert report["epoch"] == 1 and [r["case"] for r in report["rows"]] == ["s01_t1", "s01_t2"]
+    base, target = transform(data[0])["image"][0].numpy(), transform(data[0])["label"][0].numpy()
+    expected = 10 * np.log10(1.0 / np.mean((base.astype(np.float64) - target) ** 2))  # PSNR of the B-spline input
+    row = report["rows"][0]
+    assert row["bspline_psnr"] == pytest.approx(expected, rel=1e-5)
+    assert row["psnr"] == pytest.approx(row["bspline_psnr"], abs=1e-3) and 0 < row["ssim"] <= 1
+    with Image.open(report["panel"]) as png:  # B-spline input | network | target
+        assert np.asarray(png).shape[1] > 3 * 2 * 16
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("unit_saint").experiment_id])[0]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all("validation_panel" in p for p in images)
+    local = client.download_artifacts(run.info.run_id, "validation/epoch_0001.json", str(tmp_path / "dl"))
+    table = json.loads(open(local).read())
+    assert [r[table["columns"].index("case")] for r in table["data"]] == ["s01_t1", "s01_t2"]
+    assert table["data"][0][table["columns"].index("bspline_psnr")] == pytest.approx(expected, rel=1e-5)
