@@ -290,6 +290,12 @@ def test_bundle_fits_a_datalist_with_mlflow(tiny_dataset, tmp_path, monkeypatch)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert any(r.info.run_name == "ssmcsr_test" for r in runs)
     assert {"psnr_t1", "gain_psnr_t2"} <= set().union(*(r.data.metrics.keys() for r in runs))
+    run = next(r for r in runs if r.info.run_name == "ssmcsr_test")  # rows + first subject's panel
+    assert (bundle / "eval" / "fit_panel.png").exists()
+    assert any("validation_panel" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "validation/epoch_0001.json",
+                                                      str(tmp_path / "dl"))).read())
+    assert sorted(r[table["columns"].index("subject")] for r in table["data"]) == sorted(rows["subject"])
 
 
 @pytest.mark.integration

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import pandas as pd
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
@@ -26,8 +27,10 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, plain_tensor
 from nexus_monai.keys import CONTRASTS
 from nexus_monai.metrics import subject_metric_row
+from nexus_monai.metrics.image_quality import intensity_scale
 from nexus_monai.transforms.interpolation import upsample
 from nexus_monai.transforms.protocols import load_protocol
+from nexus_monai.visualize import save_panel, to_uint8
 
 __all__ = ["OUTPUT_NAMES", "write_fit_outputs", "check_datalist", "FitSubjectStep", "FitSubjectsReport", "fit_files"]
 
@@ -118,7 +121,11 @@ class FitSubjectStep:
 class FitSubjectsReport:
     """Collects the rows of :class:`FitSubjectStep`; at the end writes ``<output_dir>/<prefix>_subjects.csv``
     and ``<prefix>_summary.json`` and puts the mean of every numeric column in ``engine.state.metrics``
-    (so StatsHandler prints and an attached MLFlowHandler logs them)."""
+    (so StatsHandler prints and an attached MLFlowHandler logs them). For
+    :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger` (an MLflow image and table) it leaves
+    ``engine.state.validation_report``: the rows and ``<prefix>_panel.png``, the first subject's SR
+    volumes as written by the step (``<output_dir>/<subject>/t?w_sr.nii.gz``; rows T1w, T2w; columns the
+    middle slice of each axis through the foreground)."""
 
     def __init__(self, output_dir: str | os.PathLike, prefix: str = "fit"):
         self.output_dir, self.prefix = Path(output_dir), prefix
@@ -142,6 +149,23 @@ class FitSubjectsReport:
                     engine.state.metrics[col] = summary[col]
         text = json.dumps({"subjects": len(frame), "mean": summary}, indent=2) + "\n"
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", text)
+        panel = self._panel(str(self.rows[0].get("subject", ""))) if self.rows else None
+        engine.state.validation_report = {"epoch": engine.state.epoch, "panel": panel, "rows": list(self.rows)}
+
+    def _panel(self, subject: str) -> str | None:
+        files = [self.output_dir / subject / OUTPUT_NAMES[c] for c in CONTRASTS]
+        if not subject or not all(f.is_file() for f in files):
+            return None
+        tiles = []
+        for f in files:
+            vol = plain_tensor(load_volume(f))[0].float().numpy()
+            fg = vol > 0
+            vmax = intensity_scale(vol, fg) if fg.any() else 1.0
+            centre = [int(np.median(i)) if len(i) else n // 2 for i, n in zip(np.nonzero(fg), vol.shape)]
+            tiles.append([to_uint8(np.take(vol, centre[a], axis=a), vmax) for a in range(3)])
+        path = self.output_dir / f"{self.prefix}_panel.png"
+        save_panel(tiles, path, row_labels=["T1w SR", "T2w SR"], col_labels=["x slice", "y slice", "z slice"])
+        return str(path)
 
 
 def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
