@@ -68,8 +68,10 @@ def _check_result(r, size=TINY_SIZE, train_steps=2):
     assert r["train_steps"] == train_steps and r["train_warmup_steps"] == 2
     assert r["max_points_per_call"] <= r["chunk_size"] and r["gemm_rows"] == r["max_points_per_call"]
     assert _close(r["rss_increase_inference_gib"], r["rss_peak_inference_gib"] - r["rss_before_inference_gib"])
-    assert r["rss_peak_inference_gib"] >= r["rss_before_inference_gib"] - 1e-9
-    assert r["rss_peak_process_gib"] >= r["rss_peak_inference_gib"] - 1e-9
+    # RSS readings, not exact accounting: the allocator may hand pages back between the "before"
+    # reading and the sampled peak, so allow a few MiB (a clean-clone CI run saw 0.1 MiB less)
+    assert r["rss_peak_inference_gib"] >= r["rss_before_inference_gib"] - 0.01
+    assert r["rss_peak_process_gib"] >= r["rss_peak_inference_gib"] - 0.01
     assert {"sr_t1", "sr_t2", "seg"} <= set(r["train_loss_terms"])
     # every FLOP: the parts add up to the whole, each ratio is time / (FLOPs / peak GEMM)
     peak = r["peak_gemm_flops_per_s"]
