@@ -328,7 +328,10 @@ def test_row11_disconnected_client_job_is_cancelled_and_the_worker_freed(pair, t
 
     model = BundleModel(BUNDLE, [str(pair["overlay"])], weights=pair["weights"], device="cpu")
     slow = {"on": True}
-    model.network.register_forward_pre_hook(lambda *_: time.sleep(0.5) if slow["on"] else None)  # a deliberately slow network
+    # a deliberately slow network: every child module sleeps, so whatever path inference takes (whole
+    # network, tiled encoders, chunked decoders) the job lasts minutes unless it is cancelled
+    for child in model.network.children():
+        child.register_forward_pre_hook(lambda *_: time.sleep(0.5) if slow["on"] else None)
     app = create_app({"nexus_inr": model}, workers=1, max_queue=4, workdir=tmp_path / "work")
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
