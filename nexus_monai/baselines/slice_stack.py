@@ -40,7 +40,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
@@ -50,6 +50,7 @@ from nexus_monai.baselines.lrtv import detect_thick_axis, natural_hr_grid
 from nexus_monai.data.brats import load_datalist
 from nexus_monai.data.io import load_volume, save_volume
 from nexus_monai.engines.bundle_model import bundle_model
+from nexus_monai.engines.epoch_report import EpochReport
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, as_affine, parse_axis, spacing, thick_slice_affine
 from nexus_monai.metrics.image_quality import intensity_scale, psnr, ssim3d
@@ -214,7 +215,7 @@ def contrast_items(datalist: str | os.PathLike, split: str, protocol: Mapping,
     return items
 
 
-class SliceStackValidationReport:
+class SliceStackValidationReport(EpochReport):
     """Per-case rows and a panel of the first case after each validation of a slice-stack network.
 
     Reads the evaluator's decollated output (``image`` = network input, channel 0 the B-spline
@@ -227,20 +228,6 @@ class SliceStackValidationReport:
     the tiles side by side as an array). Left in ``engine.state.validation_report`` as
     ``{"epoch", "panel", "rows"}`` for :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger`.
     """
-
-    def __init__(self, output_dir: str | os.PathLike | None = None, prefix: str = "validation"):
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.prefix = prefix
-        self.rows: list[dict] = []
-        self.panel: list[np.ndarray] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows, self.panel = [], None
 
     def _iteration(self, engine: Engine) -> None:
         batch = engine.state.batch if isinstance(engine.state.batch, list) else []

@@ -19,13 +19,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from nexus_monai.data.io import write_text_atomic
+from nexus_monai.engines.epoch_report import EpochReport
 from nexus_monai.geometry import spacing
 from nexus_monai.metrics.image_quality import intensity_scale
 from nexus_monai.metrics.segmentation import dice_hd95, summarise_segmentation
@@ -34,24 +34,14 @@ from nexus_monai.visualize import save_panel, to_uint8
 __all__ = ["BraTSRegionMetrics"]
 
 
-class BraTSRegionMetrics:
+class BraTSRegionMetrics(EpochReport):
     """Attach to a (decollated) evaluator whose outputs hold region masks ``pred`` and ``label``
     of shape ``(3, X, Y, Z)`` (TC, WT, ET) as MetaTensors."""
 
     def __init__(self, output_dir: str | os.PathLike | None = None, prefix: str = "regions", pred_key: str = "pred",
                  label_key: str = "label", image_key: str = "image"):
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.prefix, self.pred_key, self.label_key, self.image_key = prefix, pred_key, label_key, image_key
-        self.rows: list[dict] = []
-        self.panel: list[list[np.ndarray]] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows, self.panel = [], None
+        super().__init__(output_dir, prefix)
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
 
     def _iteration(self, engine: Engine) -> None:
         outputs = engine.state.output
