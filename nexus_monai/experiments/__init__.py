@@ -11,7 +11,7 @@ datalist has it) by :func:`~nexus_monai.evaluation.table1.evaluate_methods`, the
 
     runs/<form>_<row>_seed<k>/  overrides.yaml, train.log, models/, <split>/per_subject.csv,
                                 results.csv, done.json (written last, atomically: the run is finished)
-    tableN.csv                  one line per row x seed x split x subject x method (+ trilinear)
+    tableN.csv                  one line per row x seed x split x subject x method (+ trilinear, ibp)
     tableN.md                   mean ± std over seeds of per-seed subject means, the paper's value,
                                 paired differences to the previous row with 95 % t-intervals
     (MLflow)                    the project's store (nexus_monai.engines.mlflow_logging.tracking_uri):
@@ -166,7 +166,8 @@ def _train(run: Run, ctx: dict, run_dir: Path) -> None:
 
 
 def _evaluate(run: Run, ctx: dict, run_dir: Path) -> None:
-    methods = list(TABLE5_METHODS) if run.seed is None else ["trilinear", "nexus_inr"]
+    # beside every trained run: trilinear and back-projection (ibp: trilinear + predict's guard, no network)
+    methods = list(TABLE5_METHODS) if run.seed is None else ["trilinear", "ibp", "nexus_inr"]
     options = {} if run.seed is None else {"nexus_inr": {
         "bundle": str(BUNDLE), "weights": str(run_dir / "models" / "model.pt"),
         "overlays": [str(p) for p in run.overlays] + [str(run_dir / "overrides.yaml")]}}
