@@ -5,7 +5,7 @@ segmentation tables use :func:`dice_hd95` / :func:`summarise_segmentation` and p
 """
 
 from nexus_monai.metrics.image_quality import brain_bbox, erode_mask, intensity_scale, psnr, ssim3d
-from nexus_monai.metrics.lesion import LESION_PROTOCOL, lesion_fidelity_row, lesion_records
+from nexus_monai.metrics.lesion import LESION_PROTOCOL, lesion_fidelity_row, lesion_geometry, lesion_records
 from nexus_monai.metrics.lpips import AlexNetLPIPS, load_lpips, lpips_status, lpips_volume
 from nexus_monai.metrics.mutual_information import mi_errors, mutual_information
 from nexus_monai.metrics.subject_row import PROTOCOL, metric_protocol_text, subject_metric_row
@@ -25,6 +25,7 @@ __all__ = [
     "intensity_scale",
     "LESION_PROTOCOL",
     "lesion_fidelity_row",
+    "lesion_geometry",
     "lesion_records",
     "load_lpips",
     "lpips_status",

@@ -43,7 +43,8 @@ def metric_protocol_text() -> str:
 
 
 def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
-                       contrasts: tuple[str, ...] = ("t1", "t2"), lpips_batch_size: int = 32, lesions=None) -> dict:
+                       contrasts: tuple[str, ...] = ("t1", "t2"), lpips_batch_size: int = 32, lesions=None,
+                       lesion_geometry: dict | None = None) -> dict:
     """All image-quality metrics of one subject as a flat dict.
 
     ``gt[c]`` / ``pred[c]``: the HR ground truth and the prediction of contrast ``c`` on the same
@@ -62,7 +63,9 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     ``lesions``: the subject's lesion instance map on the same grid (:mod:`nexus_monai.keys`
     encoding) or None; with a map (and the two contrasts ``("t1", "t2")``) the row also has the
     lesion-fidelity columns of :func:`~nexus_monai.metrics.lesion.lesion_fidelity_row`, computed on the
-    normalised intensities; without one those columns are absent.
+    normalised intensities; without one those columns are absent. ``lesion_geometry``:
+    ``{"voxel_mm3", "slab_mm": {c: mm}}`` (:func:`~nexus_monai.metrics.lesion.lesion_geometry`) adds the
+    lesion columns by size relative to the slab thickness (``lesion_contrast_t2_small``, ...).
     """
     contrasts = tuple(contrasts)
     if mask is None:
@@ -108,6 +111,6 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     if lesions is not None:
         if set(contrasts) != {"t1", "t2"}:
             raise ValueError(f"lesion fidelity needs both contrasts t1 and t2, got {contrasts}")
-        row.update(lesion_fidelity_row(scaled_gt, scaled_pred, lesions, m))
+        row.update(lesion_fidelity_row(scaled_gt, scaled_pred, lesions, m, **(lesion_geometry or {})))
     row["lpips_status"] = status
     return row
