@@ -436,9 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True,
                    help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the "
                         "bundles' default simulated dataset)")
-    e.add_argument("--methods", default="trilinear,cubic",
-                   help="comma-separated: trilinear,cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,"
-                        "ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_refined "
+    e.add_argument("--methods", default="trilinear,ibp,cubic",
+                   help="comma-separated: trilinear,ibp (back-projection: trilinear + predict's consistency guard, "
+                        "no network),cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,"
+                        "ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_guarded,nexus_inr_refined "
                         "(NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)")
     e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
     e.add_argument("--split", default="test",

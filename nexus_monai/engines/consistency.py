@@ -30,6 +30,8 @@ the network's raw output.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -47,7 +49,9 @@ from nexus_monai.transforms.consistency import (
     lr_residual,
 )
 
-__all__ = ["GuardOptions", "consistency_guard", "CONSISTENCY_NAMES"]
+__all__ = ["GuardOptions", "consistency_guard", "guard_options_from_env", "GUARD_OPTIONS_ENV", "CONSISTENCY_NAMES"]
+
+GUARD_OPTIONS_ENV = "NEXUS_GUARD_OPTIONS"
 
 CONSISTENCY_NAMES = {"t1": "t1w_consistency.nii.gz", "t2": "t2w_consistency.nii.gz"}
 
@@ -85,6 +89,21 @@ class GuardOptions:
         if self.profile not in PROFILES:
             raise NexusInputError(None, f"guard: unknown slice profile {self.profile!r}; "
                                         f"choose one of {', '.join(PROFILES)}")
+
+
+def guard_options_from_env() -> GuardOptions:
+    """The default :class:`GuardOptions` (those of ``nexus-sr predict``), overridden by the JSON object in
+    the environment variable ``NEXUS_GUARD_OPTIONS`` (e.g. ``{"k": 3, "iterations": 5}``); a malformed
+    value is a one-line :class:`~nexus_monai.errors.NexusInputError`."""
+    text = os.environ.get(GUARD_OPTIONS_ENV) or "{}"
+    try:
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise TypeError(f"expected a JSON object, got {text!r}")
+        return GuardOptions(**settings)
+    except (TypeError, ValueError) as err:  # NexusInputError too: named after the variable
+        problem = err.problem if isinstance(err, NexusInputError) else str(err)
+        raise NexusInputError(None, f"{GUARD_OPTIONS_ENV}: {problem}") from None
 
 
 def _rms(r: torch.Tensor, covered: torch.Tensor) -> float:

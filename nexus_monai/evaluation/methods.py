@@ -21,7 +21,7 @@ from nexus_monai.baselines.saint import saint
 from nexus_monai.baselines.smore import smore
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.bundle_model import bundle_folder, bundle_model
-from nexus_monai.engines.consistency import GuardOptions, consistency_guard
+from nexus_monai.engines.consistency import consistency_guard, guard_options_from_env
 from nexus_monai.engines.predict import predict_volumes
 from nexus_monai.engines.refine import RefineOptions, contrast_networks, refine_network
 from nexus_monai.engines.run_record import read_run_record
@@ -183,13 +183,23 @@ def _guarded(pred: dict, inputs: Mapping, grid: TargetGrid) -> dict:
     """``pred`` after the data-consistency guard of ``nexus-sr predict``: its default
     :class:`~nexus_monai.engines.consistency.GuardOptions`, overridden by the JSON object in the
     environment variable ``NEXUS_GUARD_OPTIONS`` (e.g. ``{"k": 0, "floor": 0, "iterations": 10}``)."""
-    try:
-        options = GuardOptions(**json.loads(os.environ.get("NEXUS_GUARD_OPTIONS") or "{}"))
-    except (TypeError, ValueError) as err:
-        raise NexusInputError(None, f"NEXUS_GUARD_OPTIONS: {err}") from None
+    options = guard_options_from_env()
     lr = {c: inputs[f"{c}_lr"] for c in CONTRASTS}
     outputs, _, _ = consistency_guard({c: pred[c] for c in CONTRASTS}, lr, grid, options)
     return {**pred, **outputs}
+
+
+@register_method("ibp")
+def ibp_method(inputs: Mapping, grid: TargetGrid, **_) -> dict:
+    """Back-projection without a network: ``trilinear``, then the consistency guard of ``nexus-sr predict``.
+
+    The guard's correction is iterative back-projection of the LR residual (Irani and Peleg, "Improving
+    resolution by image registration", CVGIP: Graphical Models and Image Processing, 1991) started from the
+    trilinear interpolation, with the guard's settings (``NEXUS_GUARD_OPTIONS`` honoured as for the guarded
+    methods). It is the floor a learned method must clear, on PSNR and on lesion fidelity alike; the
+    difference ``nexus_inr_guarded - ibp`` is the network's own contribution to ``predict``'s output.
+    """
+    return _guarded(trilinear(inputs, grid), inputs, grid)
 
 
 @register_method("nexus_inr_guarded", bundle="bundles/nexus_inr")

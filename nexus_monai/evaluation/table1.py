@@ -9,7 +9,10 @@ subject gets a row with its error and is counted as failed in the table, never d
 methods (SSMCSR, LRTV), inference only for cohort models, whose bundle training budget is reported
 beside their row instead (``train_steps``, ``train_seconds`` from the bundle's ``training_run.json``).
 Subjects whose datalist entry has a lesion instance map (key ``lesions``) also get the lesion-fidelity
-columns (``lesion_contrast_t2``, ``imprint_t1``, ...) and ``table1.md`` a lesion-fidelity table.
+columns (``lesion_contrast_t2``, ``imprint_t1``, ...; by lesion size relative to the slab thickness of the
+contrast that shows it: ``lesion_contrast_t2_small``, ...) and ``table1.md`` the lesion-fidelity tables.
+Put ``ibp`` (trilinear + the consistency guard of ``nexus-sr predict``, no network) beside the learned
+methods: it is the floor they must clear (``nexus-sr evaluate``'s default methods include it).
 
 Checked before any work starts (one-line :class:`NexusInputError`): unknown method names, cohort
 bundles whose checkpoint is missing or does not match the network, and datalist entries whose
@@ -42,7 +45,7 @@ from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.keys import CONTRASTS, LESIONS
 from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_metric_row
-from nexus_monai.metrics.lesion import check_lesion_map
+from nexus_monai.metrics.lesion import SIZE_BIN_LABELS, SIZE_BINS, check_lesion_map, lesion_geometry
 from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
 __all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods",
@@ -193,7 +196,10 @@ def evaluate_methods(
                         raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
                 lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
-                row.update(subject_metric_row(gt, pv, None, lpips=lpips, lesions=lesions))  # mask: the metric's default
+                sizes = lesion_geometry({c: data[f"{c}_lr"] for c in CONTRASTS}, data["t1"]) if lesions is not None \
+                    else None  # lesion diameter relative to each contrast's slab thickness
+                row.update(subject_metric_row(gt, pv, None, lpips=lpips, lesions=lesions,  # mask: the metric's default
+                                              lesion_geometry=sizes))
                 row["seconds"] = seconds
                 row["error"] = ""
                 preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
@@ -393,4 +399,26 @@ def _lesion_markdown(table: pd.DataFrame) -> str:
         lines.append("| " + " | ".join([str(r["method"])] + [_pm(r, k, d) if k else counts for _, k, d in cols]) + " |")
     return ("## Lesion fidelity\n\n" + "\n".join(lines) + "\n\nMean ± std over subjects with a lesion map; "
             "imprint: |lesion contrast| on the contrast that should not show the lesion, output beside ground truth "
-            "(normalised units); definitions in the protocol below.\n\n")
+            "(normalised units); definitions in the protocol below.\n\n" + _lesion_size_markdown(table))
+
+
+def _lesion_size_markdown(table: pd.DataFrame) -> str:
+    """Contrast recovered / kept of one-contrast lesions by diameter relative to the slab thickness, else ''."""
+    keys = [(c, name, lo, hi) for c in ("t2", "t1") for name, lo, hi in SIZE_BINS]
+    if not any(f"lesion_contrast_{c}_{n}_mean" in table and table[f"lesion_contrast_{c}_{n}_mean"].notna().any()
+               for c, n, _, _ in keys):
+        return ""
+    label = {"t1": "T1w-only", "t2": "T2w-only"}
+    head = [f"{label[c]} {SIZE_BIN_LABELS[n]}: recovered / kept" for c, n, _, _ in keys]
+    lines = ["| Method | " + " | ".join(head) + " | lesions / subject by bin (T2w-only; T1w-only) |",
+             "|" + "---|" * (len(head) + 2)]
+    for _, r in table.iterrows():
+        cells = [f"{_pm(r, f'lesion_contrast_{c}_{n}', 3)} / {_pm(r, f'lesion_kept_{c}_{n}', 2).split(' ±')[0]}"
+                 for c, n, _, _ in keys]
+        counts = "; ".join(", ".join(f"{r.get(f'n_lesions_{c}_{n}_mean', math.nan):.1f}" for n, _, _ in SIZE_BINS)
+                           for c in ("t2", "t1"))
+        lines.append("| " + " | ".join([str(r["method"])] + cells + [counts]) + " |")
+    return ("## Lesion fidelity by size\n\n" + "\n".join(lines) + "\n\nd: equivalent-sphere diameter of the "
+            "lesion / slab thickness of the contrast that shows it (factor × HR spacing along its thick axis); "
+            "recovered: mean ± std over subjects with lesions in the bin, kept: mean kept fraction; n/a: no lesion "
+            "in the bin. Lesions smaller than a slab are partly averaged away by the acquisition itself.\n\n")
