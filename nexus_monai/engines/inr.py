@@ -25,12 +25,14 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
-from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB, tiled_decode
+from nexus_monai.engines.amp import amp_autocast
+from nexus_monai.engines.tiled import AUTO, MAX_HALO_OVERHEAD, tiled_decode
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, batched_affine, plain_tensor, sample_at_world
 from nexus_monai.keys import CONTRASTS, LESIONS, QUERY_LABEL, QUERY_NORM, QUERY_WORLD, lr_key, query_key
 from nexus_monai.metrics.image_quality import as_mask, erode_mask, intensity_scale, psnr, ssim3d
 from nexus_monai.metrics.lesion import lesion_fidelity_row
 from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
+from nexus_monai.networks.encoders import channels_last_convs
 from nexus_monai.transforms.intensity import INTENSITY_NORMS
 from nexus_monai.transforms.query import iter_query_chunks
 
@@ -54,16 +56,26 @@ def inr_inputs(batch: Mapping, device: torch.device | str = "cpu") -> tuple[dict
 
 
 class INRTrainStep:
-    """``SupervisedTrainer(iteration_update=INRTrainStep())``: one optimisation step on a batch."""
+    """``SupervisedTrainer(iteration_update=INRTrainStep())``: one optimisation step on a batch.
 
-    def __init__(self, grad_clip: float | None = None):
+    ``amp``: the network's parts under bf16 autocast (:func:`~nexus_monai.engines.amp.amp_autocast`;
+    coordinates, lookups and the loss in fp32, fp32 master weights, no loss scaling).
+    ``channels_last``: the encoders' convolutions in channels-last layout
+    (:func:`~nexus_monai.networks.encoders.channels_last_convs`; a switch for GPUs, off by default).
+    """
+
+    def __init__(self, grad_clip: float | None = None, amp: bool = False, channels_last: bool = False):
         self.grad_clip = grad_clip
+        self.amp = bool(amp)
+        self.channels_last = bool(channels_last)
 
     def __call__(self, engine, batch: Mapping) -> dict:
         engine.network.train()
-        kwargs, targets = inr_inputs(batch, engine.state.device if hasattr(engine.state, "device") else engine.device)
+        device = engine.state.device if hasattr(engine.state, "device") else engine.device
+        kwargs, targets = inr_inputs(batch, device)
         engine.optimizer.zero_grad(set_to_none=True)
-        out = engine.network(**kwargs, aux=True)
+        with amp_autocast(engine.network, self.amp, device), channels_last_convs(self.channels_last):
+            out = engine.network(**kwargs, aux=True)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(out, **targets)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -97,12 +109,19 @@ class ImplicitGridInferer(Inferer):
     skull-stripped data, or its image under the intensity normalisation) are not decoded and get
     that contrast's background value; data with another background is decoded everywhere.
 
-    Memory: with ``max_memory_gib`` (target peak RSS of the process, default
-    ``DEFAULT_MAX_MEMORY_GIB``) or an explicit ``tile_shape`` (output voxels), the encoders run on
-    halo crops of the LR grids per output tile (:mod:`nexus_monai.engines.tiled`; equal to the
+    Memory: with ``max_memory_gib`` or an explicit ``tile_shape`` (output voxels), the encoders run
+    on halo crops of the LR grids per output tile (:mod:`nexus_monai.engines.tiled`; equal to the
     whole-volume result up to float rounding, tiles without a point to decode skipped,
     channels-last convolutions with ``channels_last``); both ``None``: encoders on the whole
-    volumes. ``last_plan`` records the tiling of the last call.
+    volumes. ``max_memory_gib``: a number (GiB; on CPU the target peak RSS of the process, on CUDA
+    the device memory the call may use) is honoured; ``"auto"`` (default) sizes it for the device
+    (:func:`~nexus_monai.engines.tiled.memory_budget`: on CUDA the free device memory, on CPU
+    ``DEFAULT_MAX_MEMORY_GIB`` grown up to a fraction of the available memory). The halo overhead
+    (encoder voxels computed / untiled) is kept within ``max_halo_overhead`` or one warning line
+    says so. ``last_plan`` records the tiling of the last call.
+
+    ``amp``: the network's parts under bf16 autocast (:func:`~nexus_monai.engines.amp.amp_autocast`:
+    lookups, coordinates and the outputs in fp32).
 
     ``intensity_norm`` (``"percentile"`` | ``"zscore"``) names the intensity space the network
     was trained in (:func:`~nexus_monai.transforms.intensity_normalizer`);
@@ -110,21 +129,42 @@ class ImplicitGridInferer(Inferer):
     """
 
     def __init__(self, chunk_size: int = 32768, progress: bool = False, skip_empty: bool = True,
-                 intensity_norm: str = "percentile", max_memory_gib: float | None = DEFAULT_MAX_MEMORY_GIB,
-                 tile_shape: Sequence[int] | None = None, channels_last: bool = True):
+                 intensity_norm: str = "percentile", max_memory_gib: float | str | None = AUTO,
+                 tile_shape: Sequence[int] | None = None, channels_last: bool = True, amp: bool = False,
+                 max_halo_overhead: float = MAX_HALO_OVERHEAD):
         super().__init__()
         self.chunk_size = int(chunk_size)
         self.progress = progress
         self.skip_empty = bool(skip_empty)
         # bounded memory (nexus_monai.engines.tiled): encoders on halo crops per output tile, the tile
-        # planned from max_memory_gib (target peak RSS) or given; both None: whole volumes (untiled)
-        self.max_memory_gib = None if max_memory_gib is None else float(max_memory_gib)
+        # planned from max_memory_gib (target peak RSS, or "auto") or given; both None: whole volumes (untiled)
+        self.max_memory_gib = max_memory_gib
+        self.max_halo_overhead = float(max_halo_overhead)
+        self.amp = bool(amp)
         self.tile_shape = None if tile_shape is None else tuple(int(t) for t in tile_shape)
         self.channels_last = bool(channels_last)
         self.last_plan: dict = {}
+        if not self.max_halo_overhead >= 1.0:
+            raise ValueError(f"max_halo_overhead must be >= 1, got {max_halo_overhead}")
         if intensity_norm not in INTENSITY_NORMS:
             raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
         self.intensity_norm = intensity_norm
+
+    @property
+    def max_memory_gib(self) -> float | str | None:
+        return self._max_memory_gib
+
+    @max_memory_gib.setter
+    def max_memory_gib(self, value) -> None:
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            self._max_memory_gib = AUTO
+        elif value is None:
+            self._max_memory_gib = None
+        else:
+            gib = float(value)
+            if not (math.isfinite(gib) and gib > 0):
+                raise ValueError(f"max_memory_gib must be > 0 GiB, 'auto' or None, got {value!r}")
+            self._max_memory_gib = gib
 
     @torch.no_grad()
     def __call__(self, t1_lr, t2_lr, network, grid: TargetGrid, normalizer: WorldNormalizer | None = None,
@@ -150,25 +190,27 @@ class ImplicitGridInferer(Inferer):
             net.train(was_training)
             return {c: out[c].reshape(grid.shape) for c in CONTRASTS}
         self.last_plan = {"tiled": False, "chunk_size": self.chunk_size}
-        maps = net.encode(vols["t1"], vols["t2"])
-        for start, stop, world, norm in iter_query_chunks(grid, normalizer, self.chunk_size):
-            world, norm = world.to(device), norm.to(device)
-            keep = None
-            if self.skip_empty:
-                signal = sum(sample_at_world(vols[c] - bg[c], affines[c], world[None])[0, 0].abs() for c in CONTRASTS)
-                keep = torch.nonzero(signal > 0)[:, 0]
-                if keep.numel() == 0:
-                    bar.update(stop - start)
-                    continue
-                world, norm = world[keep], norm[keep]
-            pred = net.decode(maps, vols["t1"], vols["t2"], affines["t1"], affines["t2"], world[None], norm[None])
-            for c in CONTRASTS:
-                values = pred[c][0].float().cpu()
-                if keep is None:
-                    out[c][start:stop] = values
-                else:
-                    out[c][start:stop][keep.cpu()] = values
-            bar.update(stop - start)
+        with amp_autocast(net, self.amp, device):
+            maps = net.encode(vols["t1"], vols["t2"])
+            for start, stop, world, norm in iter_query_chunks(grid, normalizer, self.chunk_size):
+                world, norm = world.to(device), norm.to(device)
+                keep = None
+                if self.skip_empty:
+                    signal = sum(sample_at_world(vols[c] - bg[c], affines[c], world[None])[0, 0].abs()
+                                 for c in CONTRASTS)
+                    keep = torch.nonzero(signal > 0)[:, 0]
+                    if keep.numel() == 0:
+                        bar.update(stop - start)
+                        continue
+                    world, norm = world[keep], norm[keep]
+                pred = net.decode(maps, vols["t1"], vols["t2"], affines["t1"], affines["t2"], world[None], norm[None])
+                for c in CONTRASTS:
+                    values = pred[c][0].float().cpu()
+                    if keep is None:
+                        out[c][start:stop] = values
+                    else:
+                        out[c][start:stop][keep.cpu()] = values
+                bar.update(stop - start)
         bar.close()
         net.train(was_training)
         return {c: out[c].reshape(grid.shape) for c in CONTRASTS}

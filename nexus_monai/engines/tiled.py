@@ -13,20 +13,29 @@ memory budget (``max_memory_gib``) or an explicit ``tile_shape``. For each outpu
    equals the untiled one up to float rounding;
 3. ``network.decode`` over the points in chunks.
 
-The tile shape is planned from the budget (:func:`~nexus_monai.networks.tiling.plan_tile_shape`):
-``max_memory_gib`` is the process's target peak RSS; the tiles get what remains after the RSS at
-the start, the output volumes and one decode chunk (the chunk itself shrinks to a quarter of the
-budget left when needed). Peak memory then depends on the tile, not on the volume size.
+The tile shape is planned from the budget (:func:`~nexus_monai.networks.tiling.plan_tiles`):
+``max_memory_gib`` is the process's target peak RSS (on CUDA: the device memory this call may
+use); the tiles get what remains after the RSS at the start, the output volumes and one decode
+chunk (the chunk itself shrinks to a quarter of the budget left when needed). Peak memory then
+depends on the tile, not on the volume size. ``"auto"`` (the default) sizes the budget for the
+device (:func:`memory_budget`). Small tiles recompute their halos: the plan keeps the encoder
+voxels computed within ``MAX_HALO_OVERHEAD`` x the untiled encoders (an auto budget grows to meet
+it, up to a safety fraction of the free memory; otherwise one warning line).
+
+With the inferer's ``amp`` the network's parts run under bf16 autocast
+(:func:`~nexus_monai.engines.amp.amp_autocast`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from nexus_monai.engines.amp import amp_autocast
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, sample_at_world, voxel_to_world, world_to_voxel
 from nexus_monai.keys import CONTRASTS
 from nexus_monai.networks.tiling import (
@@ -35,15 +44,22 @@ from nexus_monai.networks.tiling import (
     encode_box,
     encoder_radius,
     iter_boxes,
-    plan_tile_shape,
+    plan_tiles,
     window_margin,
 )
 
-__all__ = ["DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "tileable", "process_rss_bytes", "plan", "tiled_decode"]
+__all__ = ["AUTO", "DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "MAX_HALO_OVERHEAD", "CPU_FREE_FRACTION",
+           "CUDA_FREE_FRACTION", "tileable", "process_rss_bytes", "available_memory_bytes", "memory_budget", "plan",
+           "tiled_decode"]
 
+AUTO = "auto"  # max_memory_gib: a budget sized for the device (memory_budget)
 DEFAULT_MAX_MEMORY_GIB = 1.75  # measured peak RSS for 240 x 240 x 160 at 2 threads: see README (benchmark)
 MIN_TILE_BUDGET_BYTES = 256 * 1024**2  # floor when the process already uses the budget
+MAX_HALO_OVERHEAD = 1.5  # encoder voxels computed by the tiles (halos incl.) / untiled encoder voxels
+CPU_FREE_FRACTION = 0.5  # of MemAvailable: the most an "auto" CPU budget grows to
+CUDA_FREE_FRACTION = 0.8  # of the device's free memory: an "auto" CUDA budget
 _GIB = 1024.0**3
+_LOG = logging.getLogger(__name__)
 
 
 def tileable(net: nn.Module) -> bool:
@@ -69,27 +85,88 @@ def process_rss_bytes() -> float:
     return 0.0
 
 
+def available_memory_bytes() -> float:
+    """The machine's available memory (``MemAvailable`` of ``/proc/meminfo``; 0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory_budget(setting, device: torch.device, output_bytes: float) -> tuple[float, float | None, str]:
+    """``(bytes for the tiles and one decode chunk, cap to grow to or None, description)``.
+
+    ``setting`` is the inferer's ``max_memory_gib``: a number (the user's budget, honoured: on CPU
+    the target peak RSS of the process, on CUDA the device memory this call may allocate) or
+    ``"auto"``: on CUDA ``CUDA_FREE_FRACTION`` of the device's free memory; on CPU the default
+    target peak RSS ``DEFAULT_MAX_MEMORY_GIB``, grown (the cap) up to ``CPU_FREE_FRACTION`` of the
+    machine's available memory when the halo-overhead bound needs it.
+    """
+    auto = isinstance(setting, str)
+    if device.type == "cuda":
+        if auto:
+            free, _ = torch.cuda.mem_get_info(device)
+            return CUDA_FREE_FRACTION * float(free), None, f"auto: {CUDA_FREE_FRACTION:g} x free device memory"
+        return float(setting) * _GIB - float(torch.cuda.memory_allocated(device)), None, "given"
+    target = DEFAULT_MAX_MEMORY_GIB if auto else float(setting)
+    budget = target * _GIB - process_rss_bytes() - output_bytes
+    if not auto:
+        return budget, None, "given"
+    cap = CPU_FREE_FRACTION * available_memory_bytes() - output_bytes
+    return budget, max(cap, budget), f"auto: {target:g} GiB peak RSS, up to {CPU_FREE_FRACTION:g} x available memory"
+
+
 def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Mapping[str, torch.Tensor],
          grid: TargetGrid, background: Mapping[str, float] | None = None) -> dict:
-    """Tile shape, decode chunk size, halo and margin for this volume under the inferer's budget."""
+    """Tile shape, decode chunk size, halo and margin for this volume under the inferer's budget.
+
+    The halo overhead (encoder voxels computed / untiled) is bounded by the inferer's
+    ``max_halo_overhead`` (default ``MAX_HALO_OVERHEAD``): an ``"auto"`` budget grows to meet it
+    (up to its cap); when it cannot be met one warning line names the overhead and the budget
+    that would meet it.
+    """
     radius, margin = encoder_radius(net), window_margin(net)
     chunk = int(inferer.chunk_size)
-    budget = None
+    device = vols["t1"].device
+    budget = cap = None
+    source = None
+    max_overhead = getattr(inferer, "max_halo_overhead", MAX_HALO_OVERHEAD)
     if inferer.max_memory_gib is not None:
-        outputs = 4.0 * grid.num_voxels * len(CONTRASTS) * 2  # the output volumes + predict_volumes' scaled copies
-        budget = float(inferer.max_memory_gib) * _GIB - process_rss_bytes() - outputs
+        # the output volumes + predict_volumes' scaled copies (host memory)
+        outputs = 4.0 * grid.num_voxels * len(CONTRASTS) * 2 if device.type != "cuda" else 0.0
+        budget, cap, source = memory_budget(inferer.max_memory_gib, device, outputs)
         per_point = decode_bytes_per_point(net)
         chunk = min(chunk, max(1024, int(max(budget, MIN_TILE_BUDGET_BYTES) / 4 / per_point)))
         budget = max(budget - chunk * per_point, MIN_TILE_BUDGET_BYTES)
+        cap = None if cap is None else max(cap - chunk * per_point, budget)
+    info = {"tiled": True}
     if inferer.tile_shape is not None:
         tile = tuple(int(t) for t in inferer.tile_shape)
     else:
         lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS}
         occupied = _coarse_occupancy(inferer, vols, affines, grid, background) if inferer.skip_empty else None
-        tile = plan_tile_shape(grid.shape, grid.affine, lr, net, budget, radius, margin, occupied)
-    return {"tiled": True, "tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius,
-            "margin_voxels": margin,
-            "tile_budget_gib": None if budget is None else budget / _GIB, "max_memory_gib": inferer.max_memory_gib}
+        planned = plan_tiles(grid.shape, grid.affine, lr, net, budget, radius, margin, occupied,
+                             max_overhead=max_overhead, grow_to_bytes=cap)
+        if cap is not None and planned["budget_bytes"] > budget:  # the auto budget grew: so may the decode chunk
+            leftover = cap + chunk * per_point - planned["memory_bytes"]
+            chunk = max(chunk, min(int(inferer.chunk_size), int(leftover / per_point)))
+        tile, budget = planned["tile_shape"], planned["budget_bytes"]
+        info.update({"halo_overhead": planned["overhead"], "halo_overhead_bound": max_overhead,
+                     "tile_memory_gib": planned["memory_bytes"] / _GIB})
+        if not planned["met"]:
+            need = planned["bound_budget_bytes"]
+            _LOG.warning("tiled inference: halo overhead %.2fx the untiled encoders (bound %.2fx) within the %.2f GiB "
+                         "tile budget (%s); %s", planned["overhead"], max_overhead, budget / _GIB, source,
+                         f"tiles of about {need / _GIB:.1f} GiB would meet it (--max-memory-gib)"
+                         if need is not None else "no tiling meets it")
+    info.update({"tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius, "margin_voxels": margin,
+                 "tile_budget_gib": None if budget is None else budget / _GIB,
+                 "max_memory_gib": inferer.max_memory_gib, "budget_source": source})
+    return info
 
 
 def _coarse_occupancy(inferer, vols, affines, grid: TargetGrid, background: Mapping[str, float] | None,
@@ -124,7 +201,7 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
     """
     if not tileable(net):
         return False
-    with torch.inference_mode():
+    with torch.inference_mode(), amp_autocast(net, bool(getattr(inferer, "amp", False)), vols["t1"].device):
         info = plan(inferer, net, vols, affines, grid, background)
         radius, margin, chunk = info["halo_voxels"], info["margin_voxels"], info["chunk_size"]
         device = vols["t1"].device
@@ -149,13 +226,14 @@ def tiled_decode(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affi
             boxes = {c: core_box(world_to_voxel(world, affines[c][0]), vols[c].shape[-3:], margin) for c in CONTRASTS}
             maps, crops, crop_affines = encode_box(net, vols, affines, boxes, radius, inferer.channels_last)
             encoded += 1
-            values = {c: torch.empty(world.shape[0], dtype=torch.float32) for c in CONTRASTS}
+            values = {c: torch.empty(world.shape[0], dtype=torch.float32, device=device) for c in CONTRASTS}
             for start in range(0, world.shape[0], chunk):
                 stop = min(start + chunk, world.shape[0])
                 pred = net.decode(maps, crops["t1"], crops["t2"], crop_affines["t1"], crop_affines["t2"],
                                   world[None, start:stop], norm[None, start:stop])
                 for c in CONTRASTS:
-                    values[c][start:stop] = pred[c][0].float().cpu()
+                    values[c][start:stop] = pred[c][0].float()
+            values = {c: v.cpu() for c, v in values.items()}  # one copy per tile and contrast
             del maps, crops
             for c in CONTRASTS:
                 tile = views[c][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]

@@ -17,7 +17,9 @@ Pieces (used by :class:`~nexus_monai.engines.inr.ImplicitGridInferer`):
 * :func:`encode_box`: the network's maps (features + KD-Attn keys) on the cores, with the cropped
   LR images and their affines, ready for ``network.decode``.
 * :func:`plan_tile_shape`: the output-tile shape of least encoder work (halos included) whose
-  estimated memory fits a byte budget; :func:`iter_boxes` walks the output grid in such tiles.
+  estimated memory fits a byte budget; :func:`plan_tiles` also bounds the halo overhead (encoder
+  voxels computed / untiled encoder voxels), growing the budget up to a cap to meet it;
+  :func:`iter_boxes` walks the output grid in such tiles.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from nexus_monai.networks.encoders import channels_last_convs
 __all__ = [
     "receptive_radius", "encoder_radius", "window_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point",
     "core_box",
-    "encode_box", "plan_tile_shape", "iter_boxes", "tile_memory_bytes",
+    "encode_box", "plan_tile_shape", "plan_tiles", "iter_boxes", "tile_memory_bytes",
 ]
 
 MIN_TILE_EDGE = 8
@@ -177,7 +179,26 @@ def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor,
     among the shapes whose :func:`tile_memory_bytes` fits ``budget_bytes`` (the smallest-memory
     shape if none does). ``lr``: ``{modality: (LR shape, LR affine)}``. ``occupied``: output voxel
     indices ``(N, 3)`` with a point to decode (e.g. a coarse sample); then only the tiles holding
-    one count (empty tiles are skipped at inference)."""
+    one count (empty tiles are skipped at inference). :func:`plan_tiles` adds the halo-overhead bound."""
+    return plan_tiles(grid_shape, grid_affine, lr, network, budget_bytes, radius, margin, occupied)["tile_shape"]
+
+
+def plan_tiles(grid_shape: Sequence[int], grid_affine: torch.Tensor,
+               lr: Mapping[str, tuple[Sequence[int], torch.Tensor]], network: nn.Module, budget_bytes: float,
+               radius: int | None = None, margin: int | None = None, occupied: np.ndarray | None = None,
+               max_overhead: float | None = None, grow_to_bytes: float | None = None) -> dict:
+    """:func:`plan_tile_shape` with a bound on the halo overhead.
+
+    Overhead = encoder voxels computed by the tiling (halos included, only tiles holding an
+    ``occupied`` point when given) / encoder voxels of the untiled encoders (every LR voxel once
+    per encoder): the recomputed encoder FLOPs relative to the untiled network. With
+    ``max_overhead`` and a best tiling within ``budget_bytes`` above it, the budget grows to the
+    least memory of a tiling that meets the bound (whole-grid count, an upper bound of the
+    occupied one), at most to ``grow_to_bytes``; ``met`` False when even that cannot meet it.
+
+    Returns ``{"tile_shape", "overhead", "memory_bytes", "budget_bytes", "met", "bound_budget_bytes"}``
+    (``bound_budget_bytes``: the least tile memory that meets the bound, ``None`` if no tiling does).
+    """
     radius = encoder_radius(network) if radius is None else radius
     margin = window_margin(network) if margin is None else margin
     enc_bytes = max(encoder_bytes_per_voxel(e) for e in network.encoders.values())
@@ -185,10 +206,12 @@ def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor,
     map_bytes = 4 * c * (len(network.encoders) // max(len(lr), 1) + 2)  # feature maps + KD-Attn keys/values
     out_a = grid_affine.double().cpu()
     per_grid = []
+    untiled = 0.0
     for m, (shape, affine) in lr.items():
         jac = (torch.linalg.inv(affine.double().cpu()) @ out_a)[:3, :3].numpy()
         n_enc = sum(1 for name in network.encoders if name.split("_")[0] == m)
         per_grid.append((jac, [int(s) for s in shape[-3:]], n_enc))
+        untiled += float(np.prod([int(s) for s in shape[-3:]])) * n_enc
     # edges of at least MIN_TILE_EDGE voxels (or the whole axis): smaller tiles are all halo
     edges = [{math.ceil(int(n) / k) for k in range(1, min(int(n), 48) + 1)} for n in grid_shape]
     axes = [sorted(e for e in es if e >= min(MIN_TILE_EDGE, int(n))) for es, n in zip(edges, grid_shape)]
@@ -196,21 +219,41 @@ def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor,
     memory, voxels = tile_memory_bytes(tiles, per_grid, radius, margin, enc_bytes, map_bytes)
     counts = np.prod(np.ceil(np.asarray(grid_shape, dtype=np.float64) / tiles), axis=1)
     cost = counts * voxels
-    fits = memory <= budget_bytes
-    if not fits.any():
-        return tuple(int(v) for v in tiles[int(np.argmin(memory))])
-    if occupied is not None and len(occupied):
+    occ = np.asarray(occupied, dtype=np.int64) if occupied is not None and len(occupied) else None
+
+    def occupied_cost(i: int) -> float:
+        t = tiles[i].astype(np.int64)
+        cells = np.ceil(np.asarray(grid_shape) / t).astype(np.int64)
+        key = ((occ[:, 0] // t[0]) * cells[1] + occ[:, 1] // t[1]) * cells[2] + occ[:, 2] // t[2]
+        return float(np.count_nonzero(np.bincount(key, minlength=int(cells.prod()))) * voxels[i])
+
+    def select(budget: float) -> tuple[int, float]:
+        fits = memory <= budget
+        if not fits.any():
+            i = int(np.argmin(memory))
+            return i, (occupied_cost(i) if occ is not None else float(cost[i]))
+        if occ is None:
+            i = int(np.argmin(np.where(fits, cost, np.inf)))
+            return i, float(cost[i])
         # tiles without a point to decode are skipped: count only the tiles holding an occupied sample
         order = np.argsort(np.where(fits, cost, np.inf))[:600]
         order = order[cost[order] <= 3.0 * cost[order[0]]]
-        occ = np.asarray(occupied, dtype=np.int64)
         best_cost, best = np.inf, int(order[0])
         for i in order:
-            t = tiles[i].astype(np.int64)
-            cells = np.ceil(np.asarray(grid_shape) / t).astype(np.int64)
-            key = ((occ[:, 0] // t[0]) * cells[1] + occ[:, 1] // t[1]) * cells[2] + occ[:, 2] // t[2]
-            c = np.count_nonzero(np.bincount(key, minlength=int(cells.prod()))) * voxels[i]
-            if c < best_cost:
-                best_cost, best = c, int(i)
-        return tuple(int(v) for v in tiles[best])
-    return tuple(int(v) for v in tiles[int(np.argmin(np.where(fits, cost, np.inf)))])
+            ci = occupied_cost(int(i))
+            if ci < best_cost:
+                best_cost, best = ci, int(i)
+        return best, best_cost
+
+    best, best_cost = select(budget_bytes)
+    meets = cost <= (max_overhead if max_overhead is not None else np.inf) * untiled
+    bound_budget = float(memory[meets].min()) if meets.any() else None
+    used_budget = float(budget_bytes)
+    if max_overhead is not None and best_cost > max_overhead * untiled and bound_budget is not None \
+            and grow_to_bytes is not None and bound_budget > budget_bytes:
+        used_budget = min(bound_budget, float(grow_to_bytes))
+        best, best_cost = select(used_budget)
+    met = max_overhead is None or best_cost <= max_overhead * untiled
+    return {"tile_shape": tuple(int(v) for v in tiles[best]), "overhead": best_cost / untiled,
+            "memory_bytes": float(memory[best]), "budget_bytes": used_budget, "met": bool(met),
+            "bound_budget_bytes": bound_budget}
