@@ -5,9 +5,14 @@
 
 Each argument is ``SPLIT=FOLDER[:SUFFIX]``: the ``per_subject.csv`` of one evaluate run on that split;
 ``SUFFIX`` is appended to the run's method names (``nexus_inr`` -> ``nexus_inr_old``) so two
-checkpoints of one method can sit side by side. Rows of a method that appears in several runs of a
-split (e.g. trilinear, deterministic) are taken from the first run. Gains are per-subject paired
-differences to trilinear of the same subject; intervals are Student-t 95 % over subjects.
+checkpoints of one method can sit side by side (not to the deterministic references ``trilinear`` and
+``ibp``). Rows of a method that appears in several runs of a split (e.g. trilinear, deterministic) are
+taken from the first run. Gains are per-subject paired differences to trilinear of the same subject;
+intervals are Student-t 95 % over subjects. Back-projection (``ibp``: trilinear + the consistency guard of
+``nexus-sr predict``, no network) is the floor a network must clear: when the runs have it, a second table
+gives every method's gain over ``ibp`` (the network's own contribution), and the lesion tables list it.
+Lesion fidelity is also shown by lesion size relative to the slab thickness (when the runs have the
+by-size columns).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import pandas as pd
 from scipy import stats
 
 from nexus_monai.data.io import write_text_atomic
+from nexus_monai.metrics.lesion import SIZE_BIN_LABELS
 
 GAIN_COLUMNS = [("psnr_t1", "masked T1w"), ("psnr_t2", "masked T2w"), ("psnr_eroded_t1", "interior T1w"),
                 ("psnr_eroded_t2", "interior T2w")]
+REFERENCES = ("trilinear", "ibp")  # deterministic, no network: never suffixed
 LESION_COLUMNS = [("lesion_contrast_t2", "T2w-only contrast recovered"), ("lesion_kept_t2", "kept"),
                   ("imprint_t1", "imprint on T1w"), ("imprint_t1_gt", "GT on T1w"),
                   ("lesion_contrast_t1", "T1w-only contrast recovered"), ("imprint_t2", "imprint on T2w"),
@@ -44,7 +51,7 @@ def load_runs(specs: list[str]) -> pd.DataFrame:
             raise SystemExit(f"error: {path}: no per_subject.csv (not an evaluate output folder)")
         frame = pd.read_csv(path)
         if suffix:
-            frame.loc[frame["method"] != "trilinear", "method"] += suffix
+            frame.loc[~frame["method"].isin(REFERENCES), "method"] += suffix
         frame["split"] = split
         frames.append(frame)
     rows = pd.concat(frames, ignore_index=True)
@@ -68,15 +75,39 @@ def paired(rows: pd.DataFrame, split: str, a: str, b: str, column: str) -> np.nd
     return (wide[a] - wide[b]).dropna().to_numpy()
 
 
-def gain_table(rows: pd.DataFrame, split: str) -> str:
-    methods = [m for m in rows[rows["split"] == split]["method"].unique() if m != "trilinear"]
+def gain_table(rows: pd.DataFrame, split: str, reference: str = "trilinear") -> str:
+    """Per-method paired PSNR gain over ``reference`` (trilinear, or ibp: the network's own contribution)."""
+    methods = [m for m in rows[rows["split"] == split]["method"].unique() if m not in (reference, "trilinear")]
     lines = ["| method | n | " + " | ".join(f"gain {name} (dB)" for _, name in GAIN_COLUMNS) + " | avg masked |",
              "|---" * (len(GAIN_COLUMNS) + 3) + "|"]
     for m in methods:
-        cells = [_interval(paired(rows, split, m, "trilinear", c)) for c, _ in GAIN_COLUMNS]
-        avg = (paired(rows, split, m, "trilinear", "psnr_t1") + paired(rows, split, m, "trilinear", "psnr_t2")) / 2
-        n = len(paired(rows, split, m, "trilinear", "psnr_t1"))
+        cells = [_interval(paired(rows, split, m, reference, c)) for c, _ in GAIN_COLUMNS]
+        avg = (paired(rows, split, m, reference, "psnr_t1") + paired(rows, split, m, reference, "psnr_t2")) / 2
+        n = len(paired(rows, split, m, reference, "psnr_t1"))
         lines.append(f"| {m} | {n} | " + " | ".join(cells) + f" | {avg.mean():+.2f} |")
+    return "\n".join(lines)
+
+
+def lesion_size_table(rows: pd.DataFrame, split: str) -> str:
+    """Contrast recovered / kept of one-contrast lesions by diameter relative to the slab ('' without the columns)."""
+    part = rows[rows["split"] == split]
+    keys = [(c, b, label) for c in ("t2", "t1") for b, label in SIZE_BIN_LABELS.items()]
+    if not any(f"lesion_contrast_{c}_{b}" in part and part[f"lesion_contrast_{c}_{b}"].notna().any()
+               for c, b, _ in keys):
+        return ""
+    names = {"t1": "T1w-only", "t2": "T2w-only"}
+    lines = ["| method | " + " | ".join(f"{names[c]} {label}: recovered / kept (lesions)" for c, _, label in keys)
+             + " |", "|---" * (len(keys) + 1) + "|"]
+    for m in part["method"].unique():
+        sub = part[part["method"] == m]
+        cells = []
+        for c, b, _ in keys:
+            v = sub[f"lesion_contrast_{c}_{b}"].to_numpy(dtype=float) if f"lesion_contrast_{c}_{b}" in sub else []
+            k = sub[f"lesion_kept_{c}_{b}"].to_numpy(dtype=float) if f"lesion_kept_{c}_{b}" in sub else []
+            n = sub[f"n_lesions_{c}_{b}"].to_numpy(dtype=float).sum() if f"n_lesions_{c}_{b}" in sub else 0
+            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f} / {np.nanmean(k):.2f} ({n:.0f})"
+                         if np.isfinite(v).any() else f"- ({n:.0f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -120,8 +151,9 @@ def main(argv=None) -> int:
     rows = load_runs(args.runs)
     if args.rename:
         rows["method"] = rows["method"].replace(dict(r.split("=", 1) for r in args.rename))
-    if args.methods:
-        order = ["trilinear"] + [m for m in args.methods.split(",") if m != "trilinear"]
+    if args.methods:  # trilinear and ibp (when run) always shown
+        order = [r for r in REFERENCES if (rows["method"] == r).any() or r == "trilinear"]
+        order += [m for m in args.methods.split(",") if m not in order]
         rows = rows[rows["method"].isin(order)]
         rows = rows.assign(_o=rows["method"].map(order.index)).sort_values(["_o", "subject"]).drop(columns="_o")
     pairs = [tuple(p.split(",", 1)) for p in args.compare]
@@ -131,11 +163,20 @@ def main(argv=None) -> int:
         parts += [f"## Split `{split}` ({n} subjects)", "",
                   "PSNR gain over trilinear, per-subject paired, mean [95 % t-interval over subjects]:", "",
                   gain_table(rows, split), ""]
+        if ((rows["split"] == split) & (rows["method"] == "ibp")).any():
+            parts += ["Gain over back-projection (ibp: trilinear + the consistency guard of `nexus-sr predict`, no "
+                      "network), per-subject paired: the network's own contribution:", "",
+                      gain_table(rows, split, reference="ibp"), ""]
         if pairs:
             parts += ["Paired differences, mean [95 % t-interval] and the worst subject:", "",
                       comparison_lines(rows, split, pairs), ""]
         parts += ["Lesion fidelity, mean ± std over subjects (definitions in docs/evaluation_protocol.md):", "",
                   lesion_table(rows, split), ""]
+        by_size = lesion_size_table(rows, split)
+        if by_size:
+            parts += ["Lesion fidelity by size (d: equivalent-sphere lesion diameter / slab thickness of the contrast "
+                      "that shows it), mean ± std over subjects with lesions in the bin / kept fraction (lesions in "
+                      "all subjects):", "", by_size, ""]
     write_text_atomic(args.out, "\n".join(parts))
     print(f"wrote {args.out}")
     return 0

@@ -1,6 +1,10 @@
 """Tables 2-5 of Zhang et al. ("Nexus-INR: Diverse Knowledge-guided Arbitrary-Scale Multimodal
 Medical Image Super-Resolution", 2025) from the runs of ``nexus-sr experiment``: CSV + Markdown.
 
+Each split's table shows trilinear and back-projection (``ibp``: trilinear + the consistency guard of
+``nexus-sr predict``, no network) once, then the rows, and the paired difference of every row to ``ibp``
+(the network's own contribution).
+
 Statistics: for each row, split and seed the mean over test subjects; the table shows the mean ±
 sample std over seeds of those per-seed means. The paired difference of a row to the previous
 one pairs the two rows' values on the same (seed, subject); its 95 % interval is the Student t
@@ -51,6 +55,8 @@ METRICS = (("psnr_t1", "PSNR T1w", 2), ("psnr_t2", "PSNR T2w", 2), ("psnr_avg", 
            ("lpips_avg", "LPIPS avg", 4), ("psnr_eroded_avg", "PSNR eroded avg", 2), ("psnr_volume_avg",
                                                                                       "PSNR volume avg", 2))
 DIFF_METRICS = ("psnr_t1", "psnr_t2", "psnr_avg", "ssim_avg", "lpips_avg")
+REFERENCE_METHODS = ("trilinear", "ibp")
+"""Methods without training scored beside every run: their row is shown once, from the first row's runs."""
 
 
 def _with_averages(frame: pd.DataFrame) -> pd.DataFrame:
@@ -94,9 +100,10 @@ def _image_markdown(table: str, form: str, frame: pd.DataFrame, rows: Sequence[s
         head = ["Row", "seeds"] + [f"{label} (ours / paper)" for _, label, _ in metrics]
         lines += [f"## Split `{split}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         summaries = {m: seed_summary(part, m) for m, _, _ in metrics}
-        for method, row_names in (("trilinear", ["(trilinear)"]), ("nexus_inr", list(rows))):
+        references = [(m, [f"({m})"]) for m in REFERENCE_METHODS if (part["method"] == m).any()]
+        for method, row_names in references + [("nexus_inr", list(rows))]:
             for row in row_names:
-                key = rows[0] if method == "trilinear" else row
+                key = rows[0] if method in REFERENCE_METHODS else row
                 cells = [ROW_LABELS.get(row, row)]
                 seeds = 0
                 for m, _, digits in metrics:
@@ -123,7 +130,29 @@ def _image_markdown(table: str, form: str, frame: pd.DataFrame, rows: Sequence[s
             lines.append(
                 f"| {ROW_LABELS.get(row, row)} vs {ROW_LABELS.get(prev, prev)} | {n} | " + " | ".join(cells) + " |"
             )
+        lines += _vs_ibp_lines(part, rows, split, diff_metrics)
         lines.append("")
+    return lines
+
+
+def _vs_ibp_lines(part: pd.DataFrame, rows: Sequence[str], split: str, diff_metrics: Sequence[str]) -> list[str]:
+    """Each row minus back-projection (``ibp``, no network) of the same run and subject: the network's own
+    contribution (empty when the runs have no ``ibp`` rows)."""
+    ibp = part[part["method"] == "ibp"]
+    if not len(ibp):
+        return []
+    lines = ["", f"Network's own contribution: each row minus back-projection (ibp: trilinear + the consistency "
+                 f"guard, no network) of the same run and subject (split `{split}`; 95 % t-interval over seeds x "
+                 f"subjects):", "",
+             "| Row vs ibp | n pairs | " + " | ".join(diff_metrics) + " |", "|" + "---|" * (len(diff_metrics) + 2)]
+    ours = part[part["method"] == "nexus_inr"]
+    for row in rows:
+        cells, n = [], 0
+        for m in diff_metrics:
+            mean, lo, hi, n = paired_interval(ibp[ibp["row"] == row], ours[ours["row"] == row], m)
+            d = 4 if m.startswith(("ssim", "lpips")) else 2
+            cells.append("n/a" if not np.isfinite(mean) else f"{mean:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]")
+        lines.append(f"| {ROW_LABELS.get(row, row)} vs ibp | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
