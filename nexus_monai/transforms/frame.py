@@ -25,7 +25,11 @@ def frame_shape(frame_mm: Sequence[float], affine) -> tuple[int, int, int]:
 
 
 class PadToFramed(MapTransform):
-    """Pad with zeros / crop ``keys`` (one grid) symmetrically to ``frame_mm`` (mm per axis)."""
+    """Pad with zeros / crop ``keys`` (one grid) symmetrically to ``frame_mm`` (mm per axis).
+
+    Every present key must hold a loaded image with an affine (a MetaTensor); a key that still holds
+    its datalist path (not listed in the loader before the frame) is a ``TypeError`` naming the key.
+    """
 
     def __init__(self, keys: KeysCollection, frame_mm: Sequence[float] = (240.0, 240.0, 160.0),
                  allow_missing_keys: bool = False):
@@ -35,6 +39,9 @@ class PadToFramed(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
+            if not hasattr(d[key], "affine"):
+                raise TypeError(f"PadToFramed: key {key!r} holds {d[key]!r}, not a loaded image; load it before the "
+                                "frame (LoadVolumed with the frame's keys) or delete it")
             size = frame_shape(self.frame_mm, d[key].affine)
             d[key] = ResizeWithPadOrCrop(spatial_size=size, mode="constant")(d[key])
         return d
