@@ -310,9 +310,9 @@ def cmd_serve(args) -> int:
 def cmd_experiment(args) -> int:
     from nexus_monai.experiments import run_experiment
 
-    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data,
-                             max_epochs=args.max_epochs,
-                             jobs=args.jobs, overrides=args.override or (), lpips=not args.no_lpips)
+    written = run_experiment(args.table, form=args.form, seeds=args.seeds, out=args.out, data=args.data, jobs=args.jobs,
+                             max_epochs=args.max_epochs, overrides=args.override or (), lpips=not args.no_lpips,
+                             weights=args.weights or (), methods=args.methods)
     print("wrote", written["csv"], written["md"])
     return 0
 
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--override", action="append", metavar="KEY=VALUE",
                     help="bundle config override for every run (YAML value); repeatable")
     ex.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    ex.add_argument("--methods", help="table5: method rows computed in this run (default all; comma-separated)")
+    ex.add_argument("--weights", action="append", metavar="ROW=PATH", help="table5: checkpoint or run folder of a row")
     ex.add_argument("--out", required=True,
                     help="output folder (runs/, tableN.csv, tableN.md); MLflow runs go to the project store")
     ex.set_defaults(func=cmd_experiment)

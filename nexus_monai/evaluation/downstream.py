@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
@@ -27,7 +29,12 @@ from nexus_monai.geometry import TargetGrid, as_affine
 from nexus_monai.metrics.segmentation import EMPTY_POLICY, REGIONS, brats_regions, dice_hd95
 from nexus_monai.paths import REPO_BUNDLES
 
-__all__ = ["FrozenSegmenter", "load_segmenters", "segmentation_rows", "table5_markdown", "summarise_table5"]
+__all__ = ["FrozenSegmenter", "load_segmenters", "segmentation_rows", "table5_markdown", "summarise_table5",
+           "t_interval", "paired_differences", "SEG_METRICS"]
+
+SEG_METRICS = tuple(f"dice_{r}" for r in ("WT", "TC", "ET")) + ("dice_mean",) + tuple(
+    f"hd95_{r}" for r in ("WT", "TC", "ET")) + ("hd95_mean",)
+"""Per-subject columns of :func:`segmentation_rows` that Table 5 summarises (Dice 0-1, HD95 mm)."""
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ class FrozenSegmenter:
             raise NexusInputError(weights,
                                   f"no trained weights; train first: python -m monai.bundle run training --config_file "
                                   f"{bundle}/configs/train.yaml")
-        self.name = bundle.name
+        self.name, self.weights = bundle.name, weights
         parser = ConfigParser()
         parser.read_config(str(config))
         parser["bundle_root"] = str(bundle)
@@ -57,9 +64,13 @@ class FrozenSegmenter:
             parser[key] = value
         self.network = parser.get_parsed_content("network")
         state = torch.load(weights, map_location=device, weights_only=True)
-        self.network.load_state_dict(
-            state.get("model", state) if isinstance(state, dict) and "model" in state else state
-        )
+        try:
+            self.network.load_state_dict(
+                state.get("model", state) if isinstance(state, dict) and "model" in state else state
+            )
+        except RuntimeError as err:  # another architecture / width than configs/inference.yaml (+ overrides)
+            raise NexusInputError(weights, f"checkpoint does not match the bundle's network "
+                                           f"({str(err).splitlines()[0][:160]})") from None
         self.network.eval()
         self.prepare = Compose(parser.get_parsed_content("prepare"))
         self.inferer = parser.get_parsed_content("inferer")
@@ -130,6 +141,48 @@ def summarise_table5(rows: pd.DataFrame, inputs: Sequence[str]) -> pd.DataFrame:
             for k in keys:
                 row[f"{k}_mean"], row[f"{k}_std"] = float(part[k].mean()), float(part[k].std(ddof=0))
             out.append(row)
+    return pd.DataFrame(out)
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """``(mean, lo, hi, n)`` of ``values`` (NaN dropped) with the two-sided Student t interval
+    ``mean ± t((1 + confidence) / 2, n - 1) * sd / sqrt(n)`` (sample sd); ``n < 2``: NaN bounds."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(v.mean())
+    if n == 1:
+        return mean, float("nan"), float("nan"), 1
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+def paired_differences(rows: pd.DataFrame, reference: str, metrics: Sequence[str] = SEG_METRICS,
+                       group: Sequence[str] = ("split", "segmenter")) -> pd.DataFrame:
+    """Paired differences ``input - reference`` per subject, summarised with :func:`t_interval`.
+
+    ``rows``: one line per ``(*group, subject, input)`` with the ``metrics`` columns (e.g. Dice
+    0-1, HD95 mm). Pairs are the subjects scored on both inputs within the same ``group`` values;
+    returns one line per ``(*group, input)`` (reference excluded) with ``n`` and, per metric,
+    ``<metric>_diff``, ``<metric>_lo``, ``<metric>_hi`` (95 % interval).
+    """
+    group = [g for g in group if g in rows.columns]
+    out = []
+    for keys, part in (rows.groupby(group, sort=False) if group else [((), rows)]):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        ref = part[part["input"] == reference].set_index("subject")
+        for name in dict.fromkeys(part["input"]):
+            if name == reference:
+                continue
+            other = part[part["input"] == name].set_index("subject")
+            common = other.index.intersection(ref.index)
+            line = dict(zip(group, keys), input=name, n=len(common))
+            for m in metrics:
+                d = other.loc[common, m].astype(float) - ref.loc[common, m].astype(float)
+                line[f"{m}_diff"], line[f"{m}_lo"], line[f"{m}_hi"], _ = t_interval(d.to_numpy())
+            out.append(line)
     return pd.DataFrame(out)
 
 

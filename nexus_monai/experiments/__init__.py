@@ -18,8 +18,8 @@ datalist has it) by :func:`~nexus_monai.evaluation.table1.evaluate_methods`, the
                                 experiment "nexus_<tableN>", one named run per row x seed
 
 Re-running the same command skips runs with ``done.json``; a killed training resumes from its
-last checkpoint. Table 5 trains the full network in BOTH forms and scores the segmenters
-``seg_unet`` / ``seg_transunet`` (trained bundles) on every method's output.
+last checkpoint. Table 5 trains nothing: :mod:`nexus_monai.experiments.table5` scores frozen segmenters
+(``seg_unet`` / ``seg_transunet``) on every method's output, resumable per subject x row.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.mlflow_logging import tracking_uri
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.downstream import load_segmenters
-from nexus_monai.evaluation.methods import check_methods
 from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
 from nexus_monai.experiments.tables import write_tables
 from nexus_monai.paths import REPO_BUNDLES, REPO_ROOT
@@ -56,10 +55,8 @@ __all__ = ["TABLES", "FORMS", "parse_seeds", "plan_runs", "run_experiment", "Run
 BUNDLE = REPO_BUNDLES / "nexus_inr"
 CONFIGS = BUNDLE / "configs"
 TABLES = {"table2": ("baseline", "mmf", "mmf_kdattn", "mmf_kdattn_sel"), "table3": ("rdn", "srresnet", "rescnn"),
-          "table4": ("mlp", "siren"), "table5": ("mmf_kdattn_sel",)}
+          "table4": ("mlp", "siren")}
 FORMS = {"default": (), "paper_cpu": ("paper_cpu.yaml",)}
-TABLE5_METHODS = ("trilinear", "cubic", "smore", "arssr", "ssmcsr_split_head", "cycleinr")
-TABLE5_SEGMENTERS = ("seg_unet", "seg_transunet")
 _MLFLOW_LOCK = threading.Lock()
 
 
@@ -90,16 +87,13 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def plan_runs(table: str, form: str, seeds: Sequence[int]) -> list[Run]:
-    """Every run of ``table`` (rows x seeds; Table 5: both forms x seeds + one untrained reference run)."""
+    """Every run of ``table`` (rows x seeds)."""
     if table not in TABLES:
-        raise NexusInputError(None, f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        raise NexusInputError(None, f"unknown table {table!r}; choose one of {', '.join([*TABLES, 'table5'])}")
     if form not in FORMS:
         raise NexusInputError(None, f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
-    forms = list(FORMS) if table == "table5" else [form]
-    runs = [Run(table, f, row, s, [CONFIGS / o for o in FORMS[f]] + [CONFIGS / "experiments" / f"{row}.yaml"])
-            for row in TABLES[table] for f in forms for s in seeds]
-    if table == "table5":
-        runs.append(Run(table, "reference", "methods", None))
+    runs = [Run(table, form, row, s, [CONFIGS / o for o in FORMS[form]] + [CONFIGS / "experiments" / f"{row}.yaml"])
+            for row in TABLES[table] for s in seeds]
     for run in runs:
         for path in run.overlays:
             if not path.is_file():
@@ -167,13 +161,12 @@ def _train(run: Run, ctx: dict, run_dir: Path) -> None:
 
 def _evaluate(run: Run, ctx: dict, run_dir: Path) -> None:
     # beside every trained run: trilinear and back-projection (ibp: trilinear + predict's guard, no network)
-    methods = list(TABLE5_METHODS) if run.seed is None else ["trilinear", "ibp", "nexus_inr"]
-    options = {} if run.seed is None else {"nexus_inr": {
+    methods = ["trilinear", "ibp", "nexus_inr"]
+    options = {"nexus_inr": {
         "bundle": str(BUNDLE), "weights": str(run_dir / "models" / "model.pt"),
         "overlays": [str(p) for p in run.overlays] + [str(run_dir / "overrides.yaml")]}}
     spec = {"datalist": str(ctx["datalist"]), "splits": ctx["splits"], "methods": methods, "options": options,
-            "lpips": ctx["lpips"], "segmenters": list(TABLE5_SEGMENTERS) if run.table == "table5" else [],
-            "out": str(run_dir)}
+            "lpips": ctx["lpips"], "segmenters": [], "out": str(run_dir)}
     write_text_atomic(run_dir / "evaluate.json", json.dumps(spec, indent=1) + "\n")
     if ctx["jobs"] == 1:  # one run at a time: in this process (no interpreter start-up per run)
         _evaluate_run(str(run_dir / "evaluate.json"))
@@ -282,17 +275,24 @@ def _run_one(run: Run, ctx: dict, index: int, total: int) -> None:
 
 def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out: str | os.PathLike = "results",
                    data: str = "embedded", max_epochs: int | None = None, jobs: int = 1, overrides: Sequence[str] = (),
-                   lpips: bool = True) -> dict[str, Path]:
-    """Plan, check, run (skipping finished runs) and tabulate one table; returns the written table files."""
+                   lpips: bool = True, weights: Sequence[str] = (), methods: str | None = None) -> dict[str, Path]:
+    """Plan, check, run (skipping finished runs) and tabulate one table; returns the written table files.
+
+    ``table5``: :func:`nexus_monai.experiments.table5.run_table5` on ``data`` (``methods``: comma-separated rows
+    of this run; ``weights``: ``ROW=PATH`` checkpoints or run folders); the training arguments do not apply."""
+    if table == "table5":
+        from nexus_monai.experiments.table5 import parse_weights, run_table5
+
+        command = " ".join(["nexus-sr experiment table5", "--data", str(data), *[f"--weights {w}" for w in weights]]
+                           + ([f"--methods {methods}"] if methods else []) + ["--out", str(out)])
+        return run_table5(out, data=data, methods=methods.split(",") if methods else None,
+                          weights=parse_weights(weights), command=command)
     runs = plan_runs(table, form, parse_seeds(seeds))
     extra = _overrides(overrides)
     if max_epochs is not None and int(max_epochs) < 1:
         raise NexusInputError(None, f"--max-epochs must be >= 1, got {max_epochs}")
     if int(jobs) < 1:
         raise NexusInputError(None, f"--jobs must be >= 1, got {jobs}")
-    if table == "table5":
-        load_segmenters(TABLE5_SEGMENTERS)  # trained segmenters and cohort bundles exist, before any training
-        check_methods(list(TABLE5_METHODS))
     if str(data) != "embedded" and not Path(data).exists():
         raise NexusInputError(data, "dataset not found")
     datalist = resolve_datalist(data, seed=0)

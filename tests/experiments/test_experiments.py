@@ -129,10 +129,11 @@ def test_paired_interval_is_the_t_interval_of_paired_differences():
     assert n == 4 and mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half) and hi == pytest.approx(d.mean() + half)
 
 
-def test_table5_plans_both_forms_and_one_reference_run():
-    runs = plan_runs("table5", "default", [0, 1])
-    assert sorted(r.name for r in runs) == ["default_mmf_kdattn_sel_seed0", "default_mmf_kdattn_sel_seed1",
-                                            "paper_cpu_mmf_kdattn_sel_seed0", "paper_cpu_mmf_kdattn_sel_seed1", "reference_methods"]
+def test_plan_runs_is_rows_x_seeds_of_one_form():
+    runs = plan_runs("table4", "paper_cpu", [0, 1])
+    assert sorted(r.name for r in runs) == ["paper_cpu_mlp_seed0", "paper_cpu_mlp_seed1", "paper_cpu_siren_seed0",
+                                            "paper_cpu_siren_seed1"]
+    assert all(r.overlays[0].name == "paper_cpu.yaml" for r in runs)
 
 
 @pytest.mark.parametrize("args, match", [(["table9"], "unknown table"), (["table2", "--form", "gpu"], "unknown form"),
