@@ -3,11 +3,13 @@
 * :class:`LossTermsHandler` -- epoch means of every ``loss_<term>`` of the trainer's output go
   to ``engine.state.metrics["train_<term>"]`` (so StatsHandler prints and MLFlowHandler logs
   each term separately).
-* :class:`SRValidationReport` -- after each validation: per-subject CSV of Nexus-INR and
-  trilinear PSNR/SSIM (``<prefix>_subjects.csv``), a JSON summary, trilinear reference metrics
-  into ``state.metrics`` (``trilinear_psnr_t1``...), and a PNG panel (LR / trilinear / model / GT
-  for T1w and T2w) written to ``output_dir``; panel and rows are left in ``state.validation_report``
-  for :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger` (MLflow image and table).
+* :class:`SRValidationReport` -- after each validation: per-subject CSV of the model, trilinear and
+  back-projection (``ibp``: trilinear + the consistency guard of ``nexus-sr predict``, no network)
+  PSNR/SSIM and lesion fidelity (``<prefix>_subjects.csv``), a JSON summary (gains over trilinear and
+  over ibp), the reference metrics into ``state.metrics`` (``trilinear_psnr_t1``, ``ibp_psnr_t1``...),
+  and a PNG panel (LR / trilinear / ibp / model / GT for T1w and T2w) written to ``output_dir``; panel
+  and rows are left in ``state.validation_report`` for
+  :class:`~nexus_monai.engines.mlflow_logging.MLflowRunLogger` (MLflow image and table).
 * :class:`TrainingCheckpoint` -- periodic full-state checkpoints (network, optimizer, scheduler,
   trainer) written atomically and, on start, resume from the newest one that loads, so a killed
   run continues (even one killed while writing a checkpoint).
@@ -28,9 +30,12 @@ from ignite.engine import Engine, Events
 
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.engines.checkpoints import AtomicCheckpointSaver, load_newest
+from nexus_monai.engines.consistency import consistency_guard, guard_options_from_env
 from nexus_monai.engines.inr import subject_scores
-from nexus_monai.keys import CONTRASTS
-from nexus_monai.metrics.image_quality import intensity_scale
+from nexus_monai.keys import CONTRASTS, LESIONS
+from nexus_monai.metrics.image_quality import as_mask, intensity_scale
+from nexus_monai.metrics.lesion import lesion_fidelity_row, lesion_geometry, size_columns
+from nexus_monai.metrics.subject_row import SCALE_PERCENTILE
 from nexus_monai.transforms.interpolation import upsample
 from nexus_monai.visualize import save_panel, to_uint8
 
@@ -38,12 +43,16 @@ __all__ = ["AuxLossWarmup", "LossTermsHandler", "SRValidationReport", "TrainingC
 
 
 class LossTermsHandler:
-    """Average each ``loss_*`` entry of ``engine.state.output`` over the epoch into ``state.metrics``."""
+    """Average each ``loss_*`` entry of ``engine.state.output`` over the epoch into ``state.metrics``.
+
+    Each entry is averaged over the iterations that reported it (a diagnostic such as the loss on
+    lesion points is absent from a batch without lesions, not zero).
+    """
 
     def __init__(self, prefix: str = "train_"):
         self.prefix = prefix
         self._sums: dict[str, float] = defaultdict(float)
-        self._n = 0
+        self._counts: dict[str, int] = defaultdict(int)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -51,7 +60,7 @@ class LossTermsHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
 
     def _reset(self, engine: Engine) -> None:
-        self._sums, self._n = defaultdict(float), 0
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output or {}
@@ -60,11 +69,11 @@ class LossTermsHandler:
         for k, v in out.items():
             if k.startswith("loss"):
                 self._sums[k] += float(v)
-        self._n += 1
+                self._counts[k] += 1
 
     def _complete(self, engine: Engine) -> None:
         for k, v in self._sums.items():
-            engine.state.metrics[self.prefix + k] = v / max(self._n, 1)
+            engine.state.metrics[self.prefix + k] = v / max(self._counts[k], 1)
 
 
 class AuxLossWarmup:
@@ -97,17 +106,27 @@ class AuxLossWarmup:
 
 
 class SRValidationReport:
-    """Per-subject CSV, JSON summary, trilinear reference metrics and a PNG panel after each validation.
+    """Per-subject CSV, JSON summary, reference metrics (trilinear, ibp) and a PNG panel after each validation.
+
+    Back-projection (``ibp``) is the trilinear interpolation of each LR scan corrected by
+    :func:`~nexus_monai.engines.consistency.consistency_guard` with the options of ``nexus-sr predict``
+    (``NEXUS_GUARD_OPTIONS`` honoured): the floor the network must clear, so ``model - ibp`` is its own
+    contribution. It does not depend on the network, so it is computed once per subject and reused in
+    later validations. Subjects with a lesion instance map also get the lesion columns by lesion size
+    relative to each contrast's slab thickness (the LR scan's thick spacing) for model, trilinear and ibp.
 
     Args:
         output_dir: folder for ``<prefix>_subjects.csv``, ``<prefix>_summary.json`` and
             ``<prefix>_panel_epochNNN.png`` (None: nothing written, e.g. on non-zero DDP ranks).
         prefix: file name prefix.
+        ibp: score back-projection beside trilinear (default True).
     """
 
-    def __init__(self, output_dir: str | None, prefix: str = "validation"):
+    def __init__(self, output_dir: str | None, prefix: str = "validation", ibp: bool = True):
         self.output_dir = Path(output_dir) if output_dir else None
         self.prefix = prefix
+        self.ibp = bool(ibp)
+        self._ibp_cache: dict = {}  # subject key -> {"scores": ..., "volumes": ... (the panel's subject only)}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -119,17 +138,49 @@ class SRValidationReport:
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output
-        tri = {c: upsample(out["lr"][c], out["grid"], "trilinear")[0].as_subclass(torch.Tensor) for c in CONTRASTS}
-        scores = out.get("scores") or subject_scores(out["gt"], out["pred"])
-        ref = subject_scores(out["gt"], tri, out.get("lesions"))  # lesion columns when the subject has a map
+        lesions = out.get(LESIONS)
+        grid = out["grid"]
+        lr_up = {c: upsample(out["lr"][c], grid, "trilinear") for c in CONTRASTS}  # MetaTensors (1, X, Y, Z)
+        tri = {c: lr_up[c][0].as_subclass(torch.Tensor) for c in CONTRASTS}
+        scores = dict(out.get("scores") or subject_scores(out["gt"], out["pred"], lesions))
+        ref = subject_scores(out["gt"], tri, lesions)  # lesion columns when the subject has a map
+        if lesions is not None:  # lesion columns by size relative to each contrast's slab thickness
+            geometry = lesion_geometry(out["lr"], grid.affine)
+            scores.update(_lesion_sizes(out["gt"], out["pred"], lesions, geometry))
+            ref.update(_lesion_sizes(out["gt"], tri, lesions, geometry))
         row = {"subject": out["subject"], **{f"model_{k}": v for k, v in scores.items()},
                **{f"trilinear_{k}": v for k, v in ref.items()}}
+        ibp = None
+        if self.ibp:
+            ibp_scores, ibp = self._back_projection(out, lr_up, lesions, need_volumes=self.panel is None)
+            row.update({f"ibp_{k}": v for k, v in ibp_scores.items()})
         self.rows.append(row)
         if self.panel is None:
-            self.panel = self._tiles(out, tri)
+            self.panel = self._tiles(out, tri, ibp)
+
+    def _back_projection(self, out: dict, lr_up: dict, lesions, need_volumes: bool) -> tuple[dict, dict | None]:
+        """``(scores, volumes or None)`` of ibp for this subject: trilinear + predict's guard, computed once per
+        subject and reused (volumes are kept for one subject only, the panel's)."""
+        lr = out["lr"]
+        key = (str(out["subject"]), tuple(out["grid"].shape),
+               *((tuple(lr[c].shape), round(float(lr[c].as_subclass(torch.Tensor).double().sum()), 3))
+                 for c in CONTRASTS))
+        hit = self._ibp_cache.get(key)
+        if hit is None or (need_volumes and hit["volumes"] is None):
+            guarded, _, _ = consistency_guard(lr_up, lr, out["grid"], guard_options_from_env())
+            vol = {c: guarded[c][0].as_subclass(torch.Tensor).float() for c in CONTRASTS}
+            scores = subject_scores(out["gt"], vol, lesions)
+            if lesions is not None:
+                scores.update(_lesion_sizes(out["gt"], vol, lesions, lesion_geometry(lr, out["grid"].affine)))
+            if need_volumes:
+                for other in self._ibp_cache.values():
+                    other["volumes"] = None
+            hit = {"scores": scores, "volumes": vol if need_volumes else None}
+            self._ibp_cache[key] = hit
+        return dict(hit["scores"]), hit["volumes"]
 
     @staticmethod
-    def _tiles(out: dict, tri: dict) -> list[list[np.ndarray]]:
+    def _tiles(out: dict, tri: dict, ibp: dict | None = None) -> list[list[np.ndarray]]:
         rows = []
         for c in CONTRASTS:
             gt = out["gt"][c].numpy()
@@ -138,7 +189,8 @@ class SRValidationReport:
             mid = int(np.argmax((gt > 0).sum(axis=tuple(a for a in range(3) if a != view))))
             vmax = intensity_scale(gt, gt > 0) if (gt > 0).any() else 1.0
             nearest = upsample(out["lr"][c], out["grid"], "nearest")[0].as_subclass(torch.Tensor).numpy()
-            vols = [nearest, tri[c].numpy(), out["pred"][c].numpy(), gt]
+            vols = [nearest, tri[c].numpy()] + ([ibp[c].numpy()] if ibp is not None else []) + [
+                out["pred"][c].numpy(), gt]
             rows.append([to_uint8(np.take(v, mid, axis=view), vmax) for v in vols])
         return rows
 
@@ -150,7 +202,7 @@ class SRValidationReport:
             warnings.simplefilter("ignore", RuntimeWarning)
             means = {k: float(np.nanmean([r.get(k, np.nan) for r in self.rows])) for k in keys}
         for k, v in means.items():
-            if k.startswith("trilinear_"):
+            if k.startswith(("trilinear_", "ibp_")):
                 engine.state.metrics[k] = v
         epoch = engine.state.epoch  # ValidationHandler runs the evaluator with the trainer's epoch
         if self.output_dir is None:
@@ -163,12 +215,26 @@ class SRValidationReport:
         write_text_atomic(self.output_dir / f"{self.prefix}_subjects.csv", "\n".join(lines) + "\n")
         gain = {c: means[f"model_psnr_{c}"] - means[f"trilinear_psnr_{c}"] for c in CONTRASTS}
         summary = {"epoch": epoch, "subjects": len(self.rows), "mean": means, "psnr_gain_over_trilinear_db": gain}
+        if self.ibp:  # the network's own contribution: model minus back-projection
+            summary["psnr_gain_over_ibp_db"] = {c: means[f"model_psnr_{c}"] - means[f"ibp_psnr_{c}"]
+                                                for c in CONTRASTS}
         write_text_atomic(self.output_dir / f"{self.prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
         panel = self.output_dir / f"{self.prefix}_panel_epoch{epoch:04d}.png"
         save_panel(self.panel, panel, row_labels=["T1w", "T2w"],
-                   col_labels=["LR (nearest)", "trilinear", "model", "GT HR"])
+                   col_labels=["LR (nearest)", "trilinear"] + (["ibp"] if self.ibp else []) + ["model", "GT HR"])
         # for the tracking handler (nexus_monai.engines.mlflow_logging.MLflowRunLogger): an MLflow image and table
         engine.state.validation_report = {"epoch": epoch, "panel": str(panel), "rows": list(self.rows)}
+
+
+def _lesion_sizes(gt: dict, pred: dict, lesions, geometry: dict) -> dict:
+    """The by-size lesion columns (:func:`~nexus_monai.metrics.lesion.size_columns`) of one subject, on the
+    intensities :func:`~nexus_monai.engines.inr.subject_scores` scores (GT-percentile scale, mask GT T1w > 0)."""
+    g0 = gt["t1"].numpy()
+    mask = as_mask(g0 > 0, g0.shape)
+    scales = {c: intensity_scale(gt[c].numpy(), mask, SCALE_PERCENTILE) for c in CONTRASTS}
+    row = lesion_fidelity_row({c: gt[c].numpy() / scales[c] for c in CONTRASTS},
+                              {c: pred[c].numpy() / scales[c] for c in CONTRASTS}, lesions, mask, **geometry)
+    return {k: row[k] for k in size_columns()}
 
 
 class TrainingCheckpoint:

@@ -57,7 +57,8 @@ from nexus_monai.keys import (
 )
 from nexus_monai.metrics.image_quality import as_mask, as_volume
 
-__all__ = ["RING_VOXELS", "KEPT_THRESHOLD", "MIN_GT_CONTRAST", "SIZE_BINS", "SIZE_BIN_LABELS", "LESION_PROTOCOL", "check_lesion_map",
+__all__ = ["RING_VOXELS", "KEPT_THRESHOLD", "MIN_GT_CONTRAST", "SIZE_BINS", "SIZE_BIN_LABELS", "LESION_PROTOCOL",
+           "check_lesion_map",
            "lesion_ring", "lesion_contrast", "lesion_records", "lesion_fidelity_row", "lesion_geometry",
            "equivalent_diameter_mm", "size_bin", "size_columns"]
 

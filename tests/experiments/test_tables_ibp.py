@@ -33,7 +33,8 @@ def _frame(seeds=(0, 1), subjects=("s1", "s2", "s3")) -> pd.DataFrame:
 
 def test_experiment_tables_show_ibp_and_each_row_minus_ibp(tmp_path):
     frame = _frame()
-    written = write_tables("table2", "default", frame, tmp_path, n_planned=4, failures=[], command="nexus-sr experiment")
+    written = write_tables("table2", "default", frame, tmp_path, n_planned=4, failures=[],
+                           command="nexus-sr experiment")
     md = written["md"].read_text()
     lines = md.splitlines()
     ibp_line = next(line for line in lines if line.startswith("| (ibp) |"))
@@ -67,7 +68,8 @@ def test_every_trained_run_is_scored_beside_trilinear_and_ibp(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("generalisation_report", REPO / "scripts" / "generalisation_report.py")
+    path = REPO / "scripts" / "generalisation_report.py"
+    spec = importlib.util.spec_from_file_location("generalisation_report", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -82,7 +84,8 @@ def _per_subject(folder: Path, methods: dict, lesion: bool = True) -> Path:
                    "psnr_eroded_t1": 25 + gain, "psnr_eroded_t2": 26 + gain}
             if lesion:
                 row.update({"lesion_contrast_t2": 0.4 + gain / 10, "lesion_kept_t2": 0.5, "imprint_t1": 0.01,
-                            "imprint_t1_gt": 0.01, "lesion_contrast_t1": 0.5, "imprint_t2": 0.02, "imprint_t2_gt": 0.01})
+                            "imprint_t1_gt": 0.01, "lesion_contrast_t1": 0.5, "imprint_t2": 0.02,
+                            "imprint_t2_gt": 0.01})
                 for c in ("t1", "t2"):
                     for b, value in (("small", 0.2 + gain / 10), ("slab", 0.5), ("large", np.nan)):
                         row[f"lesion_contrast_{c}_{b}"] = value

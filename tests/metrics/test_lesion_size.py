@@ -129,7 +129,8 @@ def test_anisotropic_voxels_count_in_the_diameter():
     # T2w lesion 2 (33 voxels): d = 3.98 mm -> 1.33 slabs (slab), x 2^(1/3) -> 1.67 (large)
     assert row1["n_lesions_t2_slab"] == 2 and row1["n_lesions_t2_large"] == 2
     assert row2["n_lesions_t2_slab"] == 1 and row2["n_lesions_t2_large"] == 3
-    assert row2["lesion_contrast_t2_slab"] == pytest.approx(0.2) and row1["lesion_contrast_t2_slab"] == pytest.approx(0.4)
+    assert row2["lesion_contrast_t2_slab"] == pytest.approx(0.2)
+    assert row1["lesion_contrast_t2_slab"] == pytest.approx(0.4)
 
 
 def test_geometry_from_affines_and_bad_geometry():
