@@ -36,7 +36,7 @@ EXAMPLES = {
                  "--out sub01_t2_smore.nii.gz"),
     "predict": ("nexus-sr predict --bundle bundles/nexus_inr --t1 t1_lr.nii.gz --t2 t2_lr.nii.gz --spacing 0.5 "
                 "--out sr/"),
-    "evaluate": ("nexus-sr evaluate --data embedded --split test --methods trilinear,cubic,nexus_inr "
+    "evaluate": ("nexus-sr evaluate --data embedded --split test --methods trilinear,ibp,cubic,nexus_inr "
                  "--protocol nexus --out results/table1"),
     "benchmark": "nexus-sr benchmark --bundle bundles/nexus_inr --json benchmark.json",
     "serve": "nexus-sr serve --bundle bundles/nexus_inr --port 8000",
