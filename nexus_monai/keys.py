@@ -12,7 +12,9 @@ white-matter hyperintensities), ``LESION_T1_ONLY`` (visible on T1w only) and ``L
 Batch keys of the cohort INRs (written by :class:`~nexus_monai.transforms.query.SampleQueryPointsd`,
 read by :func:`~nexus_monai.engines.inr.inr_inputs`): the LR scans ``lr_key(c)`` (``"t1_lr"``), the
 query points ``QUERY_WORLD`` (world mm) and ``QUERY_NORM`` (normalised), the HR values at the points
-``query_key(c)`` (``"query_t1"``) and the tumour label ``QUERY_LABEL``.
+``query_key(c)`` (``"query_t1"``), the tumour label ``QUERY_LABEL`` and, for lesion-aware training
+only, ``QUERY_LESION``: the lesion region code at the points (``+v`` inside lesion ``v`` of the
+encoding below, ``-v`` in its ring, 0 elsewhere; :mod:`nexus_monai.transforms.lesions`).
 
 Network outputs read by the Nexus-INR loss (:class:`~nexus_monai.losses.NexusINRLoss`) besides the
 two contrasts: the shared T1w feature ``Z_T1_SHARED``, the fused T2w feature ``Z_T2_FUSED``, the
@@ -30,6 +32,7 @@ __all__ = [
     "QUERY_WORLD",
     "QUERY_NORM",
     "QUERY_LABEL",
+    "QUERY_LESION",
     "lr_key",
     "query_key",
     "Z_T1_SHARED",
@@ -55,6 +58,7 @@ LESIONS = "lesions"
 QUERY_WORLD = "query_world"
 QUERY_NORM = "query_norm"
 QUERY_LABEL = "query_label"
+QUERY_LESION = "query_lesion"
 
 Z_T1_SHARED = "z_t1_shared"
 Z_T2_SHARED = "z_t2_shared"

@@ -18,6 +18,7 @@ from nexus_monai.transforms.intensity import (
     intensity_normalizer,
     reference_normalization,
 )
+from nexus_monai.transforms.lesions import LesionRegion, LesionRegiond, lesion_instances, lesion_region
 from nexus_monai.transforms.patches import RandPairedPatchd
 from nexus_monai.transforms.query import ComputeWorldNormalizerd, SampleQueryPointsd, iter_query_chunks
 
@@ -38,6 +39,10 @@ __all__ = [
     "INTENSITY_NORMS",
     "intensity_normalizer",
     "reference_normalization",
+    "LesionRegion",
+    "LesionRegiond",
+    "lesion_instances",
+    "lesion_region",
     "RandPairedPatchd",
     "ComputeWorldNormalizerd",
     "SampleQueryPointsd",

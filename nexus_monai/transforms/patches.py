@@ -16,6 +16,14 @@ axes, so it is drawn only when EVERY patch (HR and each LR) has the same size al
 its thick axis on the same array axis as at inference, and items of a batch keep one shape and
 collate. With two contrasts thick along different axes (T1w z x 2, T2w y x 4) every plane holds a
 thick axis, so only the three half turns remain (the same arrays as flipping two axes).
+
+Lesion-aware patches (training only; off by default): with ``lesion_key`` (a lesion instance map
+on the HR grid, cropped and flipped with the other HR keys) and probability ``lesion_patch_prob``,
+a draw is centred on a contrast-specific lesion instead of a foreground voxel: one instance of the
+``lesion_classes`` is picked uniformly among the subject's instances (not by voxel count, so a small
+lesion is as likely as a large one), then one of its voxels uniformly, and the start along each
+axis uniformly among the aligned starts whose patch contains that voxel (no foreground check).
+A subject without such lesions (or without a map) gets the ordinary draw.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from monai.config import KeysCollection
 from monai.transforms import Flip, MapTransform, Randomizable, Rotate90, SpatialCrop
 
 from nexus_monai.geometry import as_affine
+from nexus_monai.transforms.lesions import DEFAULT_LESION_CLASSES, lesion_instances
 
 __all__ = ["RandPairedPatchd", "hr_to_lr_index_map"]
 
@@ -59,6 +68,12 @@ class RandPairedPatchd(Randomizable, MapTransform):
         flip_prob: probability of flipping along each spatial axis (independently).
         rot90_prob: probability of a rotation, drawn uniformly among the shape-preserving
             ``(k, plane)`` pairs (see the module docstring; ``k`` quarter turns, 1..3).
+        lesion_key: HR-grid key of a lesion instance map (list it in ``hr_keys`` too, so it is
+            cropped and flipped with the images); needed only with ``lesion_patch_prob > 0``.
+        lesion_patch_prob: probability that a draw is centred on a lesion of ``lesion_classes``
+            (default 0: the ordinary draw, and the random stream of the transform without lesions).
+        lesion_classes: visibility classes (:mod:`nexus_monai.keys`) a lesion draw picks from
+            (default: T2w-only and T1w-only).
     """
 
     def __init__(
@@ -72,6 +87,9 @@ class RandPairedPatchd(Randomizable, MapTransform):
         flip_prob: float = 0.0,
         rot90_prob: float = 0.0,
         allow_missing_keys: bool = False,
+        lesion_key: str | None = None,
+        lesion_patch_prob: float = 0.0,
+        lesion_classes: Sequence[int] = DEFAULT_LESION_CLASSES,
     ):
         hr = [hr_keys] if isinstance(hr_keys, str) else list(hr_keys)
         lr = [lr_keys] if isinstance(lr_keys, str) else list(lr_keys)
@@ -84,6 +102,13 @@ class RandPairedPatchd(Randomizable, MapTransform):
         self.min_foreground = float(min_foreground)
         self.max_tries = int(max_tries)
         self.flip_prob, self.rot90_prob = float(flip_prob), float(rot90_prob)
+        if not 0.0 <= float(lesion_patch_prob) <= 1.0:
+            raise ValueError(f"lesion_patch_prob must be in [0, 1], got {lesion_patch_prob}")
+        if float(lesion_patch_prob) > 0 and not lesion_key:
+            raise ValueError("lesion_patch_prob > 0 needs lesion_key (the HR lesion instance map)")
+        self.lesion_key, self.lesion_patch_prob = lesion_key, float(lesion_patch_prob)
+        self.lesion_classes = tuple(int(c) for c in lesion_classes)
+        self.lesion_centred = False  # whether the last draw was centred on a lesion
         self._start: np.ndarray | None = None
         self._flips: tuple[int, ...] = ()
         self._rot: tuple[int, tuple[int, int]] | None = None
@@ -131,6 +156,13 @@ class RandPairedPatchd(Randomizable, MapTransform):
     def randomize(self, data: Mapping) -> None:
         hr_shape = np.asarray(data[self.hr_keys[0]].shape[1:])
         cands = self._candidates(data, hr_shape)
+        self.lesion_centred = False
+        if self.lesion_patch_prob > 0 and self.R.rand() < self.lesion_patch_prob:
+            start = self._lesion_start(data, cands)
+            if start is not None:
+                self._start, self.lesion_centred = start, True
+                self._draw_augmentation(data)
+                return
         mask = data.get(self.mask_key)
         fg_idx = torch.nonzero(mask[0] != 0) if mask is not None else None
         best, best_fg = None, -1.0
@@ -152,6 +184,25 @@ class RandPairedPatchd(Randomizable, MapTransform):
             if fg >= self.min_foreground:
                 break
         self._start = best
+        self._draw_augmentation(data)
+
+    def _lesion_start(self, data: Mapping, cands: list[np.ndarray]) -> np.ndarray | None:
+        """An aligned start whose patch contains a voxel of a uniformly picked lesion; None without lesions."""
+        label = data.get(self.lesion_key) if self.lesion_key else None
+        if label is None:
+            return None
+        instances = lesion_instances(label, self.lesion_classes)
+        if not instances:
+            return None
+        voxels = instances[sorted(instances)[self.R.randint(len(instances))]]
+        voxel = voxels[self.R.randint(len(voxels))]
+        start = []
+        for c, v, p in zip(cands, voxel, self.patch_size):
+            holds = c[(c <= v) & (v < c + p)]
+            start.append(holds[self.R.randint(len(holds))] if holds.size else c[np.argmin(np.abs(c - (v - p // 2)))])
+        return np.asarray(start)
+
+    def _draw_augmentation(self, data: Mapping) -> None:
         self._flips = tuple(ax for ax in range(3) if self.R.rand() < self.flip_prob)
         self._rot = None
         if self.R.rand() < self.rot90_prob:
