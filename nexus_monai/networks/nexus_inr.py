@@ -29,16 +29,36 @@ Pipeline (paper equation numbers):
    predicts a correction added to ``x_m`` (its last layer starts at zero with ``zero_init``).
    With ``cross_input`` (ours) it also gets ``[h_other, x_other]`` (``x_other`` only with
    ``lr_intensity_input``).
+
+Cross-contrast path in the null space of the own acquisition (``cross_null_space``, ours, off by
+default). A contrast's LR scan measures slab averages along its thick axis; what the other contrast
+adds must not overwrite them (e.g. erase a lesion only this contrast shows, or paint in one only the
+other shows). With the switch, contrast m's output is
+
+    y_m(p) = D_m(own features of m at p) [+ x_m(p) with ``residual``] + G_m(p) - mean_j G_m(p_j)
+
+where D_m sees ONLY m's own LR scan (its encoders, MMF, SEL; no attention, no ``cross_input``) and
+every cross-contrast input (the KD-Attn-fused feature, the other contrast's shared feature and LR
+intensity) goes to a separate head G_m (an MLP). ``p_j``, j = 1..k, are the k points of p's slab of
+m: p moved along m's thick LR axis to the centres of the k equal sub-slabs of p's LR voxel (thick
+axis = the LR array axis of largest spacing, k = that spacing / the finest other spacing, rounded;
+read from the affine). On a grid aligned with the slabs (the HR grid of the acquisition, and every
+training patch) the sub-slab centres are the HR voxel centres of the slab, so the cross term sums to
+zero over every slab: the slab averages along m's thick axis are D_m's alone (boxcar slab; the
+acquisitions' Gaussian profile reaches a little beyond the slab, so there it is the boxcar part of
+the null space). The cost: G_m (and m's attention) at k extra points per query. ``zero_init``
+starts G_m's last layer at zero too, so an untrained network is still exactly trilinear.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from nexus_monai.geometry import sample_at_voxel, world_to_voxel
+from nexus_monai.geometry import as_affine, sample_at_voxel, voxel_to_world, world_to_voxel
 from nexus_monai.keys import (
     CONTRASTS,
     T2_SELF,
@@ -103,6 +123,10 @@ class NexusINR(nn.Module):
         cross_input: each contrast's decoder also receives the OTHER contrast's fused feature
             and trilinear intensity at the query (ours, off in the paper setting: a direct
             cross-modal path beside KD-Attn, as in LIIF-style multi-contrast INRs).
+        cross_null_space: every cross-contrast contribution to a contrast goes through a head whose
+            output has zero slab average along that contrast's thick axis (module docstring; ours,
+            off by default; exclusive with ``cross_input``). ``cross_hidden``: that head's width
+            (default ``decoder_hidden``), two hidden layers.
     """
 
     def __init__(
@@ -130,8 +154,14 @@ class NexusINR(nn.Module):
         sel_residual: bool = False,
         num_seg_classes: int = NUM_SEG_CLASSES,
         lr_intensity_input: bool = True,
+        cross_null_space: bool = False,
+        cross_hidden: int | None = None,
     ):
         super().__init__()
+        if cross_null_space and cross_input:
+            raise ValueError("cross_null_space and cross_input are exclusive: with cross_null_space every cross-contrast "
+                             "input goes through the null-space head; set cross_input: false")
+        self.cross_null_space = bool(cross_null_space)
         opts = dict(encoder_options or {})
         self.mmf, self.kd_attn, self.sel, self.bidirectional = bool(mmf), bool(kd_attn), bool(sel), bool(bidirectional)
         self.rel_coord, self.residual, self.cross_input = bool(rel_coord), bool(residual), bool(cross_input)
@@ -167,8 +197,17 @@ class NexusINR(nn.Module):
                 for m in CONTRASTS
             }
         )
+        if self.cross_null_space:
+            xin_cross = 2 * xin + (3 if self.rel_coord else 0)
+            width = int(cross_hidden or decoder_hidden)
+            self.cross_heads = nn.ModuleDict({
+                m: nn.Sequential(nn.Linear(2 * c + xin_cross, width), nn.ReLU(inplace=True), nn.Linear(width, width),
+                                 nn.ReLU(inplace=True), nn.Linear(width, 1))
+                for m in CONTRASTS})
         if self.residual and zero_init:
             branches = list(self.decoders.values())
+            if self.cross_null_space:
+                branches += list(self.cross_heads.values())
             if self.kd_attn:
                 branches += [self.attn_t2.out] + ([self.attn_t1.out] if self.bidirectional else [])
             if self.mmf:
@@ -215,22 +254,14 @@ class NexusINR(nn.Module):
         """Both contrasts at ``query_world`` ``(B, K, 3)`` -> ``{"t1": (B, K), "t2": (B, K)}`` (+ auxiliaries)."""
         images = {"t1": t1, "t2": t2}
         affines = {"t1": t1_affine, "t2": t2_affine}
-        z, idx, x, rel = {}, {}, {}, {}
-        for m in CONTRASTS:
-            z[f"{m}_shared"], idx[m] = lookup(maps[f"{m}_shared"], affines[m], query_world)
-            x[m] = sample_at_voxel(images[m], idx[m])[:, 0]  # (B, K) trilinear LR intensity
-            rel[m] = 2.0 * (idx[m] - torch.round(idx[m]))  # offset inside the LR voxel, [-1, 1]
-            if self.mmf:
-                z[f"{m}_spec"] = sample_at_voxel(maps[f"{m}_spec"], idx[m]).permute(0, 2, 1)
+        z, idx, x, rel = self._point_inputs(maps, images, affines, query_world, spec=self.mmf)
         out: dict[str, torch.Tensor] = {}
-        shared = {"t1": z["t1_shared"], "t2": z["t2_shared"]}
-        if self.kd_attn:
-            shared["t2"] = self.attn_t2(z["t2_shared"], maps["t1_shared"], idx["t1"], maps.get("kv_for_t2"))
-            if self.bidirectional:
-                shared["t1"] = self.attn_t1(z["t1_shared"], maps["t2_shared"], idx["t2"], maps.get("kv_for_t1"))
+        shared = {m: self._attended(m, maps, z, idx) for m in CONTRASTS}
+        # with cross_null_space the own path sees the own contrast only (the attention goes to the cross head)
+        own = {m: z[f"{m}_shared"] for m in CONTRASTS} if self.cross_null_space else shared
         f = {}
         for m in CONTRASTS:
-            f[m] = self.proj[m](torch.cat((shared[m], z[f"{m}_spec"]), -1)) + shared[m] if self.mmf else shared[m]
+            f[m] = self.proj[m](torch.cat((own[m], z[f"{m}_spec"]), -1)) + own[m] if self.mmf else own[m]
         h = dict(f)
         if self.sel:
             for m in CONTRASTS:
@@ -242,6 +273,8 @@ class NexusINR(nn.Module):
             other = "t2" if m == "t1" else "t1"
             cross = self._cross(h[other], x[other]) if self.cross_input else None
             out[m] = self._decode_one(m, h[m], e, rel[m], x[m], cross)
+            if self.cross_null_space:
+                out[m] = out[m] + self._null_space_cross(m, maps, images, affines, shared[m], z, x, rel, idx[m])
         if aux:
             out[Z_T1_SHARED] = z["t1_shared"]
             out[Z_T2_SHARED] = z["t2_shared"]
@@ -253,6 +286,80 @@ class NexusINR(nn.Module):
                 for m in CONTRASTS:
                     out[modality_logits_key(m)] = self.modality_classifier(z[f"{m}_spec"])
         return out
+
+    def _point_inputs(self, maps, images, affines, world: torch.Tensor, spec: bool = True):
+        """Per-point lookups ``(z, idx, x, rel)`` of both contrasts at ``world`` ``(B, N, 3)``: shared (and
+        specific) features ``(B, N, C)``, continuous LR indices ``(B, N, 3)``, trilinear LR intensities
+        ``(B, N)`` and in-voxel offsets ``(B, N, 3)`` in [-1, 1]."""
+        z, idx, x, rel = {}, {}, {}, {}
+        for m in CONTRASTS:
+            z[f"{m}_shared"], idx[m] = lookup(maps[f"{m}_shared"], affines[m], world)
+            x[m] = sample_at_voxel(images[m], idx[m])[:, 0]  # (B, N) trilinear LR intensity
+            rel[m] = 2.0 * (idx[m] - torch.round(idx[m]))  # offset inside the LR voxel, [-1, 1]
+            if spec and self.mmf:
+                z[f"{m}_spec"] = sample_at_voxel(maps[f"{m}_spec"], idx[m]).permute(0, 2, 1)
+        return z, idx, x, rel
+
+    def _attended(self, m: str, maps, z, idx) -> torch.Tensor:
+        """Contrast ``m``'s shared feature after KD-Attn to the other contrast (unchanged without attention)."""
+        if self.kd_attn and m == "t2":
+            return self.attn_t2(z["t2_shared"], maps["t1_shared"], idx["t1"], maps.get("kv_for_t2"))
+        if self.kd_attn and self.bidirectional and m == "t1":
+            return self.attn_t1(z["t1_shared"], maps["t2_shared"], idx["t2"], maps.get("kv_for_t1"))
+        return z[f"{m}_shared"]
+
+    def _cross_head(self, m: str, attended, z, x, rel) -> torch.Tensor:
+        """G_m on the cross-contrast inputs at some points -> ``(B, N)``."""
+        o = "t2" if m == "t1" else "t1"
+        parts = [attended, z[f"{o}_shared"]]
+        parts += [x[m][..., None], x[o][..., None]] if self.lr_intensity_input else []
+        parts += [rel[m]] if self.rel_coord else []
+        return self.cross_heads[m](torch.cat(parts, -1))[..., 0]
+
+    @staticmethod
+    def slab_geometry(affine: torch.Tensor) -> tuple[int, int]:
+        """``(thick axis, k)`` of an LR grid from its affine ``(4, 4)`` or ``(B, 4, 4)`` (every item alike):
+        the array axis of largest spacing and that spacing / the finest other spacing, rounded (>= 1)."""
+        a = as_affine(affine).reshape(-1, 4, 4)
+        sp = torch.linalg.norm(a[:, :3, :3].double(), dim=1)  # (B, 3) column norms
+        axis = sp.argmax(1)
+        if not bool((axis == axis[0]).all()):
+            raise ValueError("cross_null_space: the items of a batch have their thick axes on different array axes")
+        ax = int(axis[0])
+        others = [i for i in range(3) if i != ax]
+        k = torch.round(sp[:, ax] / sp[:, others].min(1).values)
+        if not bool((k == k[0]).all()):
+            raise ValueError(f"cross_null_space: the items of a batch have different slab factors {k.tolist()}")
+        return ax, max(int(k[0]), 1)
+
+    def _null_space_cross(self, m: str, maps, images, affines, attended_p: torch.Tensor, z, x, rel,
+                          idx_m: torch.Tensor) -> torch.Tensor:
+        """``G_m(p) - mean_j G_m(p_j)`` ``(B, K)``: the cross term with zero mean over p's slab of m."""
+        b, k_pts, _ = idx_m.shape
+        axis, k = self.slab_geometry(affines[m])
+        slab = torch.floor(idx_m[..., axis] + 0.5)  # (B, K) p's LR voxel along the thick axis
+        subs = (torch.arange(k, device=idx_m.device, dtype=idx_m.dtype) + 0.5) / k - 0.5
+        sub_idx = idx_m[:, :, None, :].expand(b, k_pts, k, 3).clone()
+        sub_idx[..., axis] = slab[..., None] + subs
+        sub_world = voxel_to_world(sub_idx.reshape(b, k_pts * k, 3), affines[m])
+        zs, idx_s, xs, rels = self._point_inputs(maps, images, affines, sub_world, spec=False)
+        g_sub = self._cross_head(m, self._attended(m, maps, zs, idx_s), zs, xs, rels).reshape(b, k_pts, k)
+        return self._cross_head(m, attended_p, z, x, rel) - g_sub.mean(-1)
+
+    def lookup_margin(self, affines: Mapping[str, torch.Tensor]) -> int:
+        """LR voxels beyond a query's own continuous index that :meth:`decode` may read in any grid
+        (for tiled decoding): 0, or with ``cross_null_space`` the reach of the slab points ``p_j``
+        (less than one LR voxel of m along its thick axis, expressed in each grid's voxels)."""
+        if not self.cross_null_space:
+            return 0
+        reach = 1
+        for m in CONTRASTS:
+            a_m = as_affine(affines[m]).reshape(-1, 4, 4)[0].double()
+            axis, _ = self.slab_geometry(a_m)
+            for o in CONTRASTS:
+                inv = torch.linalg.inv(as_affine(affines[o]).reshape(-1, 4, 4)[0].double())[:3, :3]
+                reach = max(reach, math.ceil(float((inv @ a_m[:3, axis]).abs().max()) - 1e-9))
+        return reach
 
     def _cross(self, h_other: torch.Tensor, x_other: torch.Tensor) -> torch.Tensor:
         return torch.cat((h_other, x_other[..., None]), -1) if self.lr_intensity_input else h_other
