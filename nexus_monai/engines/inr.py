@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from nexus_monai.engines.amp import amp_autocast
 from nexus_monai.engines.tiled import AUTO, MAX_HALO_OVERHEAD, tiled_decode
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, as_affine, batched_affine, plain_tensor, sample_at_world
-from nexus_monai.keys import CONTRASTS, LESIONS, QUERY_LABEL, QUERY_NORM, QUERY_WORLD, lr_key, query_key
+from nexus_monai.keys import CONTRASTS, LESIONS, QUERY_LABEL, QUERY_LESION, QUERY_NORM, QUERY_WORLD, lr_key, query_key
 from nexus_monai.metrics.image_quality import as_mask, erode_mask, intensity_scale, psnr, ssim3d
 from nexus_monai.metrics.lesion import lesion_fidelity_row
 from nexus_monai.metrics.subject_row import ERODE_VOXELS, SCALE_PERCENTILE, SSIM_SIGMA, SSIM_WIN_SIZE
@@ -52,6 +52,8 @@ def inr_inputs(batch: Mapping, device: torch.device | str = "cpu") -> tuple[dict
     targets = {f"target_{c}": plain_tensor(batch[query_key(c)])[..., 0].float().to(device) for c in CONTRASTS}
     if QUERY_LABEL in batch:
         targets["label"] = plain_tensor(batch[QUERY_LABEL]).to(device)
+    if QUERY_LESION in batch:  # lesion-aware training only (the loss's lesion weights); never at inference
+        targets["lesion"] = plain_tensor(batch[QUERY_LESION]).to(device)
     return kwargs, targets
 
 

@@ -44,6 +44,7 @@ from nexus_monai.networks.tiling import (
     encode_box,
     encoder_radius,
     iter_boxes,
+    lookup_margin,
     plan_tiles,
     window_margin,
 )
@@ -129,7 +130,7 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
     (up to its cap); when it cannot be met one warning line names the overhead and the budget
     that would meet it.
     """
-    radius, margin = encoder_radius(net), window_margin(net)
+    radius, margin = encoder_radius(net), window_margin(net) + lookup_margin(net, affines)
     chunk = int(inferer.chunk_size)
     device = vols["t1"].device
     budget = cap = None

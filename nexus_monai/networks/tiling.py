@@ -35,7 +35,7 @@ from torch import nn
 from nexus_monai.networks.encoders import channels_last_convs
 
 __all__ = [
-    "receptive_radius", "encoder_radius", "window_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point",
+    "receptive_radius", "encoder_radius", "window_margin", "lookup_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point",
     "core_box",
     "encode_box", "plan_tile_shape", "plan_tiles", "iter_boxes", "tile_memory_bytes",
 ]
@@ -72,6 +72,14 @@ def window_margin(network: nn.Module) -> int:
     on ``round(i)``) + 1 for float rounding between crop and whole-grid indices."""
     half = [int(w) // 2 for m in network.modules() if hasattr(m, "window") and hasattr(m, "offsets") for w in m.window]
     return 1 + max(half, default=0)
+
+
+def lookup_margin(network: nn.Module, affines: Mapping[str, torch.Tensor]) -> int:
+    """Voxels (any LR grid) a decode may read beyond its queries' own indices, added to :func:`window_margin`:
+    the network's ``lookup_margin(affines)`` (NexusINR's ``cross_null_space`` reads each query's slab
+    points), 0 for a network without one."""
+    fn = getattr(network, "lookup_margin", None)
+    return int(fn(affines)) if callable(fn) else 0
 
 
 def encoder_bytes_per_voxel(encoder: nn.Module) -> int:
