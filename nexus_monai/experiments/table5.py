@@ -198,14 +198,15 @@ def run_table5(out: str | os.PathLike, data: str = "embedded", methods: Sequence
                splits: Sequence[str] = ("test", "test_anatomy"), protocol: str = "nexus",
                max_subjects: int | None = None,
                segmenter_overrides: Mapping[str, Mapping] | None = None, command: str = "",
-               progress: bool = True) -> dict[str, Path]:
+               progress: bool = True, mlflow: bool = True) -> dict[str, Path]:
     """Score the rows of :data:`ROWS` with every trained segmenter on ``splits``; resumable; returns the files.
 
     ``methods``: the method rows computed in this run (default all; trilinear, the reference, always);
     rows finished by earlier runs of the same ``out`` stay in the table. ``weights``: see
     :func:`resolve_rows`. ``segmenter_overrides``: per segmenter, inference-config overrides (tiny
     test networks). Checked before any work (one-line :class:`NexusInputError`): names, checkpoints,
-    segmenters (at least one trained), subject files. The tables are rewritten after every subject.
+    segmenters (at least one trained), subject files. The tables are rewritten after every subject;
+    with ``mlflow`` the finished table is logged to the project's store (experiment ``nexus_table5``).
     """
     wanted = _wanted(methods)
     specs = resolve_rows(weights)
@@ -281,7 +282,37 @@ def run_table5(out: str | os.PathLike, data: str = "embedded", methods: Sequence
             write_table5(root, context, specs)
             if progress:
                 print(f"[{index}/{total}] {split} {sid}: {len(todo)} rows in {time.time() - t0:.0f} s", flush=True)
-    return write_table5(root, context, specs)
+    written = write_table5(root, context, specs)
+    if mlflow:
+        try:
+            _log_mlflow(root, context)
+        except Exception as err:  # noqa: BLE001 - the tables are on disk; MLflow is a view of them
+            print(f"warning: MLflow logging of Table 5 failed ({type(err).__name__}: {err})", flush=True)
+    return written
+
+
+def _log_mlflow(root: Path, context: Mapping) -> str:
+    """One MLflow run ``table5`` (reused by later runs of the same store): every summary number as
+    ``<split>/<segmenter>/<input>/<column>``, the table files as artifacts. Returns the run id."""
+    from mlflow.tracking import MlflowClient  # lazy: heavy optional dependency
+
+    from nexus_monai.engines.mlflow_logging import ensure_experiment, tracking_uri
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.get_experiment_by_name(ensure_experiment("nexus_table5", uri)).experiment_id
+    found = client.search_runs([exp_id], "tags.mlflow.runName = 'table5'", order_by=["attributes.start_time DESC"])
+    run_id = found[0].info.run_id if found else client.create_run(exp_id, run_name="table5").info.run_id
+    summary = pd.read_csv(root / "table5_summary.csv")
+    for _, r in summary.iterrows():
+        for col, v in r.items():
+            if col not in ("split", "segmenter", "input") and isinstance(v, (int, float)) and np.isfinite(v):
+                client.log_metric(run_id, f"{r['split']}/{r['segmenter']}/{r['input']}/{col}", float(v))
+    for name in ("table5.md", "table5.csv", "table5_summary.csv", "table5_run.json"):
+        client.log_artifact(run_id, str(root / name))
+    client.set_tag(run_id, "command", str(context["command"])[:4000])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def _collect(root: Path, context: Mapping) -> pd.DataFrame:

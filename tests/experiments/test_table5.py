@@ -47,7 +47,7 @@ def test_every_row_is_scored_or_not_run_and_reruns_skip_finished_rows(tiny_data,
     bad_ckpt.write_text("not a checkpoint")
     out = tmp_path / "t5"
     kwargs = dict(data=str(tiny_data), weights={"arssr": str(bad_ckpt)}, segmenters=[str(seg), "seg_missing"],
-                  segmenter_overrides={"seg_unet": TINY})
+                  segmenter_overrides={"seg_unet": TINY}, mlflow=False)
     run_table5(out, methods=["cubic"], **kwargs)
     rows = pd.read_csv(out / "table5.csv")
     assert sorted(rows["input"].unique()) == sorted(["Original LR", "trilinear", "cubic", "Original HR"])
@@ -88,7 +88,7 @@ def test_every_row_is_scored_or_not_run_and_reruns_skip_finished_rows(tiny_data,
     assert len(pd.read_csv(out / "table5.csv")) == 5 * 3  # the old segmenter's rows are not mixed in
 
 
-def test_paired_differences_match_an_independent_scipy_reference(tiny_data, tmp_path):
+def test_paired_differences_match_an_independent_scipy_reference(tiny_data, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     subjects = [f"s{i}" for i in range(7)]
     ref = rng.random(7)
@@ -108,9 +108,18 @@ def test_paired_differences_match_an_independent_scipy_reference(tiny_data, tmp_
     # and the written summary of a real run equals scipy's paired interval on its own per-subject rows
     seg = _segmenter(tmp_path / "seg_unet", seed=0)
     out = tmp_path / "t5"
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     run_table5(out, data=str(tiny_data), methods=["cubic"], segmenters=[str(seg)],
-               segmenter_overrides={"seg_unet": TINY}, progress=False)
+               segmenter_overrides={"seg_unet": TINY}, progress=False, mlflow=True)
     rows, summary = pd.read_csv(out / "table5.csv"), pd.read_csv(out / "table5_summary.csv")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("nexus_table5").experiment_id])
+    hr = summary[summary["input"] == "Original HR"].iloc[0]
+    assert run.data.metrics["test/seg_unet/Original HR/dice_mean_mean"] == pytest.approx(hr["dice_mean_mean"])
+    assert "table5.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
     for name in ("Original HR", "cubic"):
         x = rows[rows["input"] == name].set_index("subject")["hd95_mean"].sort_index()
         y = rows[rows["input"] == "trilinear"].set_index("subject")["hd95_mean"].loc[x.index]
