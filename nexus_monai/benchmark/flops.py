@@ -83,8 +83,9 @@ class NetworkProfile:
     """While active: MACs and seconds per part and per op kind, the time of the parts' calls, and
     the points decoded (rows entering the first decoder). ``summary()`` gives a JSON-ready dict."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, sync=None):
         self.net = network.module if hasattr(network, "module") else network
+        self._sync = sync or (lambda: None)  # e.g. torch.cuda.synchronize: before every timer read
         self.macs = defaultdict(int)
         self.part_seconds = defaultdict(float)
         self.kinds: dict[str, dict] = {}
@@ -99,9 +100,11 @@ class NetworkProfile:
         part, kind = part_of(name), _kind(m)
 
         def pre(mod, inputs):
+            self._sync()
             self._start[id(mod)].append(time.perf_counter())
 
         def post(mod, inputs, output):
+            self._sync()
             seconds = time.perf_counter() - self._start[id(mod)].pop()
             macs = attention_macs(mod, inputs[0]) if _is_window_attention(mod) else module_macs(mod, inputs, output)
             self.macs[part] += macs
@@ -121,9 +124,11 @@ class NetworkProfile:
                 self.points += rows
                 self.max_rows = max(self.max_rows, rows)
                 self.calls += 1
+            self._sync()
             self._start[-id(mod)].append(time.perf_counter())
 
         def post(mod, inputs, output):
+            self._sync()
             self.part_seconds[part] += time.perf_counter() - self._start[-id(mod)].pop()
 
         self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
@@ -132,8 +137,10 @@ class NetworkProfile:
         method = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            self._sync()
             t0 = time.perf_counter()
             out = method(*args, **kwargs)
+            self._sync()
             self.method_seconds[key] += time.perf_counter() - t0
             return out
 
@@ -205,27 +212,29 @@ class NetworkProfile:
 
 
 def attention_probe(network: nn.Module, key_shape, points: int, peak_flops_per_s: float, repeats: int = 3,
-                    seed: int = 0) -> dict | None:
+                    seed: int = 0, sync=None) -> dict | None:
     """The window attention's own steps timed alone at a real shape: ``points`` queries into a key map
     of ``key_shape`` (the gather of keys/values, the positional MLP, q.k + softmax + attn.v), with the
-    network's first attention module. ``None`` for a network without one."""
+    network's first attention module, on the module's device (``sync`` before every timer read).
+    ``None`` for a network without one."""
     net = network.module if hasattr(network, "module") else network
     attn = next((m for m in net.modules() if _is_window_attention(m)), None)
     if attn is None:
         return None
     gen = torch.Generator().manual_seed(seed)
     c, w = attn.dim, len(attn.offsets)
+    dev = attn.offsets.device
     shape = [int(s) for s in key_shape]
-    key_map = torch.randn(1, c, *shape, generator=gen)
-    index = torch.rand(1, points, 3, generator=gen) * (torch.tensor(shape, dtype=torch.float32) - 1)
-    query = torch.randn(1, points, c, generator=gen)
+    key_map = torch.randn(1, c, *shape, generator=gen).to(dev)
+    index = (torch.rand(1, points, 3, generator=gen) * (torch.tensor(shape, dtype=torch.float32) - 1)).to(dev)
+    query = torch.randn(1, points, c, generator=gen).to(dev)
     with torch.inference_mode():
         kv = attn.project_keys(key_map)
-        flat = torch.randint(0, kv.shape[1], (1, points * w), generator=gen)
-        gather_s = best_seconds(lambda: torch.gather(kv, 1, flat[..., None].expand(-1, -1, 2 * c)), repeats)
-        rel = torch.rand(1, points, w, 3, generator=gen) - 0.5
-        pos_s = best_seconds(lambda: attn.pos(rel), repeats)
-        whole_s = best_seconds(lambda: attn(query, key_map, index, kv), repeats)
+        flat = torch.randint(0, kv.shape[1], (1, points * w), generator=gen).to(dev)
+        gather_s = best_seconds(lambda: torch.gather(kv, 1, flat[..., None].expand(-1, -1, 2 * c)), repeats, sync)
+        rel = (torch.rand(1, points, w, 3, generator=gen) - 0.5).to(dev)
+        pos_s = best_seconds(lambda: attn.pos(rel), repeats, sync)
+        whole_s = best_seconds(lambda: attn(query, key_map, index, kv), repeats, sync)
     pos_macs = points * w * sum(m.in_features * m.out_features for m in attn.pos.modules() if isinstance(m, nn.Linear))
     own_macs = 2 * points * w * c
     linear_macs = points * (c * c + c * c) + pos_macs  # to_q, out, positional MLP

@@ -1,7 +1,8 @@
 """The machine: CPU and thread description, process memory (RSS), and GEMM rates measured in the run.
 
-:func:`measure_peak_gemm` is the physical reference of the benchmark: fp32 FLOP/s of a large square
-matmul (``n x n x n``, ``2 n^3`` FLOPs, best of ``repeats``) at the thread count in use.
+:func:`measure_peak_gemm` is the physical reference of the benchmark: FLOP/s of a large square
+matmul (``n x n x n``, ``2 n^3`` FLOPs, best of ``repeats``), fp32 at the thread count in use on
+CPU; on CUDA fp32 and bf16 (the autocast dtype), every timer read after a synchronize.
 :func:`measure_gemm` is the older decoder-shaped rate (``torch.addmm`` at the decoder layers' shapes).
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from nexus_monai.benchmark.inputs import decoder_linears
 
 __all__ = ["machine_info", "rss_gib", "ru_maxrss_gib", "reset_peak_rss", "peak_rss_since_reset_gib", "best_seconds",
-           "measure_gemm", "measure_peak_gemm", "GIB"]
+           "synchronizer", "measure_gemm", "measure_peak_gemm", "cuda_info", "GIB"]
 
 GIB = 1024.0**3
 
@@ -51,6 +52,19 @@ def machine_info() -> dict:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def cuda_info(device: torch.device | str) -> dict:
+    """Name, memory and CUDA / cuDNN versions of a CUDA device (empty for a CPU device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"cuda_device_name": props.name, "cuda_total_memory_gib": props.total_memory / GIB,
+            "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version(),
+            "cuda_capability": f"{props.major}.{props.minor}",
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -92,51 +106,73 @@ def peak_rss_since_reset_gib() -> float:
     return hwm * 1024.0 / GIB if hwm is not None else ru_maxrss_gib()
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Best time of ``fn`` over ``repeats`` (each repeat >= ~20 ms of calls), after one warm-up call."""
+def synchronizer(device: torch.device | str) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` for a CUDA device (call before every timer read), else ``None``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] | None = None) -> float:
+    """Best time of ``fn`` over ``repeats`` (each repeat >= ~20 ms of calls), after one warm-up call.
+    ``sync`` (e.g. :func:`synchronizer`) runs before every timer read (asynchronous devices)."""
+    sync = sync or (lambda: None)
     fn()
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     once = time.perf_counter() - t0
     inner = max(1, int(0.02 / max(once, 1e-9)))
     best = math.inf
     for _ in range(max(1, repeats)):
+        sync()
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        sync()
         best = min(best, (time.perf_counter() - t0) / inner)
     return best
 
 
-def measure_peak_gemm(n: int = 2048, repeats: int = 5, seed: int = 0) -> dict:
-    """Peak fp32 GEMM FLOP/s: ``(n, n) @ (n, n)`` at the current thread count, best of ``repeats``."""
+def measure_peak_gemm(n: int = 2048, repeats: int = 5, seed: int = 0, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict:
+    """Peak GEMM FLOP/s: ``(n, n) @ (n, n)`` in ``dtype`` on ``device`` (CPU: at the current thread
+    count), best of ``repeats``; CUDA timed with a synchronize before every timer read."""
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     with torch.inference_mode():
-        seconds = best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+        seconds = best_seconds(lambda: torch.mm(a, b, out=out), repeats, synchronizer(device))
+    del a, b, out
     return {"peak_gemm_n": int(n), "peak_gemm_s": seconds, "peak_gemm_flops_per_s": 2.0 * n**3 / seconds,
-            "peak_gemm_threads": torch.get_num_threads()}
+            "peak_gemm_threads": torch.get_num_threads(), "peak_gemm_dtype": str(dtype).replace("torch.", "")}
 
 
-def measure_gemm(network: nn.Module, rows: int, repeats: int = 5, seed: int = 0) -> dict:
-    """GEMM FLOP/s with ``torch.addmm`` at the decoders' layer shapes ``(rows, in) x (in, out)``.
+def measure_gemm(network: nn.Module, rows: int, repeats: int = 5, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict:
+    """GEMM FLOP/s with ``torch.addmm`` at the decoders' layer shapes ``(rows, in) x (in, out)``
+    (in ``dtype`` on ``device``).
 
     ``gemm_flops_per_s``: all the decoders' layers in sequence (sum of FLOPs / sum of best times);
     ``gemm_hidden_flops_per_s``: the ``(rows, hidden) x (hidden, hidden)`` product alone.
     """
     rows = max(1, int(rows))
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     best: dict[tuple[int, int], float] = {}
     for layer in decoder_linears(network):
         shape = (layer.in_features, layer.out_features)
         if shape in best:
             continue
-        x = torch.randn(rows, shape[0], generator=gen)
-        w = torch.randn(shape[1], shape[0], generator=gen)
-        b = torch.randn(shape[1], generator=gen)
+        x = torch.randn(rows, shape[0], generator=gen).to(device=device, dtype=dtype)
+        w = torch.randn(shape[1], shape[0], generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype)
         with torch.no_grad():
-            best[shape] = best_seconds(lambda: torch.addmm(b, x, w.t()), repeats)
+            best[shape] = best_seconds(lambda: torch.addmm(b, x, w.t()), repeats, synchronizer(device))
     layers = [(m.in_features, m.out_features) for m in decoder_linears(network)]
     flops = sum(2 * rows * i * o for i, o in layers)
     seconds = sum(best[s] for s in layers)
@@ -147,4 +183,5 @@ def measure_gemm(network: nn.Module, rows: int, repeats: int = 5, seed: int = 0)
         "gemm_flops_per_s": flops / seconds,
         "gemm_hidden_shape": f"({rows},{square[0]})x({square[0]},{square[1]})",
         "gemm_hidden_flops_per_s": 2 * rows * square[0] * square[1] / best[square],
+        "gemm_dtype": str(dtype).replace("torch.", ""),
     }

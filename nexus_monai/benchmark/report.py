@@ -39,7 +39,8 @@ def format_report(r: Mapping) -> str:
     shape = "x".join(str(s) for s in r["output_shape"])
     rows: list = []
     add = rows.append
-    add(f"Nexus-INR benchmark: one {shape} output volume ({r['spacing_mm']:g} mm, both contrasts), {r['device']}")
+    add(f"Nexus-INR benchmark: one {shape} output volume ({r['spacing_mm']:g} mm, both contrasts), {r['device']}"
+        + (" with bf16 autocast (amp)" if r.get("amp") else ""))
     add(f"machine  : {m['cpu_model']}, {m['cpus_available']} CPUs available (os.cpu_count {m['cpu_count']}), "
         f"torch {m['torch_version']} with {m['torch_threads']} threads (OMP_WAIT_POLICY {m['omp_wait_policy']}), "
         f"Python {m['python_version']}")
@@ -50,6 +51,9 @@ def format_report(r: Mapping) -> str:
             + (f", {end:.2f} at the end" if end is not None else "")
             + f" (other processes share these {m['cpus_available']} CPUs)"
         )
+    if m.get("cuda_device_name"):
+        add(f"device   : {m['cuda_device_name']} ({m['cuda_total_memory_gib']:.0f} GiB, compute {m['cuda_capability']}), "
+            f"CUDA {m['cuda_version']}, cuDNN {m['cudnn_version']}, TF32 matmul {m['cuda_matmul_allow_tf32']}")
     add(f"input    : {r['input']}")
     add(f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} "
         f"{tuple(r['t2_lr_shape'])}, "
@@ -61,15 +65,21 @@ def format_report(r: Mapping) -> str:
     add("")
     peak = r["peak_gemm_flops_per_s"]
     runs = ", ".join(_si(p, "FLOP/s") for p in r["peak_gemm_runs_flops_per_s"])
-    add((f"peak fp32 GEMM ({r['peak_gemm_n']}^3 matmul, {r['peak_gemm_threads']} threads; best of runs {runs})",
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(r.get("peak_gemm_dtype", "float32"), "fp32")
+    where = f"{r['peak_gemm_threads']} threads" if r["device"] == "cpu" else r["device"]
+    add((f"peak {dtype} GEMM ({r['peak_gemm_n']}^3 matmul, {where}; best of runs {runs}; the attainable-time reference)",
          _si(peak, "FLOP/s")))
+    if r.get("peak_gemm_bf16_flops_per_s") and dtype == "bf16":
+        add(("peak fp32 GEMM (same size, same run)", _si(r["peak_gemm_fp32_flops_per_s"], "FLOP/s")))
     plan = r.get("plan", {})
     tiling = (f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
               f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of "
               f"{plan['chunk_size']:,}"
+              + (f", halo overhead {plan['halo_overhead']:.2f} x" if plan.get("halo_overhead") is not None else "")
               if plan.get("tiled") else "untiled")
     v = r["output_voxels"]
-    add((f"inference, whole volume (after: {tiling}; max {r['max_memory_gib']:g} GiB)", ""))
+    budget = r["max_memory_gib"] if isinstance(r["max_memory_gib"], str) else f"max {r['max_memory_gib']:g} GiB"
+    add((f"inference, whole volume (after: {tiling}; {budget})", ""))
     add(("  Nexus-INR (predict_volumes)", f"{r['nexus_s']:.2f} s"))
     _parts_rows(add, r)
     add(("  points decoded (skip_empty)", f"{r['decoded_points']:,} of {v:,} ({100 * r['decoded_fraction']:.1f} %), "
@@ -106,6 +116,8 @@ def format_report(r: Mapping) -> str:
     add(("  peak during inference (after)",
          f"{r['peak_rss_gib']:.2f} GiB (+{r['rss_increase_inference_gib']:.2f} GiB){exact}"))
     add(("  peak of the process (ru_maxrss)", f"{r['rss_peak_process_gib']:.2f} GiB"))
+    if r.get("cuda_peak_memory_gib") is not None:
+        add(("  device memory, peak allocated during inference (after)", f"{r['cuda_peak_memory_gib']:.2f} GiB"))
     add(("decoder matmul bound", ""))
     add((f"  GEMM FLOP/s, addmm at the decoder shapes ({r['gemm_rows']:,} rows)", _si(r["gemm_flops_per_s"], "FLOP/s")))
     add((f"  GEMM FLOP/s, {r['gemm_hidden_shape']} alone", _si(r["gemm_hidden_flops_per_s"], "FLOP/s")))

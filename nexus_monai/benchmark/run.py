@@ -20,10 +20,11 @@ from nexus_monai.benchmark.inputs import (
     describe_network,
     load_benchmark_network,
 )
-from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib
+from nexus_monai.benchmark.machine import (cuda_info, machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib,
+                                           synchronizer)
 from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
 from nexus_monai.engines.inr import ImplicitGridInferer
-from nexus_monai.engines.tiled import DEFAULT_MAX_MEMORY_GIB
+from nexus_monai.engines.tiled import AUTO
 from nexus_monai.errors import NexusInputError
 from nexus_monai.losses import NexusINRLoss
 
@@ -64,8 +65,9 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
                   size: Sequence[int] = DEFAULT_SIZE,
                   chunk_size: int = 32768, threads: int = 0, train_steps: int = 20, skip_train: bool = False,
                   network: nn.Module | None = None, loss: nn.Module | None = None, settings: Mapping | None = None,
-                  gemm_repeats: int = 5, max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB, compare_before: bool = True,
-                  fit: bool = False, fit_author_seconds: float = 120.0, peak_gemm_n: int = 2048, repeats: int = 1,
+                  gemm_repeats: int = 5, max_memory_gib: float | str = AUTO, compare_before: bool = True,
+                  fit: bool = False, fit_author_seconds: float = 120.0, peak_gemm_n: int | None = None,
+                  repeats: int = 1, device: str | torch.device = "cpu", amp: bool | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
     """Every measurement of the package docstring; a flat JSON-serialisable dict.
 
@@ -73,17 +75,33 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     ``settings`` then needs ``patch_size``, ``num_points``, ``batch_size``, ``learning_rate``.
     ``repeats``: after/before inference pairs, alternating; the fastest of each is reported (all in
     ``inference_runs_s``), memory from the first "after" run.
+
+    ``device``: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``): the network, inference and
+    training there, every timer read after a synchronize, the peak GEMM measured on it in fp32 and
+    bf16; ``amp`` (default: on for CUDA, off for CPU): bf16 autocast of the network's parts in
+    inference and training, attainable times then from the bf16 peak. ``peak_gemm_n`` (default
+    2048 on CPU, 8192 on CUDA): the square matmul's size.
     """
     log = log or (lambda msg: None)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NexusInputError(None, f"--device {device}: no CUDA device (torch.cuda.is_available() is False)")
+    if dev.type not in ("cpu", "cuda"):
+        raise NexusInputError(None, f"--device must be cpu or cuda[:N], got {device}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    amp = (dev.type == "cuda") if amp is None else bool(amp)
+    peak_gemm_n = int(peak_gemm_n or (8192 if dev.type == "cuda" else 2048))
+    sync = synchronizer(dev)
     if chunk_size < 1:
         raise NexusInputError(None, f"--chunk-size must be >= 1, got {chunk_size}")
     if train_steps < 1 and not skip_train:
         raise NexusInputError(None, f"--train-steps must be >= 1, got {train_steps}")
-    if not max_memory_gib > 0:
-        raise NexusInputError(None, f"--max-memory-gib must be > 0, got {max_memory_gib}")
+    if max_memory_gib != AUTO and not (isinstance(max_memory_gib, (int, float)) and max_memory_gib > 0):
+        raise NexusInputError(None, f"--max-memory-gib must be > 0 or 'auto', got {max_memory_gib}")
     if threads:
         torch.set_num_threads(int(threads))
-    result: dict = {"machine": machine_info()}
+    result: dict = {"machine": {**machine_info(), **cuda_info(dev)}}
     if network is None:
         network, bundle_loss, bundle_settings, weights_desc = load_benchmark_network(bundle, overlays, weights,
                                                                                      random_weights)
@@ -93,7 +111,7 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         weights_desc = "given network"
         settings = dict(settings or {})
         settings.setdefault("config_files", [])
-    network = network.cpu().eval()
+    network = network.to(dev).eval()
     log(f"inputs: MNI152 template on a {'x'.join(str(s) for s in size)} grid")
     inputs = benchmark_inputs(size)
     gc.collect()
@@ -105,18 +123,31 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         "t1_acquisition": f"{T1_ACQUISITION[0]} x {T1_ACQUISITION[1]}",
         "t2_acquisition": f"{T2_ACQUISITION[0]} x {T2_ACQUISITION[1]}",
         "network": describe_network(network), "network_params": int(sum(p.numel() for p in network.parameters())),
-        "weights": weights_desc, "config_files": list(settings.get("config_files", [])), "device": "cpu",
+        "weights": weights_desc, "config_files": list(settings.get("config_files", [])), "device": str(dev),
+        "amp": amp, "amp_dtype": "bfloat16" if amp else None,
         "output_shape": list(inputs["grid"].shape), "output_voxels": inputs["grid"].num_voxels,
         "chunk_size": int(chunk_size),
-        "max_memory_gib": float(max_memory_gib),
+        "max_memory_gib": max_memory_gib if max_memory_gib == AUTO else float(max_memory_gib),
     })
-    log(f"peak GEMM: {peak_gemm_n}^3 matmul at {torch.get_num_threads()} threads")
-    peak_runs = [measure_peak_gemm(peak_gemm_n, gemm_repeats)]
+
+    def peaks() -> dict:
+        """The reference peak (bf16 with amp, else fp32) and both dtypes' peaks where bf16 matters."""
+        fp32 = measure_peak_gemm(peak_gemm_n, gemm_repeats, device=dev)
+        bf16 = measure_peak_gemm(peak_gemm_n, gemm_repeats, device=dev, dtype=torch.bfloat16) \
+            if (amp or dev.type == "cuda") else None
+        ref = bf16 if amp else fp32
+        return {**ref, "fp32": fp32["peak_gemm_flops_per_s"], "bf16": bf16["peak_gemm_flops_per_s"] if bf16 else None}
+
+    log(f"peak GEMM: {peak_gemm_n}^3 matmul on {dev}"
+        + (f" at {torch.get_num_threads()} threads" if dev.type == "cpu" else "")
+        + (", fp32 and bf16" if amp or dev.type == "cuda" else ""))
+    peak_runs = [peaks()]
     after = before = None
     times: dict[str, list[float]] = {"after": [], "before": []}
     for rep in range(max(1, int(repeats))):  # after and before alternate: load drift hits both alike
-        log(f"inference (after, {rep + 1}/{repeats}): tiled encoders, max {max_memory_gib} GiB")
-        run = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=max_memory_gib),
+        log(f"inference (after, {rep + 1}/{repeats}): tiled encoders, max {max_memory_gib} GiB" + (", amp" if amp else ""))
+        run = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=max_memory_gib,
+                                                                  amp=amp),
                              peak_runs[0]["peak_gemm_flops_per_s"], keep_output=compare_before)
         if rep == 0:
             peak_before_reset = run.pop("_ru_maxrss_before_reset_gib")
@@ -127,22 +158,26 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         if compare_before:
             log(f"inference (before, {rep + 1}/{repeats}): encoders on the whole volumes, default layout")
             run = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=None,
-                                                                      channels_last=False),
+                                                                      channels_last=False, amp=amp),
                                  peak_runs[0]["peak_gemm_flops_per_s"], keep_output=True)
             times["before"].append(run["seconds"])
             if before is None or run["seconds"] < before["seconds"]:
                 before = run
     result["inference_runs_s"] = times
-    peak_runs.append(measure_peak_gemm(peak_gemm_n, gemm_repeats))
+    peak_runs.append(peaks())
     peak = max(p["peak_gemm_flops_per_s"] for p in peak_runs)
+    peak_fp32 = max(p["fp32"] for p in peak_runs)
     result.update({"peak_gemm_n": peak_gemm_n, "peak_gemm_threads": torch.get_num_threads(),
-                   "peak_gemm_flops_per_s": peak,
+                   "peak_gemm_flops_per_s": peak, "peak_gemm_dtype": "bfloat16" if amp else "float32",
+                   "peak_gemm_fp32_flops_per_s": peak_fp32,
+                   "peak_gemm_bf16_flops_per_s": max(p["bf16"] for p in peak_runs) if peak_runs[0]["bf16"] else None,
                    "peak_gemm_runs_flops_per_s": [p["peak_gemm_flops_per_s"] for p in peak_runs]})
     result.update(_inference_fields(after, peak))
     for k in ("decoded_points", "decoder_calls", "max_points_per_call", "rss_before_inference_gib",
               "rss_peak_inference_gib",
               "rss_peak_inference_exact", "rss_increase_inference_gib"):
         result[k] = after[k]
+    result["cuda_peak_memory_gib"] = after.get("cuda_peak_memory_gib")
     v = result["output_voxels"]
     result.update({"decoded_fraction": after["decoded_points"] / v, "voxels_per_s": v / after["seconds"],
                    "decoded_points_per_s": after["decoded_points"] / after["seconds"]})
@@ -153,6 +188,7 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         result["speedup_before_to_after"] = before["seconds"] / after["seconds"]
         # the untiled network's FLOPs (no halo recomputation, no skipped tiles) as the reference work
         result["whole_inference_ratio_to_untiled_attainable"] = after["seconds"] / b["attainable_s"]
+        b["cuda_peak_memory_gib"] = before.get("cuda_peak_memory_gib")
         result["max_abs_diff_before_after"] = max(
             float((after["_pred"][c] - before["_pred"][c]).abs().max()) for c in ("t1", "t2")
         )
@@ -168,8 +204,9 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     log("attention probe and GEMM at the decoder shapes")
     result["attention_probe"] = attention_probe(network, key_shape, min(chunk_size, result["plan"].get("chunk_size",
                                                                                                        chunk_size)),
-                                                peak, gemm_repeats)
-    result.update(measure_gemm(network, result["max_points_per_call"] or chunk_size, gemm_repeats))
+                                                peak_fp32, gemm_repeats, sync=sync)  # fp32: the probe runs without amp
+    result.update(measure_gemm(network, result["max_points_per_call"] or chunk_size, gemm_repeats, device=dev,
+                               dtype=torch.bfloat16 if amp else torch.float32))
     result["decoder_flops_per_point"] = decoder_flops_per_point(network)
     result["matmul_bound_s"] = result["decoded_points"] * result["decoder_flops_per_point"] / result["gemm_flops_per_s"]
     bound = result["matmul_bound_s"]
@@ -184,7 +221,7 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
             loss = NexusINRLoss()
         result.update(time_training(network, loss, settings["batch_size"], settings["patch_size"],
                                     settings["num_points"],
-                                    settings["learning_rate"], steps=train_steps))
+                                    settings["learning_rate"], steps=train_steps, device=dev, amp=amp))
     if fit:
         t1_lr, t2_lr, subject = embedded_subject()
         runs = []

@@ -8,6 +8,8 @@ network -- the top-level children that hold parameters (encoders, attention, MMF
 decoders, classifiers; ModuleDict / ModuleList entries one by one) -- and casts each part's
 floating outputs back to float32, so everything between the parts (lookups, ``grid_sample`` of
 world positions, positional encoding, residual sums, the loss and its reductions) stays fp32.
+Methods called outside a part's forward run in fp32 too (KD-Attn's key projection on the key
+grid, ``project_keys``, called once per volume by ``add_attention_keys``).
 
 Weights are never cast: the optimiser steps fp32 master weights and the checkpoint stays fp32.
 bf16 has fp32's exponent range, so no loss scaling (``GradScaler``) is needed.

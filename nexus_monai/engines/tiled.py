@@ -160,9 +160,9 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
                      "tile_memory_gib": planned["memory_bytes"] / _GIB})
         if not planned["met"]:
             need = planned["bound_budget_bytes"]
-            _LOG.warning("tiled inference: halo overhead %.2fx the untiled encoders (bound %.2fx) within the %.2f GiB "
+            _LOG.warning("tiled inference: halo overhead %.2fx the untiled encoders (bound %.2fx) within the %.3g GiB "
                          "tile budget (%s); %s", planned["overhead"], max_overhead, budget / _GIB, source,
-                         f"tiles of about {need / _GIB:.1f} GiB would meet it (--max-memory-gib)"
+                         f"tiles of about {need / _GIB:.3g} GiB would meet it (--max-memory-gib)"
                          if need is not None else "no tiling meets it")
     info.update({"tile_shape": list(tile), "chunk_size": chunk, "halo_voxels": radius, "margin_voxels": margin,
                  "tile_budget_gib": None if budget is None else budget / _GIB,

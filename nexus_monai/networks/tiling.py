@@ -245,7 +245,7 @@ def plan_tiles(grid_shape: Sequence[int], grid_affine: torch.Tensor,
             return i, float(cost[i])
         # tiles without a point to decode are skipped: count only the tiles holding an occupied sample
         order = np.argsort(np.where(fits, cost, np.inf))[:600]
-        order = order[cost[order] <= 3.0 * cost[order[0]]]
+        order = order[fits[order] & (cost[order] <= 3.0 * cost[order[0]])]  # fewer than 600 may fit
         best_cost, best = np.inf, int(order[0])
         for i in order:
             ci = occupied_cost(int(i))

@@ -170,3 +170,30 @@ def test_cli_benchmark_bad_overlay(tmp_path, capsys):
     rc = main(["benchmark", "--bundle", str(BUNDLE), "--config", str(tmp_path / "missing.yaml"), "--size", *map(str, TINY_SIZE)])
     assert rc == 2
     assert "config overlay not found" in capsys.readouterr().err
+
+
+def test_benchmark_amp_path_on_cpu(one_thread):
+    """The device / amp code path (the one --device cuda takes, autocast on CPU here): the CPU keys plus
+    device, amp and both GEMM peaks measured in the same run; attainable times from the bf16 peak."""
+    torch.manual_seed(0)
+    net = NexusINR(**TINY)
+    r = run_benchmark(size=TINY_SIZE, threads=one_thread, train_steps=2, network=net, loss=NexusINRLoss(),
+                      settings=TINY_SETTINGS, amp=True, peak_gemm_n=256, device="cpu")
+    _check_result(r)
+    assert r["device"] == "cpu" and r["amp"] is True and r["amp_dtype"] == "bfloat16"
+    assert r["peak_gemm_dtype"] == "bfloat16" and r["gemm_dtype"] == "bfloat16" and r["train_amp"] is True
+    assert r["peak_gemm_bf16_flops_per_s"] > 0 and r["peak_gemm_fp32_flops_per_s"] > 0
+    assert r["peak_gemm_flops_per_s"] == r["peak_gemm_bf16_flops_per_s"]
+    assert _close(r["attainable_s"], r["flops"] / r["peak_gemm_bf16_flops_per_s"])
+    assert r["max_abs_diff_before_after"] <= 0.05 * r["max_abs_before"]  # both amp; tiled vs untiled
+    assert r["cuda_peak_memory_gib"] is None
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert "bf16 autocast (amp)" in format_report(r) and "peak bf16 GEMM" in format_report(r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_benchmark_cuda_without_a_gpu_is_one_line(capsys):
+    rc = main(["benchmark", "--bundle", str(BUNDLE), "--device", "cuda", "--size", *map(str, TINY_SIZE), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1
