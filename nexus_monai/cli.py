@@ -228,8 +228,9 @@ def cmd_predict(args) -> int:
             raise NexusInputError(path, f"{c} input scan not found")
     _check_early(args, "predict")
     network, inferer, _ = load_bundle(args.bundle, args.config or (), weights=args.weights, device=args.device)
-    inferer.chunk_size = args.chunk_size
-    if args.max_memory_gib is not None:  # else the bundle inferer's budget (ImplicitGridInferer default 1.75 GiB)
+    if args.chunk_size is not None:  # else the bundle inferer's (inference.yaml chunk_size; configs/gpu.yaml: larger)
+        inferer.chunk_size = int(args.chunk_size)  # checked in _check_early
+    if args.max_memory_gib is not None:  # else the bundle inferer's budget (inference.yaml: auto, sized for the device)
         inferer.max_memory_gib = check_number("--max-memory-gib", args.max_memory_gib, 0, None, lo_open=True)
     inferer.progress = not args.quiet
     spacing = None
@@ -271,6 +272,7 @@ def cmd_benchmark(args) -> int:
                            chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
                            skip_train=args.skip_train, compare_before=not args.skip_before, fit=args.fit,
                            fit_author_seconds=args.fit_author_seconds, repeats=args.repeats, log=log,
+                           device=args.device, amp=args.amp,
                            **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}))
     print(format_report(result))
     if args.json:
@@ -415,11 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_args(pr)
     pr.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz")
     pr.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: cuda if available)")
-    pr.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once (bounds peak memory)")
+    pr.add_argument("--chunk-size", type=int, default=None,
+                    help="query points decoded at once (bounds peak memory; default: the bundle's, 32768)")
     pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     pr.add_argument("--max-memory-gib", type=float, default=None,
-                    help="target peak RSS in GiB: the encoders run on tiles of the LR volumes sized to it (default "
-                         "1.75)")
+                    help="target peak RSS in GiB (on CUDA: device memory): the encoders run on tiles of the LR volumes "
+                         "sized to it (default: auto, sized for the device with a bounded halo overhead)")
     pr.add_argument("--refine", metavar="SECONDS", default=None,
                     help="test-time refinement: fine-tune a copy of the model on these two scans for SECONDS through "
                          "the "
@@ -482,7 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 2 warm-up steps)")
     bm.add_argument("--skip-train", action="store_true", help="skip the training measurement")
     bm.add_argument("--max-memory-gib", type=float, default=None,
-                    help="target peak RSS of the inference in GiB; sets the encoder tiles (default 1.75)")
+                    help="target peak RSS of the inference in GiB (on CUDA: device memory); sets the encoder tiles "
+                         "(default: auto, as predict)")
+    bm.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the network runs")
+    bm.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast of the network's parts in inference and training (default: on for cuda, off "
+                         "for cpu)")
     bm.add_argument("--skip-before", action="store_true",
                     help="skip the untiled 'before' inference (the same-run comparison)")
     bm.add_argument("--repeats", type=int, default=1,
