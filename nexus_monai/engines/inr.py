@@ -264,9 +264,15 @@ def unnormalise(x: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
     return torch.where((x - zero).abs() <= 1e-6 * max(1.0, abs(zero)), torch.zeros_like(out), out).to(torch.float32)
 
 
-def subject_scores(gt: Mapping, pred: Mapping, lesions=None) -> dict:
+def metric_device() -> torch.device:
+    """Where validation's SSIM filtering runs: the GPU when there is one (float64 either way), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def subject_scores(gt: Mapping, pred: Mapping, lesions=None, device: str | torch.device | None = None) -> dict:
     """PSNR (brain mask, eroded) and SSIM per contrast with the table protocol
-    (docs/evaluation_protocol.md), mask = GT T1 > 0.
+    (docs/evaluation_protocol.md), mask = GT T1 > 0. ``device``: where SSIM's window filters run
+    (default :func:`metric_device`; equal values up to float64 rounding).
 
     With a lesion instance map ``lesions`` also the tables' lesion-fidelity columns
     (``lesion_contrast_t2``, ``lesion_kept_t2``, ``imprint_t1``, ...; :mod:`nexus_monai.metrics.lesion`).
@@ -280,7 +286,8 @@ def subject_scores(gt: Mapping, pred: Mapping, lesions=None) -> dict:
         s = intensity_scale(g, mask, SCALE_PERCENTILE)
         row[f"psnr_{c}"] = psnr(g / s, p / s, mask)
         row[f"psnr_eroded_{c}"] = psnr(g / s, p / s, eroded) if eroded.any() else float("nan")
-        row[f"ssim_{c}"] = ssim3d(g / s, p / s, mask, win_size=SSIM_WIN_SIZE, sigma=SSIM_SIGMA)
+        row[f"ssim_{c}"] = ssim3d(g / s, p / s, mask, win_size=SSIM_WIN_SIZE, sigma=SSIM_SIGMA,
+                                  device=device or metric_device())
     row["psnr_avg"] = (row["psnr_t1"] + row["psnr_t2"]) / 2
     row["ssim_avg"] = (row["ssim_t1"] + row["ssim_t2"]) / 2
     if lesions is not None:

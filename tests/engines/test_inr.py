@@ -93,3 +93,25 @@ def test_aux_loss_warmup_holds_aux_weights_at_zero_then_restores_them():
     assert set(zeroed) == set(terms) and zeroed["loss"] < terms["loss"]
     torch.testing.assert_close(zeroed["loss"], zeroed["sr_t1"] + zeroed["sr_t2"] + 0.5 * zeroed["t2self"])
 
+
+
+def test_subject_scores_run_ssim_on_the_metric_device(monkeypatch):
+    """SSIM's window filters go to metric_device() (the GPU when there is one), with the same values."""
+    import nexus_monai.engines.inr as inr
+    from nexus_monai.metrics.image_quality import ssim3d
+
+    torch.manual_seed(0)
+    gt = {c: torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 20), 3, 1, 1)[0, 0] for c in ("t1", "t2")}
+    pred = {c: gt[c] + 0.01 * torch.randn_like(gt[c]) for c in gt}
+    seen = []
+
+    def spy(*args, device=None, **kw):
+        seen.append(device)
+        return ssim3d(*args, device=device, **kw)
+
+    monkeypatch.setattr(inr, "ssim3d", spy)
+    row = inr.subject_scores(gt, pred)
+    assert seen == [inr.metric_device()] * 2
+    assert inr.metric_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(inr, "ssim3d", ssim3d)
+    assert row["ssim_t1"] == pytest.approx(inr.subject_scores(gt, pred, device="cpu")["ssim_t1"], abs=1e-9)
