@@ -134,7 +134,8 @@ def save_fp16_parts(ckpt: str | os.PathLike, out_dir: str | os.PathLike, stem: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": PART_FORMAT, "stem": stem, "parts": len(parts), "keys": list(state),
-            "shapes": {k: list(v.shape) for k, v in state.items()}, "dtypes": {k: str(v.dtype) for k, v in state.items()}}
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            "dtypes": {k: str(v.dtype) for k, v in state.items()}}
     files = []
     for i, tensors in enumerate(parts, 1):
         path = out_dir / f"{stem}.fp16.{i}of{len(parts)}.pt"
@@ -164,7 +165,8 @@ def load_fp16_parts(paths: Sequence[str | os.PathLike]) -> dict:
         if key in tensors:
             t = tensors[key]
         else:
-            chunks = sorted((k for k in tensors if k.startswith(f"{key}#chunk")), key=lambda k: int(k.rsplit("k", 1)[1]))
+            chunks = sorted((k for k in tensors if k.startswith(f"{key}#chunk")),
+                            key=lambda k: int(k.rsplit("#chunk", 1)[1]))
             t = torch.cat([tensors[k] for k in chunks]).reshape(meta["shapes"][key])
         state[key] = t.to(dtype)
     return state
@@ -190,7 +192,8 @@ def _train_cmd(run: dict, run_dir: Path, datalist: Path) -> list[str]:
 def _env(threads: int, device: str) -> dict:
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), NEXUS_EVAL_DEVICE=device)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + rest)
     return env
 
 
@@ -282,7 +285,8 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     threads = max(1, (os.cpu_count() or 1) // len(runs))
     env = _env(threads, device)
     timings = {"device": device, "torch": torch.__version__, "budget_s": budget, "datalist": str(datalist),
-               "splits": splits, "threads_per_run": threads, "form": plan["form"], "runs": {}}
+               "splits": splits, "threads_per_run": threads, "form": plan["form"], "runs": {},
+               "install_s": float(os.environ.get("NEXUS_INSTALL_SECONDS", "nan"))}
     if device.startswith("cuda") and torch.cuda.is_available():
         timings["device_name"] = torch.cuda.get_device_name(0)
     # 1. every training at once, each ended by its WallClockBudget handler (a hard kill only after grace_s)
@@ -321,7 +325,8 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
             continue
         trained.append(run)
         spec = {"datalist": str(datalist), "splits": splits, "methods": ["trilinear", "ibp", "nexus_inr"],
-                "options": {"nexus_inr": {"bundle": str(CONFIGS.parent), "weights": str(run_dir / "models" / "model.pt"),
+                "options": {"nexus_inr": {"bundle": str(CONFIGS.parent),
+                                          "weights": str(run_dir / "models" / "model.pt"),
                                           "overlays": [str(CONFIGS / c) for c in run["configs"]]
                                           + [str(run_dir / "overrides.yaml")]}},
                 "lpips": bool(lpips), "segmenters": [], "out": str(run_dir)}
@@ -449,15 +454,25 @@ def copy_dataset_subset(datalist: str | os.PathLike, dest: str | os.PathLike,
     return dest / "dataset.json"
 
 
+TARGET_HAS = "numpy,scipy,pandas,pyyaml,tqdm,pillow"
+"""What the GPU server is assumed to have besides its CUDA torch (a PyTorch image ships them); the issue
+that asked for this found monai, pytorch-ignite, nibabel, SimpleITK and fire missing there. ``install``
+checks every import, so a wrong guess is a one-line error before any training (``--target-has ''``
+carries them too: 68.8 MiB more for CPython 3.12)."""
+
+
 def pack_carry(carry: str | os.PathLike = REPO_ROOT / ".gpu_carry", data: str = "embedded",
-               wheelhouse_args: Sequence[str] = (), limit_mib: float = 64.0, build_wheels: bool = True) -> dict:
+               wheelhouse_args: Sequence[str] = (), limit_mib: float = 64.0, build_wheels: bool = True,
+               target_has: str = TARGET_HAS) -> dict:
     """Assemble ``carry`` (wheels + data) for the GPU machine; returns and prints the size breakdown in bytes."""
     from nexus_monai.data.brats import resolve_datalist
 
     carry = Path(carry)
     if build_wheels:
         cmd = [sys.executable, str(REPO_ROOT / "scripts" / "wheelhouse.py"), "build", "--out", str(carry / "wheels"),
-               "--set", "run", "--python-version", "3.12", "--skip-torch", *wheelhouse_args]
+               "--set", "run", "--python-version", "3.12", "--skip-torch", "--skip", target_has, *wheelhouse_args]
+        if (carry / "wheels").exists():
+            shutil.rmtree(carry / "wheels")
         subprocess.run(cmd, check=True)
     datalist = resolve_datalist(data, seed=0)
     name = Path(datalist).parent.name if str(data) == "embedded" else "dataset"
@@ -510,10 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("--limit-mib", type=float, default=64.0)
     k.add_argument("--no-wheels", action="store_true", help="keep the wheels already in CARRY/wheels")
     k.add_argument("--wheelhouse-arg", action="append", default=[], help="passed to scripts/wheelhouse.py build")
+    k.add_argument("--target-has", default=TARGET_HAS, help="distributions the server has (not carried)")
     args = p.parse_args(argv)
     try:
         if args.command == "pack":
-            pack_carry(args.carry, args.data, args.wheelhouse_arg, args.limit_mib, not args.no_wheels)
+            pack_carry(args.carry, args.data, args.wheelhouse_arg, args.limit_mib, not args.no_wheels, args.target_has)
             return 0
         if args.max_files < 3 or args.max_file_mib <= 0:
             raise NexusInputError(None, "--max-files must be >= 3 and --max-file-mib > 0")

@@ -152,7 +152,8 @@ def wheel_from_installed(name: str, out: Path) -> Path:
              and not str(f).endswith(".pyc")]
     info = next(f for f in dist.files if str(f).endswith(".dist-info/METADATA")).parent
     wheel_meta = (base / info / "WHEEL").read_text() if (base / info / "WHEEL").exists() else ""
-    tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")] or ["py3-none-any"]
+    tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")]
+    tags = tags or ["py3-none-any"]
     dist_name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
     path = out / f"{dist_name}-{dist.version}-{tags[0]}.whl"
     record = io.StringIO()
@@ -211,7 +212,8 @@ def build(args) -> int:
     names = {w["name"] for w in wheels}
     manifest = {"set": args.set, "python_version": args.python_version,
                 "platforms": ["this machine"] if args.from_env else list(args.platform or PLATFORMS),
-                "skip_torch": bool(args.skip_torch), "skipped": sorted((args.skip or "").split(",")) if args.skip else [],
+                "skip_torch": bool(args.skip_torch),
+                "skipped": sorted(s for s in (args.skip or "").split(",") if s),
                 "imports": sorted({RUN_IMPORTS[n] for n in names if n in RUN_IMPORTS}
                                   | ({"nexus_monai"} if args.project else set())),
                 "wheels": wheels, "total_bytes": sum(w["bytes"] for w in wheels), "failed": failed}
@@ -249,8 +251,8 @@ def install(args) -> int:
         subprocess.run(cmd + files, check=True)
     env = dict(os.environ)
     if args.target:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(args.target).resolve())] + [p for p in
-                                                                                   env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(args.target).resolve())] + rest)
     mods = manifest["imports"] + (["torch"] if manifest.get("skip_torch") else [])
     probe = ("import importlib, sys\nbad = []\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
              "    except Exception as e:\n        bad.append(f'{m} ({type(e).__name__}: {e})')\n"
@@ -272,7 +274,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--set", choices=("run", "full"), default="run")
     b.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}")
-    b.add_argument("--platform", action="append", help=f"pip --platform tag (repeatable; default {', '.join(PLATFORMS)})")
+    b.add_argument("--platform", action="append",
+                   help=f"pip --platform tag (repeatable; default {', '.join(PLATFORMS)})")
     b.add_argument("--skip-torch", action="store_true", help="the target already has a (CUDA) torch")
     b.add_argument("--skip", default="", help="comma-separated distributions the target already has")
     b.add_argument("--with-simpleitk", action="store_true", help="add SimpleITK to the run set (53 MB)")

@@ -78,9 +78,10 @@ def test_bad_plan_is_a_one_line_error(tmp_path, capsys):
         load_plan(plan)
 
 
+@pytest.mark.integration
 def test_two_configs_side_by_side_one_stopped_by_the_budget(tiny_bundle_dataset, tmp_path_factory, tmp_path):
     data = tiny_bundle_dataset(tmp_path_factory.mktemp("gpurun") / "data", n=2)
-    plan = {"form": "tiny", "budget_s": 12, "splits": ["validation", "test"], "overrides": dict(TINY),
+    plan = {"form": "tiny", "budget_s": 8, "splits": ["validation", "test"], "overrides": dict(TINY),
             "runs": [{"row": "baseline", "seed": 0, "configs": ["experiments/baseline.yaml"],
                       "overrides": {"max_epochs": 1}},
                      {"row": "mmf_kdattn_sel", "seed": 1, "configs": [], "overrides": {"max_epochs": 100_000}}]}
