@@ -159,8 +159,8 @@ class NexusINR(nn.Module):
     ):
         super().__init__()
         if cross_null_space and cross_input:
-            raise ValueError("cross_null_space and cross_input are exclusive: with cross_null_space every cross-contrast "
-                             "input goes through the null-space head; set cross_input: false")
+            raise ValueError("cross_null_space and cross_input are exclusive: with cross_null_space every "
+                             "cross-contrast input goes through the null-space head; set cross_input: false")
         self.cross_null_space = bool(cross_null_space)
         opts = dict(encoder_options or {})
         self.mmf, self.kd_attn, self.sel, self.bidirectional = bool(mmf), bool(kd_attn), bool(sel), bool(bidirectional)

@@ -17,9 +17,9 @@ Pieces (used by :class:`~nexus_monai.engines.inr.ImplicitGridInferer`):
 * :func:`encode_box`: the network's maps (features + KD-Attn keys) on the cores, with the cropped
   LR images and their affines, ready for ``network.decode``.
 * :func:`plan_tile_shape`: the output-tile shape of least encoder work (halos included) whose
-  estimated memory fits a byte budget; :func:`plan_tiles` also bounds the halo overhead (encoder
-  voxels computed / untiled encoder voxels), growing the budget up to a cap to meet it;
-  :func:`iter_boxes` walks the output grid in such tiles.
+  estimated memory fits a byte budget; :func:`plan_tiles` also bounds the halo overhead
+  (encoder voxels computed / untiled encoder voxels), growing the budget up to a cap to meet
+  it; :func:`iter_boxes` walks the output grid in such tiles.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch import nn
 from nexus_monai.networks.encoders import channels_last_convs
 
 __all__ = [
-    "receptive_radius", "encoder_radius", "window_margin", "lookup_margin", "encoder_bytes_per_voxel", "decode_bytes_per_point",
-    "core_box",
+    "receptive_radius", "encoder_radius", "window_margin", "lookup_margin", "encoder_bytes_per_voxel",
+    "decode_bytes_per_point", "core_box",
     "encode_box", "plan_tile_shape", "plan_tiles", "iter_boxes", "tile_memory_bytes",
 ]
 

@@ -145,7 +145,8 @@ class SampleQueryPointsd(Randomizable, MapTransform):
         return d
 
     def _lesion_code(self, d: Mapping, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The patch's signed lesion region code ``(X, Y, Z)``, zeros if the sample has no map; None without lesion_key."""
+        """The patch's signed lesion region code ``(X, Y, Z)``; zeros if the sample has no map; None without
+        ``lesion_key``."""
         if not self.lesion_key:
             return None
         if self.lesion_key not in d:
