@@ -52,7 +52,8 @@ def format_report(r: Mapping) -> str:
             + f" (other processes share these {m['cpus_available']} CPUs)"
         )
     if m.get("cuda_device_name"):
-        add(f"device   : {m['cuda_device_name']} ({m['cuda_total_memory_gib']:.0f} GiB, compute {m['cuda_capability']}), "
+        add(f"device   : {m['cuda_device_name']} ({m['cuda_total_memory_gib']:.0f} GiB, "
+            f"compute {m['cuda_capability']}), "
             f"CUDA {m['cuda_version']}, cuDNN {m['cudnn_version']}, TF32 matmul {m['cuda_matmul_allow_tf32']}")
     add(f"input    : {r['input']}")
     add(f"           T1 LR {r['t1_acquisition']} {tuple(r['t1_lr_shape'])}, T2 LR {r['t2_acquisition']} "
@@ -67,7 +68,8 @@ def format_report(r: Mapping) -> str:
     runs = ", ".join(_si(p, "FLOP/s") for p in r["peak_gemm_runs_flops_per_s"])
     dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(r.get("peak_gemm_dtype", "float32"), "fp32")
     where = f"{r['peak_gemm_threads']} threads" if r["device"] == "cpu" else r["device"]
-    add((f"peak {dtype} GEMM ({r['peak_gemm_n']}^3 matmul, {where}; best of runs {runs}; the attainable-time reference)",
+    add((f"peak {dtype} GEMM ({r['peak_gemm_n']}^3 matmul, {where}; best of runs {runs}; "
+         f"the attainable-time reference)",
          _si(peak, "FLOP/s")))
     if r.get("peak_gemm_bf16_flops_per_s") and dtype == "bf16":
         add(("peak fp32 GEMM (same size, same run)", _si(r["peak_gemm_fp32_flops_per_s"], "FLOP/s")))

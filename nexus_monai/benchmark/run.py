@@ -145,7 +145,8 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     after = before = None
     times: dict[str, list[float]] = {"after": [], "before": []}
     for rep in range(max(1, int(repeats))):  # after and before alternate: load drift hits both alike
-        log(f"inference (after, {rep + 1}/{repeats}): tiled encoders, max {max_memory_gib} GiB" + (", amp" if amp else ""))
+        log(f"inference (after, {rep + 1}/{repeats}): tiled encoders, max {max_memory_gib} GiB"
+            + (", amp" if amp else ""))
         run = time_inference(network, inputs, ImplicitGridInferer(chunk_size=chunk_size, max_memory_gib=max_memory_gib,
                                                                   amp=amp),
                              peak_runs[0]["peak_gemm_flops_per_s"], keep_output=compare_before)

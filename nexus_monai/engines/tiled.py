@@ -57,7 +57,8 @@ AUTO = "auto"  # max_memory_gib: a budget sized for the device (memory_budget)
 DEFAULT_MAX_MEMORY_GIB = 1.75  # measured peak RSS for 240 x 240 x 160 at 2 threads: see README (benchmark)
 MIN_TILE_BUDGET_BYTES = 256 * 1024**2  # floor when the process already uses the budget
 MAX_HALO_OVERHEAD = 1.5  # encoder voxels computed by the tiles (halos incl.) / untiled encoder voxels
-CPU_FREE_FRACTION = 0.5  # of MemAvailable: the most an "auto" CPU budget grows to
+# of MemAvailable: the most an "auto" CPU budget grows to (the tile memory estimate is itself an upper bound)
+CPU_FREE_FRACTION = 0.7
 CUDA_FREE_FRACTION = 0.8  # of the device's free memory: an "auto" CUDA budget
 _GIB = 1024.0**3
 _LOG = logging.getLogger(__name__)

@@ -105,7 +105,8 @@ def test_memory_budget_from_the_device(monkeypatch):
 
 
 def test_budget_setting_is_checked():
-    assert ImplicitGridInferer().max_memory_gib == "auto" and ImplicitGridInferer(max_memory_gib="AUTO").max_memory_gib == "auto"
+    assert ImplicitGridInferer().max_memory_gib == "auto"
+    assert ImplicitGridInferer(max_memory_gib="AUTO").max_memory_gib == "auto"
     assert ImplicitGridInferer(max_memory_gib=2).max_memory_gib == 2.0
     assert ImplicitGridInferer(max_memory_gib=None).max_memory_gib is None
     for bad in (0, -1.0, float("nan"), "lots"):
