@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from nexus_monai.geometry import TargetGrid, as_affine, spacing, voxel_to_voxel
+from nexus_monai.geometry import TargetGrid, as_affine, spacing, voxel_to_grid, voxel_to_voxel
 
 try:
     import SimpleITK as sitk
@@ -126,15 +127,10 @@ def resample_torch(image: torch.Tensor, grid: TargetGrid, method: str = "triline
         if method == "nearest":
             i = torch.minimum(torch.floor(c + 0.5).clamp_min(0), n - 1).long()
             values = flat[:, i[:, 0] * strides[0] + i[:, 1] * strides[1] + i[:, 2]]
-        else:
-            base = torch.floor(c)
-            w = c - base
-            values = torch.zeros((vol.shape[0], len(c)), dtype=torch.float64)
-            for corner in range(8):
-                offs = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], dtype=torch.float64)
-                i = torch.minimum((base + offs).clamp_min(0), n - 1).long()
-                weight = torch.where(offs.bool(), w, 1 - w).prod(dim=-1)
-                values += weight * flat[:, i[:, 0] * strides[0] + i[:, 1] * strides[1] + i[:, 2]]
+        else:  # border padding = ITK's edge repetition inside the half-voxel border
+            g = voxel_to_grid(c, vol.shape[1:]).reshape(1, 1, 1, -1, 3)
+            values = F.grid_sample(vol[None], g, mode="bilinear", padding_mode="border",
+                                   align_corners=False).reshape(vol.shape[0], -1)
         values = torch.where(inside, values, torch.zeros((), dtype=torch.float64))
         out[:, x0:x0 + len(xs)] = values.reshape(vol.shape[0], len(xs), shape[1], shape[2]).float()
     return out
