@@ -58,16 +58,20 @@ __all__ = ["load_plan", "run_plan", "save_fp16_parts", "load_fp16_parts", "pack_
 CONFIGS = REPO_BUNDLES / "nexus_inr" / "configs"
 SPLITS = ("validation", "test", "test_anatomy")
 SUMMARY_METRICS = ("psnr_t1", "psnr_t2", "psnr_avg", "ssim_avg", "psnr_eroded_avg", "lesion_contrast_t2",
-                   "lesion_contrast_t1", "seconds")
+                   "lesion_kept_t2", "imprint_t1", "imprint_t1_gt", "lesion_contrast_t1", "imprint_t2", "imprint_t2_gt",
+                   "seconds")
 MIB = 1 << 20
 PART_FORMAT = "nexus_monai.fp16_parts/1"
 
 
 # --- the plan ---------------------------------------------------------------------------------------
 def load_plan(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
-    """Read and check a plan YAML: ``{form, budget_s, splits?, overrides?, runs: [{row, seed, configs,
-    overrides?}]}``; ``configs`` are files under ``bundles/nexus_inr/configs`` merged in order over
-    ``train.yaml``. A bad plan is a one-line :class:`NexusInputError` naming the file."""
+    """Read and check a plan YAML: ``{form, budget_s, table?, splits?, methods?, baselines?, overrides?,
+    runs: [{row, seed, configs, overrides?, methods?}]}``; ``configs`` are files under
+    ``bundles/nexus_inr/configs`` merged in order over ``train.yaml``; ``methods`` (default ``[nexus_inr]``)
+    score each trained model, ``baselines`` (default ``[trilinear, ibp]``) are scored once per split
+    beside the trainings and joined to every run's rows; ``table`` names the ablation table written when
+    every row is one of the paper's (default ``table2``). A bad plan is a one-line :class:`NexusInputError` naming the file."""
     path = Path(path)
     try:
         plan = yaml.safe_load(path.read_text())
@@ -289,6 +293,19 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
                "install_s": float(os.environ.get("NEXUS_INSTALL_SECONDS", "nan"))}
     if device.startswith("cuda") and torch.cuda.is_available():
         timings["device_name"] = torch.cuda.get_device_name(0)
+    methods = [str(m) for m in plan.get("methods", ["nexus_inr"])]
+    baselines = [str(m) for m in plan.get("baselines", ["trilinear", "ibp"])]
+    # 0. the baselines (no network: the same for every run) scored once per split, beside the trainings
+    base_dir = work / "baselines"
+    base_procs = {}
+    for split in splits if baselines else []:
+        spec = {"datalist": str(datalist), "splits": [split], "methods": baselines, "options": {},
+                "lpips": bool(lpips), "segmenters": [], "out": str(base_dir)}
+        base_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(base_dir / f"evaluate_{split}.json", json.dumps(spec, indent=1) + "\n")
+        log = open(base_dir / f"evaluate_{split}.log", "ab")
+        cmd = [sys.executable, "-m", "nexus_monai.experiments", "--evaluate-run", str(base_dir / f"evaluate_{split}.json")]
+        base_procs[split] = (subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     # 1. every training at once, each ended by its WallClockBudget handler (a hard kill only after grace_s)
     procs = {}
     for run in runs:
@@ -324,11 +341,11 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
             print(f"gpu_run: {run['name']}: no model.pt (exit {codes[run['name']]}; see train.log)", flush=True)
             continue
         trained.append(run)
-        spec = {"datalist": str(datalist), "splits": splits, "methods": ["trilinear", "ibp", "nexus_inr"],
-                "options": {"nexus_inr": {"bundle": str(CONFIGS.parent),
-                                          "weights": str(run_dir / "models" / "model.pt"),
-                                          "overlays": [str(CONFIGS / c) for c in run["configs"]]
-                                          + [str(run_dir / "overrides.yaml")]}},
+        run_methods = [str(m) for m in run.get("methods", methods)]
+        model = {"bundle": str(CONFIGS.parent), "weights": str(run_dir / "models" / "model.pt"),
+                 "overlays": [str(CONFIGS / c) for c in run["configs"]] + [str(run_dir / "overrides.yaml")]}
+        spec = {"datalist": str(datalist), "splits": splits, "methods": run_methods,
+                "options": {m: model for m in run_methods if m.startswith("nexus_inr")},
                 "lpips": bool(lpips), "segmenters": [], "out": str(run_dir)}
         write_text_atomic(run_dir / "evaluate.json", json.dumps(spec, indent=1) + "\n")
         log = open(run_dir / "evaluate.log", "ab")
@@ -336,6 +353,8 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
         procs[run["name"]] = (subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     t_eval = time.perf_counter()
     eval_codes = _wait_all(procs, math.inf)
+    base_codes = _wait_all(base_procs, math.inf)
+    timings["baselines"] = {"methods": baselines, "exit": base_codes}
     timings["eval_wall_s"] = round(time.perf_counter() - t_eval, 2)
     # 3. tables
     frames = []
@@ -343,6 +362,9 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
         run_dir = work / "runs" / run["name"]
         timings["runs"][run["name"]]["eval_exit"] = eval_codes[run["name"]]
         f = _results(Run("gpu", plan["form"], run["row"], run["seed"]), run_dir)
+        if baselines:  # the shared baseline rows, under this run's name (paired with its subjects in the tables)
+            base = _results(Run("gpu", plan["form"], run["row"], run["seed"]), base_dir)
+            f = pd.concat([base, f], ignore_index=True) if len(f) else f
         if len(f):
             f.insert(0, "run", run["name"])
             frames.append(f)
@@ -355,7 +377,7 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
                 frame[f"{stem}_avg"] = (frame[f"{stem}_t1"] + frame[f"{stem}_t2"]) / 2
         write_text_atomic(tables / "gpu_runs.csv", frame.to_csv(index=False))
         if all(r["row"] in ROW_LABELS for r in runs):
-            write_tables("table2", plan["form"], frame.drop(columns=["run"]), tables, n_planned=len(runs),
+            write_tables(str(plan.get("table", "table2")), plan["form"], frame.drop(columns=["run"]), tables, n_planned=len(runs),
                          failures=[r["name"] for r in runs if r not in trained],
                          command="python -m nexus_monai.gpu_run run (see summary.md for the budget)")
     # 4. fp16 weights of the best-validation runs, as many whole runs as the file count allows
