@@ -71,7 +71,9 @@ def load_plan(path: str | os.PathLike, overrides: Mapping | None = None) -> dict
     ``bundles/nexus_inr/configs`` merged in order over ``train.yaml``; ``methods`` (default ``[nexus_inr]``)
     score each trained model, ``baselines`` (default ``[trilinear, ibp]``) are scored once per split
     beside the trainings and joined to every run's rows; ``table`` names the ablation table written when
-    every row is one of the paper's (default ``table2``). A bad plan is a one-line :class:`NexusInputError` naming the file."""
+    every row is one of the paper's (default ``table2``); ``baselines_from``: the work folder of a plan run
+    at the same time that scores the baselines (not scored again here); ``threads_per_run``: torch CPU
+    threads of each process (default: the machine's cores / runs). A bad plan is a one-line :class:`NexusInputError` naming the file."""
     path = Path(path)
     try:
         plan = yaml.safe_load(path.read_text())
@@ -286,7 +288,7 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     (work / "runs").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     runs, budget = plan["runs"], float(plan["budget_s"])
-    threads = max(1, (os.cpu_count() or 1) // len(runs))
+    threads = int(plan.get("threads_per_run") or max(1, (os.cpu_count() or 1) // len(runs)))
     env = _env(threads, device)
     timings = {"device": device, "torch": torch.__version__, "budget_s": budget, "datalist": str(datalist),
                "splits": splits, "threads_per_run": threads, "form": plan["form"], "runs": {},
@@ -296,9 +298,11 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     methods = [str(m) for m in plan.get("methods", ["nexus_inr"])]
     baselines = [str(m) for m in plan.get("baselines", ["trilinear", "ibp"])]
     # 0. the baselines (no network: the same for every run) scored once per split, beside the trainings
-    base_dir = work / "baselines"
+    # (``baselines_from``: another plan's work folder computes them; its rows are joined here once written)
+    shared = plan.get("baselines_from")
+    base_dir = Path(shared).resolve() / "baselines" if shared else work / "baselines"
     base_procs = {}
-    for split in splits if baselines else []:
+    for split in splits if baselines and not shared else []:
         spec = {"datalist": str(datalist), "splits": [split], "methods": baselines, "options": {},
                 "lpips": bool(lpips), "segmenters": [], "out": str(base_dir)}
         base_dir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +358,11 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     t_eval = time.perf_counter()
     eval_codes = _wait_all(procs, math.inf)
     base_codes = _wait_all(base_procs, math.inf)
+    if shared:  # wait (bounded) for the other plan's baseline rows
+        wait_until = time.perf_counter() + float(plan.get("baselines_wait_s", 600))
+        while time.perf_counter() < wait_until and not all(
+                (base_dir / s / "manifest.json").is_file() for s in splits):
+            time.sleep(2.0)
     timings["baselines"] = {"methods": baselines, "exit": base_codes}
     timings["eval_wall_s"] = round(time.perf_counter() - t_eval, 2)
     # 3. tables
