@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nexus_monai import __version__
 from nexus_monai.bundle_paths import default_bundle
+from nexus_monai.cli_benchmark import add_benchmark_arguments
 from nexus_monai.cli_help import HelpfulParser
 from nexus_monai.errors import NexusInputError, check_number, find_input_error
 
@@ -425,12 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "sized to it (default: auto, sized for the device with a bounded halo overhead)")
     pr.add_argument("--refine", metavar="SECONDS", default=None,
                     help="test-time refinement: fine-tune a copy of the model on these two scans for SECONDS through "
-                         "the "
-                         "acquisition model; held-out LR voxels decide per contrast whether the refined model is used")
+                         "the acquisition model; held-out LR voxels decide per contrast whether the refined model is used")
     pr.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                     help="data-consistency guard (default on): correct the output where its re-acquisition departs "
-                         "from the "
-                         "input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual on the output grid)")
+                         "from the input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual, output grid)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -471,39 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm = sub.add_parser("benchmark",
                         help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training "
                              "steps/s")
-    bm.add_argument("--bundle", default=None,
-                    help="bundle folder (network_def, loss, training setting of configs/train.yaml); default: the "
-                         "checkout's bundles/nexus_inr")
-    bm.add_argument("--config", action="append",
-                    help="config overlay over train.yaml (e.g. bundles/nexus_inr/configs/paper.yaml); repeatable")
-    bm.add_argument("--weights",
-                    help="checkpoint (default <bundle>/models/model.pt if present, else random weights: same cost)")
-    bm.add_argument("--random-weights", action="store_true",
-                    help="ignore any checkpoint: seeded random weights (same cost)")
-    bm.add_argument("--chunk-size", type=int, default=32768, help="query points decoded at once")
-    bm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    bm.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 2 warm-up steps)")
-    bm.add_argument("--skip-train", action="store_true", help="skip the training measurement")
-    bm.add_argument("--max-memory-gib", type=float, default=None,
-                    help="target peak RSS of the inference in GiB (on CUDA: device memory); sets the encoder tiles "
-                         "(default: auto, as predict)")
-    bm.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the network runs")
-    bm.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 autocast of the network's parts in inference and training (default: on for cuda, off "
-                         "for cpu)")
-    bm.add_argument("--skip-before", action="store_true",
-                    help="skip the untiled 'before' inference (the same-run comparison)")
-    bm.add_argument("--repeats", type=int, default=1,
-                    help="after/before inference pairs, alternating (the fastest of each counts)")
-    bm.add_argument("--fit", action="store_true",
-                    help="also time SSMCSR fit-subject epochs on the 2 mm embedded subject")
-    bm.add_argument("--fit-author-seconds", type=float, default=120.0,
-                    help="with --fit: seconds of fitting at the authors' network size (epoch time extrapolated)")
-    bm.add_argument("--json", help="also write every number to this JSON file")
-    bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    # tests: a tiny volume
-    bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"),
-                    help=argparse.SUPPRESS)
+    add_benchmark_arguments(bm)
     bm.set_defaults(func=cmd_benchmark)
 
     sv = sub.add_parser("serve",
