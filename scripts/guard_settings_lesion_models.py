@@ -1,8 +1,11 @@
 """Guard settings on the lesion-aware models trained on the H200 (docs/lesion_objective.md): test-only family, CPU.
 
-Weights: docs/results/gpu_2026-12-04 lists the runs; the fp32 models came back as lesion_models.tgz (not committed),
-unpacked under /tmp/lesmodels. Results: /tmp/guardexp/<model>_<guard>/ (copied to docs/results/gpu_2026-12-04/guard_settings)."""
-import json, os, sys
+Weights: the fp32 models of the GPU run (scripts/gpu_session.sh main: OUT/lesion_models.tgz, not committed),
+unpacked under /tmp/lesmodels. Results: /tmp/guardexp/<model>_<guard>/ (copied to
+docs/results/gpu_2026-12-04/guard_settings).
+"""
+import json
+import os
 from pathlib import Path
 from nexus_monai.evaluation.table1 import evaluate_methods, select_subjects
 from nexus_monai.transforms.protocols import load_protocol
