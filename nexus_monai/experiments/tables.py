@@ -131,7 +131,38 @@ def _image_markdown(table: str, form: str, frame: pd.DataFrame, rows: Sequence[s
                 f"| {ROW_LABELS.get(row, row)} vs {ROW_LABELS.get(prev, prev)} | {n} | " + " | ".join(cells) + " |"
             )
         lines += _vs_ibp_lines(part, rows, split, diff_metrics)
+        lines += _lesion_lines(part, rows, split)
         lines.append("")
+    return lines
+
+
+LESION_COLUMNS = (("lesion_contrast_t2", "T2w-only contrast recovered"), ("lesion_kept_t2", "T2w-only kept"),
+                  ("imprint_t2", "T1w-only imprint on T2w"), ("imprint_t2_gt", "(GT)"),
+                  ("lesion_contrast_t1", "T1w-only contrast recovered"), ("imprint_t1", "T2w-only imprint on T1w"),
+                  ("imprint_t1_gt", "(GT)"))
+
+
+def _lesion_lines(part: pd.DataFrame, rows: Sequence[str], split: str) -> list[str]:
+    """Lesion fidelity beside PSNR (:mod:`nexus_monai.metrics.lesion`): mean ± std over seeds of the per-seed
+    subject means, the references (trilinear, ibp) first (empty when the results have no lesion columns)."""
+    cols = [(c, label) for c, label in LESION_COLUMNS if c in part and part[c].notna().any()]
+    if not cols:
+        return []
+    lines = ["", f"Lesion fidelity (split `{split}`; contrast recovered: output's lesion-minus-ring contrast / the "
+                 f"ground truth's; kept: fraction of lesions at >= 0.5; imprint beside the ground truth's own "
+                 f"level; docs/evaluation_protocol.md), mean ± std over seeds:", "",
+             "| Row | " + " | ".join(label for _, label in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    summaries = {c: seed_summary(part, c) for c, _ in cols}
+    references = [(m, [f"({m})"]) for m in REFERENCE_METHODS if (part["method"] == m).any()]
+    for method, row_names in references + [("nexus_inr", list(rows))]:
+        for row in row_names:
+            key = rows[0] if method in REFERENCE_METHODS else row
+            cells = []
+            for c, _ in cols:
+                s = summaries[c]
+                hit = s[(s["row"] == key) & (s["method"] == method)]
+                cells.append(_fmt(float(hit["mean"].iloc[0]), float(hit["std"].iloc[0]), 3) if len(hit) else "n/a")
+            lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     return lines
 
 

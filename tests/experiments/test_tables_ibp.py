@@ -48,6 +48,17 @@ def test_experiment_tables_show_ibp_and_each_row_minus_ibp(tmp_path):
         half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         line = next(x for x in lines if x.startswith(f"| {label} vs ibp |"))
         assert f"| 6 | {d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]" in line
+    assert "Lesion fidelity" not in md  # no lesion columns in these results: no lesion table
+    # with lesion columns: a lesion-fidelity table beside PSNR, references first, values = mean over seeds
+    lesion = frame.assign(lesion_contrast_t2=np.where(frame["method"] == "ibp", 0.5, 0.4) + 0.1 * frame["seed"],
+                          imprint_t2=0.02, imprint_t2_gt=0.01)
+    (tmp_path / "lesion").mkdir()
+    lmd = write_tables("table2", "default", lesion, tmp_path / "lesion", n_planned=4, failures=[],
+                       command="x")["md"].read_text().splitlines()
+    head = lmd.index(next(x for x in lmd if x.startswith("| Row | T2w-only contrast recovered |")))
+    assert lmd[head + 2].startswith("| (trilinear) | 0.450 ± 0.071 |")  # seeds 0, 1: 0.40 and 0.50
+    assert lmd[head + 3].startswith("| (ibp) | 0.550 ± 0.071 | 0.020 ± 0.000 | 0.010 ± 0.000 |")
+    assert lmd[head + 4].startswith("| Baseline | 0.450 ± 0.071 |")
     # without ibp rows (older results) the table is as before: no ibp line, no contribution section
     (tmp_path / "old").mkdir()
     old = write_tables("table2", "default", frame[frame["method"] != "ibp"], tmp_path / "old", n_planned=4,
