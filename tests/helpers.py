@@ -147,3 +147,27 @@ def fake_inr_out(b=2, k=6, c=4, seed=0, kd=True, mmf=True, sel=True) -> dict:
         out["seg_logits_t1"] = torch.randn(b, k, 4, generator=g)
         out["seg_logits_t2"] = torch.randn(b, k, 4, generator=g)
     return out
+
+
+def add_t2_lesion(root: Path) -> Path:
+    """Give the first ``test`` subject of the dataset at ``root`` a T2w-only lesion: its T2w gets a +300 ball of
+    radius 2 voxels around voxel (12, 20, 12) (33 voxels of 6 mm: d = 23.9 mm, 1.0 T2w slab of 4 x 6 mm) and
+    the datalist a lesion instance map (T2w-only code 1001). Returns ``root``."""
+    import json
+
+    import nibabel as nib
+
+    from nexus_monai.keys import LESIONS
+
+    root = Path(root)
+    dl = json.loads((root / "dataset.json").read_text())
+    entry = dl["test"][0]
+    t2 = nib.load(str(root / entry["t2"]))
+    lesion = sum((g - c) ** 2 for g, c in zip(np.indices(t2.shape), (12, 20, 12))) <= 4
+    nib.save(nib.Nifti1Image(np.where(lesion, t2.get_fdata() + 300, t2.get_fdata()).astype(np.float32), t2.affine),
+             str(root / entry["t2"]))
+    path = root / "lesions.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(lesion, 1001, 0).astype(np.int16), t2.affine), str(path))
+    entry[LESIONS] = str(path)
+    (root / "dataset.json").write_text(json.dumps(dl))
+    return root

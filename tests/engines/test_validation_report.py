@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
+from helpers import add_t2_lesion
 import nexus_monai.engines.inr_handlers as handlers
 from nexus_monai.engines.consistency import GuardOptions, consistency_guard
 from nexus_monai.engines.inr import subject_scores
@@ -22,28 +23,13 @@ from nexus_monai.transforms.protocols import load_protocol, prepare_subject
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _add_t2_lesion(root):
-    """The first subject's T2w gets a +300 ball of radius 2 voxels (33 voxels of 6 mm: d = 23.9 mm, 1.0 T2w
-    slab of 4 x 6 mm) and a lesion map in the datalist."""
-    import nibabel as nib
-
-    dl = json.loads((root / "dataset.json").read_text())
-    entry = dl["test"][0]
-    t2 = nib.load(str(root / entry["t2"]))
-    lesion = sum((g - c) ** 2 for g, c in zip(np.indices(t2.shape), (12, 20, 12))) <= 4
-    nib.save(nib.Nifti1Image(np.where(lesion, t2.get_fdata() + 300, t2.get_fdata()).astype(np.float32), t2.affine),
-             str(root / entry["t2"]))
-    nib.save(nib.Nifti1Image(np.where(lesion, 1001, 0).astype(np.int16), t2.affine), str(root / "lesions.nii.gz"))
-    entry[LESIONS] = str(root / "lesions.nii.gz")
-    (root / "dataset.json").write_text(json.dumps(dl))
-    return root
 
 
 @pytest.fixture(scope="module")
 def outputs(tiny_dataset, tmp_path_factory):
     """Two validation outputs as INRValidationStep leaves them (the model: cubic B-spline); the first subject
     has a T2w-only lesion map."""
-    root = _add_t2_lesion(tiny_dataset(tmp_path_factory.mktemp("report_data"), n=2))
+    root = add_t2_lesion(tiny_dataset(tmp_path_factory.mktemp("report_data"), n=2))
     outs = []
     for entry in select_subjects(root, "test"):
         data = prepare_subject(entry, load_protocol("nexus"))

@@ -3,19 +3,17 @@
 import json
 import math
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from helpers import add_t2_lesion
 from nexus_monai.cli import main
 from nexus_monai.engines.consistency import GuardOptions, consistency_guard
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.methods import get_method
 from nexus_monai.evaluation.table1 import select_subjects
 from nexus_monai.geometry import TargetGrid, spacing
-from nexus_monai.keys import LESIONS
 from nexus_monai.metrics.lesion import lesion_geometry
 from nexus_monai.transforms.consistency import AcquisitionModel, lr_residual
 from nexus_monai.transforms.interpolation import upsample
@@ -78,25 +76,11 @@ def test_slab_thickness_is_the_protocol_factor_times_hr_spacing(subject):
     assert geo["voxel_mm3"] == pytest.approx(float(hr.prod()))
 
 
-def _add_t2_lesion(root):
-    """The subject's T2w gets a +300 ball of radius 2 voxels (33 voxels of 6 mm: d = 23.9 mm, 1.0 T2w slab
-    of 4 x 6 mm) and a lesion map in the datalist."""
-    dl = json.loads((root / "dataset.json").read_text())
-    entry = dl["test"][0]
-    t2 = nib.load(str(root / entry["t2"]))
-    lesion = sum((g - c) ** 2 for g, c in zip(np.indices(t2.shape), (12, 20, 12))) <= 4
-    nib.save(nib.Nifti1Image(np.where(lesion, t2.get_fdata() + 300, t2.get_fdata()).astype(np.float32), t2.affine),
-             str(root / entry["t2"]))
-    path = root / "lesions.nii.gz"
-    nib.save(nib.Nifti1Image(np.where(lesion, 1001, 0).astype(np.int16), t2.affine), str(path))
-    entry[LESIONS] = str(path)
-    (root / "dataset.json").write_text(json.dumps(dl))
-    return root
 
 
 def test_evaluate_default_methods_put_ibp_beside_trilinear_with_lesion_sizes(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("NEXUS_GUARD_OPTIONS", raising=False)
-    data = _add_t2_lesion(tiny_dataset(tmp_path / "data", n=1))
+    data = add_t2_lesion(tiny_dataset(tmp_path / "data", n=1))
     out = tmp_path / "res"
     assert main(["evaluate", "--data", str(data), "--no-lpips", "--quiet", "--no-mlflow", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "per_subject.csv").set_index("method")
