@@ -75,28 +75,26 @@ def tileable(net: nn.Module) -> bool:
     return True
 
 
-def process_rss_bytes() -> float:
-    """The current resident set size of this process (0 where ``/proc`` is unavailable)."""
+def _proc_kib_bytes(path: str, field: str) -> float:
+    """``field`` (a ``kB`` line such as ``VmRSS:``) of a ``/proc`` file, in bytes (0 where unavailable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return float(line.split()[1]) * 1024.0
     except OSError:
         pass
     return 0.0
+
+
+def process_rss_bytes() -> float:
+    """The current resident set size of this process (0 where ``/proc`` is unavailable)."""
+    return _proc_kib_bytes("/proc/self/status", "VmRSS:")
 
 
 def available_memory_bytes() -> float:
     """The machine's available memory (``MemAvailable`` of ``/proc/meminfo``; 0 where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return 0.0
+    return _proc_kib_bytes("/proc/meminfo", "MemAvailable:")
 
 
 def memory_budget(setting, device: torch.device, output_bytes: float) -> tuple[float, float | None, str]:
