@@ -9,7 +9,7 @@ import pytest
 
 import nexus_monai
 from nexus_monai.cli import build_parser, main
-from nexus_monai.cli_help import DESCRIPTIONS, EXAMPLES
+from nexus_monai.cli.help import DESCRIPTIONS, EXAMPLES
 
 COMMANDS = ["synth", "degrade", "upsample", "baseline", "predict", "evaluate", "benchmark", "serve", "fit-subject",
             "experiment"]

@@ -1,11 +1,14 @@
-"""The arguments of ``nexus-sr benchmark`` (kept apart from :mod:`nexus_monai.cli` to keep that module short;
-importing this loads neither torch nor MONAI, so ``nexus-sr --help`` stays fast)."""
+"""``nexus-sr benchmark``: speed and memory of Nexus-INR whole-volume inference vs trilinear, and training steps/s
+(importing this loads neither torch nor MONAI, so ``nexus-sr --help`` stays fast)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
-__all__ = ["add_benchmark_arguments"]
+__all__ = ["add_benchmark_arguments", "add_parser", "cmd_benchmark"]
 
 
 def add_benchmark_arguments(bm: argparse.ArgumentParser) -> None:
@@ -43,3 +46,38 @@ def add_benchmark_arguments(bm: argparse.ArgumentParser) -> None:
     # tests: a tiny volume
     bm.add_argument("--size", type=int, nargs=3, default=[240, 240, 160], metavar=("X", "Y", "Z"),
                     help=argparse.SUPPRESS)
+
+
+def cmd_benchmark(args) -> int:
+    """Speed and memory of Nexus-INR vs trilinear on one whole volume, and training steps/s.
+
+    The hidden ``--size X Y Z`` (tests) sets the output volume in voxels instead of 240 x 240 x 160;
+    see :mod:`nexus_monai.benchmark` for what is measured and how.
+    """
+    from nexus_monai.benchmark import format_report, run_benchmark
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"benchmark: {msg}", file=sys.stderr, flush=True))
+    result = run_benchmark(bundle=args.bundle, overlays=args.config or (), weights=args.weights,
+                           random_weights=args.random_weights,
+                           size=args.size,
+                           chunk_size=args.chunk_size, threads=args.threads, train_steps=args.train_steps,
+                           skip_train=args.skip_train, compare_before=not args.skip_before, fit=args.fit,
+                           fit_author_seconds=args.fit_author_seconds, repeats=args.repeats, log=log,
+                           device=args.device, amp=args.amp,
+                           **({} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}))
+    print(format_report(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``benchmark`` on the sub-command set ``sub``."""
+    bm = sub.add_parser("benchmark",
+                        help="time one 240x240x160 volume (Nexus-INR vs trilinear, memory, matmul bound) and training "
+                             "steps/s")
+    add_benchmark_arguments(bm)
+    bm.set_defaults(func=cmd_benchmark)

@@ -1,0 +1,103 @@
+"""``nexus-sr evaluate``: Table 1 (and Table 5): simulate the protocol's LR inputs, run the methods, write tables,
+panels and an MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nexus_monai.cli.common import method_options
+from nexus_monai.errors import NexusInputError, check_number
+
+__all__ = ["add_parser", "cmd_evaluate"]
+
+
+def cmd_evaluate(args) -> int:
+    from nexus_monai.data.staging import check_output_dir
+    from nexus_monai.engines.mlflow_logging import tracking_uri as project_tracking_uri
+    from nexus_monai.evaluation.downstream import load_segmenters
+    from nexus_monai.evaluation.methods import check_methods
+    from nexus_monai.evaluation.table1 import check_subject_files, evaluate_methods, select_subjects
+    from nexus_monai.transforms.protocols import load_protocol
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise NexusInputError(None, "--methods is empty")
+    options = method_options(args.weights, "weights")
+    for name, opts in method_options(args.bundle, "bundle").items():
+        options.setdefault(name, {}).update(opts)
+    check_output_dir(args.out, None, what="evaluate output folder")
+    if args.max_subjects is not None:
+        check_number("--max-subjects", args.max_subjects, 1, None, integer=True)
+    try:
+        protocol = load_protocol(args.protocol)
+    except NexusInputError:
+        raise
+    except Exception as err:  # not YAML, not a protocol: one line naming the file
+        first = " ".join(str(err).split())[:160]
+        raise NexusInputError(args.protocol, f"not a protocol YAML file ({type(err).__name__}: {first})") from None
+    subjects = select_subjects(args.data, args.split, seed=args.seed, max_subjects=args.max_subjects)
+    downstream = [s.strip() for s in (args.downstream or "").split(",") if s.strip()]
+    # every check before any work: method names, checkpoints, datalist files, segmenters
+    check_methods(methods, options)
+    check_subject_files(subjects, ("t1", "t2", "seg") if downstream else ("t1", "t2"))
+    segmenters = load_segmenters(downstream)
+    mlflow = None
+    if not args.no_mlflow:
+        mlflow = {
+            "tracking_uri": args.tracking_uri,
+            "run_name": args.run_name or f"evaluate_{protocol.name}_{args.split}",
+            "experiment": args.experiment,
+            "params": {"data": args.data, "split": args.split, "protocol": protocol.name, "methods": ",".join(methods),
+                       "n_subjects": len(subjects), "lpips": not args.no_lpips,
+                       "downstream": ",".join(downstream) or "none",
+                       **{f"{m}.{k}": v for m, o in options.items() for k, v in o.items()}},
+        }
+    evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet,
+                     segmenters=segmenters,
+                     method_options=options, mlflow=mlflow)
+    print((Path(args.out) / "table1.md").read_text())
+    if segmenters:
+        print((Path(args.out) / "table5.md").read_text())
+    if mlflow is not None:
+        uri = project_tracking_uri(args.tracking_uri)
+        print(f"MLflow run {mlflow['run_name']!r} logged to {uri} (mlflow ui --backend-store-uri {uri})")
+    return 0
+
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``evaluate`` on the sub-command set ``sub``."""
+    e = sub.add_parser("evaluate",
+                       help="Table 1: simulate LR inputs, run methods, write per-subject and summary tables")
+    e.add_argument("--data", required=True,
+                   help="dataset folder (with dataset.json), a datalist JSON, a BraTS root, or \"embedded\" (the "
+                        "bundles' default simulated dataset)")
+    e.add_argument("--methods", default="trilinear,ibp,cubic",
+                   help="comma-separated: trilinear,ibp (back-projection: trilinear + predict's consistency guard, "
+                        "no network),cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,"
+                        "ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_guarded,nexus_inr_refined "
+                        "(NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)")
+    e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
+    e.add_argument("--split", default="test",
+                   help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only "
+                        "anatomy family)")
+    e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
+    e.add_argument("--max-subjects", type=int, default=None)
+    e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
+    e.add_argument("--downstream", default="",
+                   help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in "
+                        "bundles/<name>/models)")
+    e.add_argument("--weights", action="append", metavar="METHOD=CKPT",
+                   help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable")
+    e.add_argument("--bundle", action="append", metavar="METHOD=FOLDER",
+                   help="bundle folder of a cohort method instead of bundles/<method>; repeatable")
+    e.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    e.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the project store "
+                        "~/.cache/nexus_monai/mlflow/mlruns.db)")
+    e.add_argument("--experiment", default="nexus_monai_evaluate", help="MLflow experiment name")
+    e.add_argument("--run-name", default=None, help="MLflow run name (default evaluate_<protocol>_<split>)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_evaluate)
