@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_PROPORTIONS = (48, 10, 15)  # the paper's train / validation / test subjects (of 73)
-PATH_KEYS = ("t1", "t1ce", "t2", "flair", "seg", LESIONS)
+PATH_KEYS = ("t1", "t1ce", "t2", "flair", "seg", LESIONS, "t1_clean", "t1ce_clean", "t2_clean", "flair_clean")
 """Entry keys holding file paths (made absolute by :func:`load_datalist`)."""
 
 

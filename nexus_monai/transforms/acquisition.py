@@ -15,11 +15,22 @@ Profiles (weights over HR voxels ``i`` for LR slice ``n`` centred at ``p = n k +
 * ``none``: point sampling at ``p`` (linear interpolation between the two nearest HR voxels when
   ``p`` is not an integer), as in the SSMCSR code.
 
-``fwhm_scale`` (default 1) widens or narrows the profile: Gaussian FWHM ``= fwhm_scale * k``,
-boxcar width ``fwhm_scale * k`` centred on the slab centre (ignored by ``none``). The embedded
-dataset draws a profile and a scale in 0.8-1.2 per scan and records them in its datalist entries
-(``<contrast>_slice_profile``, ``<contrast>_fwhm_scale``); the dictionary transforms read them
-per subject when given ``profile_key`` / ``fwhm_scale_key`` (absent keys: the transform's own).
+``fwhm_scale`` (default 1; the slice thickness / slice spacing ratio) widens or narrows the
+profile: Gaussian FWHM ``= fwhm_scale * k``, boxcar width ``fwhm_scale * k`` centred on the slab
+centre (below 1: a slice gap; ignored by ``none``). ``offset`` (HR voxels, default 0) moves every
+slab centre to ``n k + (k - 1) / 2 + offset``: slabs off the HR grid, recorded in the LR affine as
+a scanner records its slice positions. ``noise`` (default 0) adds Rician noise of sigma ``noise x``
+the 99.5th percentile of the LR scan's non-zero voxels, drawn from ``numpy.random.default_rng(noise_seed)``,
+to the LR scan only and only where it is non-zero (skull-stripped scans stay 0 outside the brain).
+
+The embedded dataset (generator 3.0.0) draws all of these per scan and records them in its
+datalist entries (``<contrast>_slice_profile``, ``_thickness_ratio``, ``_slab_offset``,
+``_lr_noise``, ``_noise_seed``) beside a noise-free render (``<contrast>_clean``); the dictionary
+transform reads them per subject when given ``profile_key``, ``fwhm_scale_key``, ``offset_key``,
+``noise_key``, ``noise_seed_key`` and acquires the ``noise_free_key`` volume when the data holds it
+(absent keys: the transform's own settings and the key itself). Only the axis and factor go into
+``meta["acquisition"]`` (what a NIfTI header also tells); the draw is kept in
+``meta["acquisition_draw"]`` for provenance and no method may read it.
 
 Rows are normalised to sum 1. The Gaussian rows are tilted to first order so that their
 centroid is exactly the slab centre also for non-integer factors and at the volume border
@@ -38,16 +49,19 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 
-from nexus_monai.geometry import parse_axis, thick_slice_affine
+from nexus_monai.geometry import as_affine, parse_axis, thick_slice_affine
 
 __all__ = [
     "PROFILES",
     "slice_profile_matrix",
     "num_thick_slices",
     "apply_along_axis",
+    "rician_noise",
     "SimulateAnisotropicAcquisition",
     "SimulateAnisotropicAcquisitiond",
     "RandSimulateAnisotropicAcquisitiond",
+    "DRAWN_KEY_ARGUMENTS",
+    "drawn_acquisition_arguments",
     "AcquisitionRicianNoise",
     "AcquisitionRicianNoised",
 ]
@@ -60,12 +74,17 @@ def num_thick_slices(n_hr: int, factor: float) -> int:
     return int(math.floor(n_hr / float(factor) + 1e-9))
 
 
-def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0) -> torch.Tensor:
-    """Weights ``(M, n_hr)`` (float64) mapping HR samples along the thick axis to ``M`` LR slices."""
+def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0,
+                         offset: float = 0.0) -> torch.Tensor:
+    """Weights ``(M, n_hr)`` (float64) mapping HR samples along the thick axis to ``M`` LR slices
+    (slab ``n`` centred at HR index ``n k + (k - 1) / 2 + offset``)."""
     k = float(factor)
     scale = float(fwhm_scale)
+    offset = float(offset)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"fwhm_scale must be a finite number > 0, got {fwhm_scale}")
+    if not (abs(offset) <= 0.5 * k and math.isfinite(offset)):
+        raise ValueError(f"slab offset must be a finite number of at most half a slab ({0.5 * k} voxels), got {offset}")
     if not (k >= 1.0 and math.isfinite(k)):
         raise ValueError(f"acquisition factor must be a finite number >= 1, got {factor}")
     if profile not in PROFILES:
@@ -75,7 +94,7 @@ def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian", fw
         raise ValueError(f"factor {k} leaves no complete slice in {n_hr} voxels")
     i = torch.arange(n_hr, dtype=torch.float64)[None, :]
     n = torch.arange(m, dtype=torch.float64)[:, None]
-    centre = n * k + (k - 1.0) / 2.0
+    centre = n * k + (k - 1.0) / 2.0 + offset
     if profile == "gaussian":
         sigma = scale * k / (2.0 * math.sqrt(2.0 * math.log(2.0)))
         d = i - centre
@@ -88,12 +107,33 @@ def slice_profile_matrix(n_hr: int, factor: float, profile: str = "gaussian", fw
         w = torch.clamp(w * (1.0 - tilt * d), min=0.0)
     elif profile == "boxcar":
         lo, hi = n * k - 0.5, (n + 1) * k - 0.5
-        if scale != 1.0:
+        if scale != 1.0 or offset != 0.0:
             lo, hi = centre - scale * k / 2.0, centre + scale * k / 2.0
         w = torch.clamp(torch.minimum(i + 0.5, hi) - torch.maximum(i - 0.5, lo), min=0.0)
     else:
         w = torch.clamp(1.0 - (i - centre).abs(), min=0.0)
+    if bool((w.sum(dim=1) <= 0).any()):  # a slab pushed off the volume by the offset (k ~ 1 only)
+        raise ValueError(f"slab offset {offset} moves a slab off the {n_hr}-voxel volume")
     return w / w.sum(dim=1, keepdim=True)
+
+
+def rician_noise(x: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """``x`` with Rician noise ``sqrt((x + s n1)^2 + (s n2)^2)`` where ``x != 0``; ``s = noise x p99.5``
+    of the non-zero voxels of ``x``; ``n1, n2 ~ N(0, 1)`` from ``numpy.random.default_rng(seed)``
+    (deterministic, so cached datasets stay valid). Zeros (outside a skull-stripped brain) stay 0."""
+    if noise < 0 or not math.isfinite(noise):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+    if noise == 0:
+        return x
+    nz = x != 0
+    if not bool(nz.any()):
+        return x
+    sigma = float(noise) * float(torch.quantile(x[nz].double().flatten()[:16_000_000], 0.995))
+    rng = np.random.default_rng(int(seed))
+    n1 = torch.as_tensor(rng.standard_normal(tuple(x.shape)), dtype=torch.float64)
+    n2 = torch.as_tensor(rng.standard_normal(tuple(x.shape)), dtype=torch.float64)
+    out = torch.sqrt((x.double() + sigma * n1) ** 2 + (sigma * n2) ** 2)
+    return torch.where(nz, out, torch.zeros_like(out)).to(x.dtype)
 
 
 def apply_along_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,25 +147,32 @@ def apply_along_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.T
 class SimulateAnisotropicAcquisition(Transform):
     """Thick-slice acquisition of a ``(C, X, Y, Z)`` MetaTensor -> LR MetaTensor with LR affine.
 
-    Deterministic (so MONAI's ``CacheDataset`` caches it); add scanner noise after it with
-    :class:`AcquisitionRicianNoise`.
+    Deterministic (so MONAI's ``CacheDataset`` caches it): its noise comes from ``noise_seed``.
 
     Args:
         axis: thick axis, ``"x"/"y"/"z"`` or ``0/1/2`` (array axes i/j/k).
-        factor: slab thickness in HR voxels (int or float >= 1).
+        factor: slab step in HR voxels (int or float >= 1).
         profile: ``"gaussian"`` (FWHM = factor voxels), ``"boxcar"`` or ``"none"``.
-        fwhm_scale: profile width relative to the factor (default 1).
+        fwhm_scale: slice thickness / slab step (default 1; < 1 a slice gap).
+        offset: slab centres' shift off the HR grid, HR voxels (default 0); in the LR affine.
+        noise: LR Rician noise sigma / the LR scan's non-zero 99.5th percentile (default 0).
+        noise_seed: seed of that noise.
 
     Output shape along ``axis``: ``floor(n / factor)``; other axes unchanged.
     """
 
-    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0):
+    def __init__(self, axis: int | str, factor: float, profile: str = "gaussian", fwhm_scale: float = 1.0,
+                 offset: float = 0.0, noise: float = 0.0, noise_seed: int = 0):
         self.axis = parse_axis(axis)
         self.factor = float(factor)
         if profile not in PROFILES:
             raise ValueError(f"slice profile must be one of {PROFILES}, got {profile!r}")
         self.profile = profile
         self.fwhm_scale = float(fwhm_scale)
+        self.offset = float(offset)
+        if not (float(noise) >= 0 and math.isfinite(float(noise))):
+            raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+        self.noise, self.noise_seed = float(noise), int(noise_seed)
 
     def __call__(self, img: torch.Tensor) -> MetaTensor:
         if img.ndim != 4:
@@ -133,14 +180,18 @@ class SimulateAnisotropicAcquisition(Transform):
         affine = img.affine if isinstance(img, MetaTensor) else torch.eye(4, dtype=torch.float64)
         x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else torch.as_tensor(img)
         dim = self.axis + 1
-        w = slice_profile_matrix(x.shape[dim], self.factor, self.profile, self.fwhm_scale)
-        out = apply_along_axis(x.to(torch.float64), w, dim).to(x.dtype if x.is_floating_point() else torch.float32)
+        w = slice_profile_matrix(x.shape[dim], self.factor, self.profile, self.fwhm_scale, self.offset)
+        out = apply_along_axis(x.to(torch.float64), w, dim)
+        out = rician_noise(out, self.noise, self.noise_seed).to(x.dtype if x.is_floating_point() else torch.float32)
         meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
         meta.pop("affine", None)
-        meta["acquisition"] = {"axis": self.axis, "factor": self.factor, "profile": self.profile}
-        if self.fwhm_scale != 1.0:
-            meta["acquisition"]["fwhm_scale"] = self.fwhm_scale
-        return MetaTensor(out.contiguous(), affine=thick_slice_affine(affine, self.axis, self.factor), meta=meta)
+        meta["acquisition"] = {"axis": self.axis, "factor": self.factor}  # what a NIfTI header also tells
+        meta["acquisition_draw"] = {"profile": self.profile, "fwhm_scale": self.fwhm_scale, "offset": self.offset,
+                                    "noise": self.noise, "noise_seed": self.noise_seed}  # provenance only
+        shift = torch.eye(4, dtype=torch.float64)
+        shift[self.axis, 3] = self.offset  # slab centres off the HR grid: a scanner's slice positions
+        lr_affine = thick_slice_affine(as_affine(affine) @ shift, self.axis, self.factor)
+        return MetaTensor(out.contiguous(), affine=lr_affine, meta=meta)
 
 
 class AcquisitionRicianNoise(Randomizable, Transform):
@@ -215,9 +266,15 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
     can be kept beside its LR version (e.g. ``keys="t1", output_keys="t1_lr"``). One acquisition
     setting per transform; compose two for two protocols (T1 z x 2, T2 y x 4).
 
-    ``profile_key`` / ``fwhm_scale_key`` (optional): data keys holding a per-subject slice profile
-    and width (e.g. the embedded dataset's ``t1_slice_profile`` / ``t1_fwhm_scale``); when such a
-    key is present in the data it overrides ``profile`` / the default width 1 for that call.
+    The drawn acquisition (optional data keys, each overriding the transform's own setting for
+    that call when present in the data): ``profile_key`` (slice profile), ``fwhm_scale_key``
+    (thickness / spacing, default 1), ``offset_key`` (slab offset, HR voxels, default 0),
+    ``noise_key`` (LR noise fraction, default ``noise``), ``noise_seed_key`` (default 0); and
+    ``noise_free_keys`` (one per key, e.g. ``t1_clean``): when that key is in the data, the LR scan is
+    acquired from it (the noise-free render) instead of from ``keys``. The embedded dataset's entries
+    hold ``<contrast>_slice_profile``, ``_thickness_ratio``, ``_slab_offset``, ``_lr_noise``,
+    ``_noise_seed`` and ``<contrast>_clean``; every protocol YAML passes them (see
+    :data:`DRAWN_KEY_ARGUMENTS`).
     """
 
     def __init__(
@@ -230,25 +287,53 @@ class SimulateAnisotropicAcquisitiond(MapTransform):
         allow_missing_keys: bool = False,
         profile_key: str | None = None,
         fwhm_scale_key: str | None = None,
+        offset_key: str | None = None,
+        noise_key: str | None = None,
+        noise_seed_key: str | None = None,
+        noise_free_keys: KeysCollection | None = None,
+        noise: float = 0.0,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_keys = _output_keys(self.keys, output_keys)
-        self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile)
+        self.noise_free_keys = None if noise_free_keys is None else _output_keys(self.keys, noise_free_keys)
+        self.acquire = SimulateAnisotropicAcquisition(axis, factor, profile, noise=noise)
         self.profile_key, self.fwhm_scale_key = profile_key, fwhm_scale_key
+        self.offset_key, self.noise_key, self.noise_seed_key = offset_key, noise_key, noise_seed_key
+
+    def _drawn(self, d: Mapping, key: str | None, default, cast):
+        value = d.get(key) if key else None
+        return default if value is None else cast(value)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        acquire = self.acquire
-        profile = d.get(self.profile_key) if self.profile_key else None
-        scale = d.get(self.fwhm_scale_key) if self.fwhm_scale_key else None
-        if profile is not None or scale is not None:
-            acquire = SimulateAnisotropicAcquisition(
-                acquire.axis, acquire.factor, str(profile) if profile is not None else acquire.profile,
-                float(scale) if scale is not None else 1.0,
-            )
-        for key, out_key in zip(self.key_iterator(d), self.output_keys):
-            d[out_key] = acquire(d[key])
+        a = self.acquire
+        acquire = SimulateAnisotropicAcquisition(
+            a.axis, a.factor, self._drawn(d, self.profile_key, a.profile, str),
+            self._drawn(d, self.fwhm_scale_key, a.fwhm_scale, float), self._drawn(d, self.offset_key, 0.0, float),
+            self._drawn(d, self.noise_key, a.noise, float), self._drawn(d, self.noise_seed_key, 0, int),
+        )
+        sources = self.noise_free_keys or self.keys
+        for key, source, out_key in zip(self.keys, sources, self.output_keys):
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise KeyError(f"key {key!r} not found")
+            d[out_key] = acquire(d[source] if source in d else d[key])
         return d
+
+
+DRAWN_KEY_ARGUMENTS = ("profile_key", "fwhm_scale_key", "offset_key", "noise_key", "noise_seed_key",
+                       "noise_free_keys")
+"""The arguments of :class:`SimulateAnisotropicAcquisitiond` that pass a scan's drawn acquisition;
+every config that simulates scans sets them all (tests/transforms/test_drawn_acquisition_keys.py)."""
+
+
+def drawn_acquisition_arguments(contrast: str) -> dict[str, str]:
+    """The datalist keys of ``contrast``'s drawn acquisition, as keyword arguments of
+    :class:`SimulateAnisotropicAcquisitiond` (the embedded dataset's entry keys)."""
+    return {"profile_key": f"{contrast}_slice_profile", "fwhm_scale_key": f"{contrast}_thickness_ratio",
+            "offset_key": f"{contrast}_slab_offset", "noise_key": f"{contrast}_lr_noise",
+            "noise_seed_key": f"{contrast}_noise_seed", "noise_free_keys": f"{contrast}_clean"}
 
 
 class RandSimulateAnisotropicAcquisitiond(Randomizable, MapTransform):

@@ -64,10 +64,18 @@ class Protocol:
         """Load HR t1/t2 (+seg, +lesions), put them on the protocol frame and simulate ``t1_lr`` / ``t2_lr``.
 
         ``seg`` and the lesion instance map go through the same frame transform as the images (zero
-        padding / cropping, no interpolation, so labels stay exact).
+        padding / cropping, no interpolation, so labels stay exact). A subject with noise-free renders
+        (datalist keys ``t1_clean`` / ``t2_clean``, the embedded dataset since generator 3.0.0) has its
+        LR scans simulated from them (with the entry's drawn acquisition, see the protocol YAML) and is
+        scored against them: ``t1`` / ``t2`` become the noise-free renders and the noisy HR scans move to
+        ``t1_noisy`` / ``t2_noisy`` (the previous ground truth, kept for the noisy-GT figures).
         """
-        keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else [])
+        clean = [f"{c}_clean" for c in ("t1", "t2") if subject.get(f"{c}_clean")]
+        keys = [k for k in ("t1", "t2", "seg") if k in subject] + ([LESIONS] if subject.get(LESIONS) else []) + clean
         data = self.simulation()(brats_loader(keys)(dict(subject)))
+        for key in clean:
+            contrast = key[: -len("_clean")]
+            data[f"{contrast}_noisy"], data[contrast] = data[contrast], data.pop(key)
         if LESIONS in data and data[LESIONS].shape != data["t1"].shape:
             raise NexusInputError(subject[LESIONS],
                                   f"protocol {self.name!r}: its frame transform does not list {LESIONS!r}")

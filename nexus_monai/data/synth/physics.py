@@ -45,9 +45,16 @@ U(0.95, 1.05).
 Acquisition artefacts (``ACQUISITION_RANGES``): a smooth multiplicative bias field ``exp(b)``,
 ``b`` of 3-20 % standard deviation and 60-120 mm grain, shared by the four scans (weight 0.8)
 plus a per-scan part (0.6); Rician noise ``|S + sigma (n1 + i n2)|`` with sigma 1-5 % of the
-white-matter signal at 1.5 T and 0.5-3.5 % at 3 T; a per-scan gain 1000 x U(0.7, 1.3) (arbitrary
-scanner units); and per scan a slice-profile choice for thick-slice simulation (Gaussian or
-boxcar, FWHM 0.8-1.2 x the slab factor), recorded in the datalist for the acquisition transforms.
+white-matter signal at 1.5 T and 0.5-3.5 % at 3 T in the HR (BraTS-like) scans; a per-scan gain
+1000 x U(0.7, 1.3) (arbitrary scanner units). The noise-free render (bias field included) is kept beside.
+
+Thick-slice acquisition of each scan (``LR_ACQUISITION_RANGES``, drawn by :func:`draw_lr_acquisition`
+from its own stream, so the subject itself does not change with it): a slice profile family
+(Gaussian or boxcar, equal odds), a slice thickness / slice spacing ratio U(0.7, 1.3) (below 1: a
+slice gap), a slab offset U(-0.5, 0.5) HR voxels off the HR grid (a scanner records it in the slice
+positions, so the LR affine carries it), Rician noise of U(0, 0.03) x the LR scan's brain 99.5th
+percentile added to the LR scan only (simulated from the noise-free render), and a noise seed. They
+are written to the datalist entry for the acquisition transforms.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ __all__ = [
     "Acquisition",
     "draw_physics",
     "draw_acquisition",
+    "LR_ACQUISITION_RANGES",
+    "draw_lr_acquisition",
     "signal",
     "compartment_signal",
 ]
@@ -128,7 +137,20 @@ ACQUISITION_RANGES = {
     "slice_profile": ("gaussian", "boxcar"),
     "fwhm_scale": (0.8, 1.2),
 }
-"""Every physics / scanner range; the dataset README prints this table."""
+"""Every physics / scanner range; the dataset README prints this table. (``slice_profile`` and
+``fwhm_scale`` are still drawn, keeping the stream of every later draw; the LR acquisition uses
+:data:`LR_ACQUISITION_RANGES` instead since generator 3.0.0.)"""
+
+LR_ACQUISITION_RANGES = {
+    "slice_profile": ("gaussian", "boxcar"),
+    "thickness_ratio": (0.7, 1.3),
+    "slab_offset_voxels": (-0.5, 0.5),
+    "lr_noise_of_p995": (0.0, 0.03),
+}
+"""Per-scan thick-slice acquisition ranges (uniform; the profile an equal-odds choice): profile
+family, slice thickness / slice spacing (the profile's FWHM or boxcar width over the slab step; < 1
+leaves a gap), slab-centre offset from the HR grid (HR voxels, along the thick axis), LR Rician
+noise sigma as a fraction of the LR scan's brain 99.5th percentile."""
 
 
 @dataclass
@@ -190,6 +212,22 @@ def draw_acquisition(rng: np.random.Generator, field_T: float) -> Acquisition:
         for m in MODALITIES
     }
     return Acquisition(gains, noise, bias_sd, grain, bias, profiles)
+
+
+def draw_lr_acquisition(rng: np.random.Generator) -> dict[str, dict]:
+    """Per scan (``MODALITIES``): ``{"profile", "thickness_ratio", "slab_offset", "lr_noise", "noise_seed"}``
+    drawn from :data:`LR_ACQUISITION_RANGES` (``slab_offset`` in HR voxels, ``noise_seed`` an int < 2**31)."""
+    r = LR_ACQUISITION_RANGES
+    out = {}
+    for m in MODALITIES:
+        out[m] = {
+            "profile": r["slice_profile"][int(rng.integers(2))],
+            "thickness_ratio": float(rng.uniform(*r["thickness_ratio"])),
+            "slab_offset": float(rng.uniform(*r["slab_offset_voxels"])),
+            "lr_noise": float(rng.uniform(*r["lr_noise_of_p995"])),
+            "noise_seed": int(rng.integers(2**31 - 1)),
+        }
+    return out
 
 
 def signal(modality: str, sequence: dict, t1: float, t2: float, pd: float, gd: float = 0.0) -> float:

@@ -9,6 +9,7 @@ from nexus_monai.data.synth.grid import SIZES
 from nexus_monai.data.synth.lesions import LESION_RANGES
 from nexus_monai.data.synth.physics import (
     ACQUISITION_RANGES,
+    LR_ACQUISITION_RANGES,
     SEQUENCE_RANGES,
     T1_RATIO_15T,
     T2_RATIO_15T,
@@ -101,11 +102,17 @@ def readme_text(generator: str, subjects: int, seed: int, size: str, split: dict
     lines.append("Acquisition / scanner ranges:")
     lines += [f"  {k}: {_fmt(k, v)}" for k, v in ACQUISITION_RANGES.items()]
     lines += [
-        "  slice profile + fwhm_scale are drawn per scan and written to the datalist entry (<contrast>_slice_profile,",
-        "  <contrast>_fwhm_scale); the acquisition transforms use them when given profile_key / fwhm_scale_key.",
+        "Thick-slice (LR) acquisition, drawn per scan and written to the datalist entry (<contrast>_slice_profile,",
+        "  _thickness_ratio, _slab_offset, _lr_noise, _noise_seed); the protocol YAMLs pass them to the acquisition:",
+    ]
+    lines += [f"  {k}: {_fmt(k, v)}" for k, v in LR_ACQUISITION_RANGES.items()]
+    lines += [
+        "  LR scans are simulated from the noise-free render <ID>_<contrast>_clean.nii.gz (bias field included),",
+        "  their Rician noise (sigma = lr_noise x the LR brain 99.5th percentile) added to the LR scan only.",
         "  0 outside the (randomised) brain mask; extra voxels of a dilated mask are extra-cerebral CSF.",
         "labels: 0 background, 1 necrotic core, 2 peritumoral oedema, 4 enhancing tumour (BraTS 2020)",
-        "files: <ID>/<ID>_{t1,t1ce,t2,flair,seg,lesions}.nii.gz (+ _params.json, the drawn parameters);",
+        "files: <ID>/<ID>_{t1,t1ce,t2,flair,seg,lesions}.nii.gz, <ID>_{t1,t1ce,t2,flair}_clean.nii.gz (noise-free),",
+        "       <ID>_params.json (the drawn parameters);",
         "       montage.png shows subject 1.",
         "Sources: Wansapura et al. JMRI 1999 (WM/GM T1, T2 at 3 T); Rooney et al. MRM 2007 (T1 field dependence);",
         "CSF ~ free water; tumour and lesion values are representative approximations, not measurements.",

@@ -4,7 +4,9 @@ Per subject ``i`` (1-based) of a run with ``seed``, everything is drawn from
 ``numpy.random.default_rng([seed, i])`` (test-only anatomy subjects from
 ``default_rng([seed, i, 1])``), in a fixed order that does not depend on the output size, so a
 run is byte-for-byte reproducible (same software stack) and the ``small`` and ``full`` versions
-of one subject share their anatomy, tumour, lesions and sequence parameters.
+of one subject share their anatomy, tumour, lesions and sequence parameters. The thick-slice
+acquisition of each scan (:func:`~.physics.draw_lr_acquisition`) comes from a stream of its own,
+``default_rng([seed, i, 2])`` (test-only family ``[seed, i, 1, 2]``), so drawing it changes nothing else.
 
 Stages: anatomy source and warp (:mod:`.anatomy`, :mod:`.sources`), skull-stripping edge and
 tissue maps, tumour (:mod:`.tumour`), contrast-specific lesions (:mod:`.lesions`), MR signal
@@ -22,7 +24,13 @@ import numpy as np
 from nexus_monai.data.synth.anatomy import draw_anatomy, place_brain, sample_source, strip_edge, tissue_maps
 from nexus_monai.data.synth.grid import SIZES, grid_axes, output_affine, to_jsonable
 from nexus_monai.data.synth.lesions import draw_lesions, lesion_signals, probe_axes, rasterise_lesions
-from nexus_monai.data.synth.physics import MODALITIES, compartment_signal, draw_acquisition, draw_physics
+from nexus_monai.data.synth.physics import (
+    MODALITIES,
+    compartment_signal,
+    draw_acquisition,
+    draw_lr_acquisition,
+    draw_physics,
+)
 from nexus_monai.data.synth.sources import TEST_ONLY_SOURCE, TRAINING_SOURCES, source_maps
 from nexus_monai.data.synth.tumour import (
     TUMOUR_COMPARTMENTS,
@@ -41,7 +49,9 @@ _MIN_TISSUE = 1e-3  # floor (in units of the per-scan gain) for image values ins
 class SimulatedSubject:
     """One simulated subject on the output grid ``(X, Y, Z)``.
 
-    ``images``: modality -> float32 volume (arbitrary scanner units, 0 outside the brain);
+    ``images``: modality -> float32 volume (arbitrary scanner units, 0 outside the brain), with the
+    HR scan's Rician noise; ``clean``: the same without noise (bias field included: the noise-free
+    render LR scans are simulated from and scored against);
     ``seg``: uint8 labels {0, 1, 2, 4}; ``lesions``: int16 instance map (``keys.py`` encoding);
     ``fractions``: compartment -> float32 volume fraction in [0, 1] (inside the brain the
     fractions of wm, gm, csf, oedema, necrosis, enhancing and lesion sum to 1); ``brain``: bool
@@ -49,6 +59,7 @@ class SimulatedSubject:
     """
 
     images: dict[str, np.ndarray]
+    clean: dict[str, np.ndarray]
     seg: np.ndarray
     lesions: np.ndarray
     fractions: dict[str, np.ndarray]
@@ -133,7 +144,7 @@ def simulate_subject(
     texture = np.ones(shape, np.float32)
     texture[sl] = tumour_texture  # tumour heterogeneity (a smooth PD-like factor, ~4 mm grain)
     texture = texture.reshape(-1)[inside]
-    images = {}
+    images, clean_images = {}, {}
     for m, modality in enumerate(MODALITIES):
         clean = np.zeros(inside.size)
         for name in ("wm", "gm", "csf", *TUMOUR_COMPARTMENTS):
@@ -153,6 +164,11 @@ def simulate_subject(
         volume = np.zeros(int(np.prod(shape)), np.float32)
         volume[inside] = np.maximum(noisy, _MIN_TISSUE * gain)
         images[modality] = volume.reshape(shape)
+        volume = np.zeros(int(np.prod(shape)), np.float32)
+        volume[inside] = np.maximum(clean, _MIN_TISSUE * gain)
+        clean_images[modality] = volume.reshape(shape)
+    lr_rng = np.random.default_rng([int(seed), int(index), 1, 2] if test_anatomy else [int(seed), int(index), 2])
+    lr_acquisition = draw_lr_acquisition(lr_rng)
 
     parameters = {
         "subject_index": int(index),
@@ -176,6 +192,7 @@ def simulate_subject(
         "noise_sigma_fraction_of_wm": acquisition.noise_level,
         "bias_sd": acquisition.bias_sd,
         "bias_grain_mm": acquisition.bias_grain_mm,
-        "slice_profile": acquisition.slice_profile,
+        "lr_acquisition": lr_acquisition,
     }
-    return SimulatedSubject(images, seg, lesion_map, fractions, brain, output_affine(size), to_jsonable(parameters))
+    return SimulatedSubject(images, clean_images, seg, lesion_map, fractions, brain, output_affine(size),
+                            to_jsonable(parameters))

@@ -3,7 +3,11 @@
 Files per subject ``<ID>`` (``SynBraTS_NNNN`` for training/validation/test, ``SynBraTSTA_NNNN`` for
 the test-only anatomy family): ``<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz`` (float32),
 ``<ID>_seg.nii.gz`` (uint8 labels {0, 1, 2, 4}), ``<ID>_lesions.nii.gz`` (int16 instance map, the
-``keys.py`` encoding) and ``<ID>_params.json``. Each folder is written into a hidden temporary
+``keys.py`` encoding), the noise-free renders ``<ID>_<modality>_clean.nii.gz`` (datalist keys
+``<modality>_clean``: what LR scans are simulated from and scored against) and ``<ID>_params.json``.
+Each datalist entry also carries every scan's drawn thick-slice acquisition
+(``<modality>_slice_profile``, ``_thickness_ratio``, ``_slab_offset``, ``_lr_noise``, ``_noise_seed``;
+see :data:`~nexus_monai.data.synth.physics.LR_ACQUISITION_RANGES`). Each folder is written into a hidden temporary
 folder and renamed, so a killed run leaves no half-written subject; ``dataset.json`` is written
 last (atomically), so an existing datalist means a complete dataset.
 """
@@ -33,7 +37,7 @@ from nexus_monai.visualize import to_uint8
 
 __all__ = ["GENERATOR_VERSION", "SPLIT_PROPORTIONS", "split_subjects", "generate_dataset", "ensure_embedded_dataset"]
 
-GENERATOR_VERSION = "2.0.0"
+GENERATOR_VERSION = "3.0.0"
 """Version of the simulation recipe; bump when the same arguments would give different data
 (it keys the embedded-dataset cache, so an old cached dataset is never reused)."""
 
@@ -149,6 +153,8 @@ def _write_subject(out_dir: Path, name: str, subject: SimulatedSubject) -> None:
     for modality in MODALITIES:
         save_volume(subject.images[modality], tmp / f"{name}_{modality}.nii.gz", affine=subject.affine,
                     dtype=np.float32)
+        save_volume(subject.clean[modality], tmp / f"{name}_{modality}_clean.nii.gz", affine=subject.affine,
+                    dtype=np.float32)
     save_volume(subject.seg, tmp / f"{name}_seg.nii.gz", affine=subject.affine, dtype=np.uint8)
     save_volume(subject.lesions, tmp / f"{name}_{LESIONS}.nii.gz", affine=subject.affine, dtype=np.int16)
     params = json.dumps(subject.parameters, indent=1, sort_keys=True) + "\n"
@@ -167,8 +173,12 @@ def _datalist_entry(name: str, subject: SimulatedSubject) -> dict:
     for key in (*MODALITIES, "seg", LESIONS):
         entry[key] = f"{name}/{name}_{key}.nii.gz"
     for modality in MODALITIES:
-        entry[f"{modality}_slice_profile"] = params["slice_profile"][modality]["profile"]
-        entry[f"{modality}_fwhm_scale"] = params["slice_profile"][modality]["fwhm_scale"]
+        entry[f"{modality}_clean"] = f"{name}/{name}_{modality}_clean.nii.gz"
+    for modality in MODALITIES:
+        drawn = params["lr_acquisition"][modality]
+        entry[f"{modality}_slice_profile"] = drawn["profile"]
+        for field in ("thickness_ratio", "slab_offset", "lr_noise", "noise_seed"):
+            entry[f"{modality}_{field}"] = drawn[field]
     return entry
 
 
