@@ -14,9 +14,10 @@ __all__ = ["MAX_GRID_VOXELS", "add_grid_args", "check_early", "grid_from_args", 
 MAX_GRID_VOXELS = 1.5e8  # upsample / baseline output grids (float64 temporaries: ~36 bytes per voxel)
 
 
-def add_grid_args(parser: argparse.ArgumentParser) -> None:
-    """The target-grid options shared by every command that writes onto a chosen grid."""
-    g = parser.add_mutually_exclusive_group(required=True)
+def add_grid_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The target-grid options shared by every command that writes onto a chosen grid (``required=False``:
+    the command checks that one is given where it needs one)."""
+    g = parser.add_mutually_exclusive_group(required=required)
     g.add_argument("--spacing", type=float, nargs="+",
                    help="target voxel size in mm (1 or 3 values), same field of view")
     g.add_argument("--like", help="output on the grid of this NIfTI (any affine, oblique included)")
@@ -51,11 +52,11 @@ def check_early(args, command: str) -> None:
     """predict / fit-subject: output folder, numbers and the target grid checked before anything loads."""
     from nexus_monai.data.staging import check_output_dir
     from nexus_monai.engines.consistency import CONSISTENCY_NAMES
-    from nexus_monai.engines.predict import MAX_SPACING_MM, OUTPUT_NAMES, target_grid
+    from nexus_monai.engines.predict import DICOM_NAMES, MAX_SPACING_MM, OUTPUT_NAMES, target_grid
 
     owned = list(OUTPUT_NAMES.values()) + (["fit_log.json"] if command == "fit-subject" else [])
     if command == "predict":
-        owned += list(CONSISTENCY_NAMES.values())
+        owned += list(CONSISTENCY_NAMES.values()) + list(DICOM_NAMES.values())
     check_output_dir(args.out, owned)
     check_number("--threads", args.threads, 0, None, integer=True)
     if getattr(args, "chunk_size", None) is not None:

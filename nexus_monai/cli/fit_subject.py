@@ -47,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fs = sub.add_parser("fit-subject",
                         help="SSMCSR: fit a subject-specific INR on a subject's T1w + T2w LR scans (no HR data), write "
                              "both SR volumes")
-    fs.add_argument("--t1", required=True, help="T1w LR NIfTI")
-    fs.add_argument("--t2", required=True, help="T2w LR NIfTI (registered to the T1w: same world frame)")
+    fs.add_argument("--t1", required=True, help="T1w LR scan: NIfTI file or DICOM series folder")
+    fs.add_argument("--t2", required=True,
+                    help="T2w LR scan: NIfTI file or DICOM series folder (registered to the T1w: same world frame)")
     fs.add_argument("--variant", choices=("split_head", "vanilla", "single"), default="split_head")
     fs.add_argument("--forward-model", choices=("profile", "point"), default="profile",
                     help="profile (ours): LR voxel = slice-profile-weighted INR samples along the thick axis; point "

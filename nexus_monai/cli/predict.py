@@ -14,15 +14,24 @@ __all__ = ["add_parser", "cmd_predict"]
 def cmd_predict(args) -> int:
     import torch
 
-    from nexus_monai.engines.predict import load_bundle, predict_files
+    from nexus_monai.engines.predict import load_bundle, output_names, predict_files
     from nexus_monai.engines.refine import check_refine_seconds
 
     refine = check_refine_seconds(args.refine, "--refine") if args.refine is not None else 0.0
+    if args.datalist:  # a cohort (nexus_monai.engines.cohort), resumable, over torchrun ranks
+        from nexus_monai.cli.cohort import cmd_predict_cohort
+
+        return cmd_predict_cohort(args, refine)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not (args.spacing or args.like):
+        raise NexusInputError(None, "give a target grid: --spacing MM [MM MM] or --like IMAGE")
     for c, path in (("t1", args.t1), ("t2", args.t2)):
-        if not Path(path).is_file():
+        if not path:
+            raise NexusInputError(None, f"give --{c} (or a cohort with --datalist)")
+        if not Path(path).exists():  # a NIfTI file or a DICOM series folder
             raise NexusInputError(path, f"{c} input scan not found")
+    output_names(args.out_format, args.t1)  # --out-format dicom needs a t1 series: before the bundle loads
     check_early(args, "predict")
     network, inferer, _ = load_bundle(args.bundle, args.config or (), weights=args.weights, device=args.device)
     if args.chunk_size is not None:  # else the bundle inferer's (inference.yaml chunk_size; configs/gpu.yaml: larger)
@@ -32,7 +41,7 @@ def cmd_predict(args) -> int:
     inferer.progress = not args.quiet
     spacing = spacing_mm(args.spacing)
     result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer,
-                           refine_seconds=refine, guard=args.guard)
+                           refine_seconds=refine, guard=args.guard, out_format=args.out_format)
     print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
     if "refine" in result:
         log = result["refine"]
@@ -61,10 +70,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--config", action="append",
                     help="config overlay the checkpoint was trained with (e.g. configs/paper.yaml); repeatable")
     pr.add_argument("--weights", help="checkpoint path (default <bundle>/models/model.pt)")
-    pr.add_argument("--t1", required=True, help="T1w LR NIfTI")
-    pr.add_argument("--t2", required=True, help="T2w LR NIfTI")
-    add_grid_args(pr)
+    pr.add_argument("--t1", help="T1w LR scan: NIfTI file or DICOM series folder")
+    pr.add_argument("--t2", help="T2w LR scan: NIfTI file or DICOM series folder")
+    pr.add_argument("--datalist", metavar="JSON",
+                    help="a cohort instead of --t1/--t2: decathlon datalist {\"testing\": [{\"t1\": ..., \"t2\": "
+                         "...}, ...]} (optional \"name\", \"like\"); outputs in OUT/<name>/, resumable, split over "
+                         "torchrun ranks, table OUT/cohort.csv (docs/cohort.md)")
+    add_grid_args(pr, required=False)
     pr.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz")
+    pr.add_argument("--out-format", choices=("nifti", "dicom"), default="nifti",
+                    help="dicom: each contrast as a derived DICOM series folder t1w_sr/, t2w_sr/ in the T1w series' "
+                         "exam (needs --t1 as a series; docs/dicom.md)")
     pr.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: cuda if available)")
     pr.add_argument("--chunk-size", type=int, default=None,
                     help="query points decoded at once (bounds peak memory; default: the bundle's, 32768)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,7 +23,9 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import merge_kv
 from monai.data import MetaTensor
 
-from nexus_monai.data.io import load_volume, save_volume
+from nexus_monai.data.dicom import check_same_patient, is_series_folder, load_scan
+from nexus_monai.data.dicom_write import write_derived_series
+from nexus_monai.data.io import save_volume
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.consistency import CONSISTENCY_NAMES, consistency_guard
 from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
@@ -32,15 +35,19 @@ from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
 
 __all__ = ["predict_volumes", "predict_files", "target_grid", "check_reachable", "load_weights", "bundle_config",
-           "load_bundle", "OUTPUT_NAMES"]
+           "load_bundle", "OUTPUT_NAMES", "DICOM_NAMES", "OUT_FORMATS", "output_names"]
 
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz"}
+DICOM_NAMES = {"t1": "t1w_sr", "t2": "t2w_sr"}  # --out-format dicom: one derived series folder per contrast
+OUT_FORMATS = ("nifti", "dicom")
 MAX_SPACING_MM = 1000.0  # a target voxel larger than a metre is a typo (1e308 would overflow the affine)
 
 
 def target_grid(reference: MetaTensor, spacing_mm: Sequence[float] | float | None = None,
                 like: str | os.PathLike | None = None) -> TargetGrid:
     """The output grid: the field of view of ``reference`` at ``spacing_mm``, or the grid of the ``like`` file."""
+    if like is not None and is_series_folder(like):
+        return TargetGrid.like(load_scan(like))  # a DICOM series folder (its checks raise one line)
     if like is not None:
         try:
             img = nib.load(str(like))
@@ -108,7 +115,7 @@ def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetG
 def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
                   spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None,
                   inferer: ImplicitGridInferer | None = None, max_voxels: float = 2e9,
-                  refine_seconds: float = 0.0, guard: bool = True) -> dict[str, Path]:
+                  refine_seconds: float = 0.0, guard: bool = True, out_format: str = "nifti") -> dict[str, Path]:
     """Read both LR scans, predict on the requested grid, write ``t1w_sr.nii.gz`` / ``t2w_sr.nii.gz``.
 
     ``refine_seconds`` > 0: a copy of the network is first fine-tuned on the two scans for that
@@ -122,17 +129,28 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     replaces ``out_dir`` in one rename (:func:`~nexus_monai.data.staging.staged_output_dir`): a
     killed run leaves the previous complete output or the new one, never a mix. ``out_dir`` must
     be new, empty or an earlier output of this command.
+
+    ``t1`` / ``t2`` are NIfTI files or DICOM series folders (:func:`~nexus_monai.data.dicom.load_scan`).
+    ``out_format="dicom"`` writes each contrast as a derived DICOM series folder (``DICOM_NAMES``, see
+    :func:`~nexus_monai.data.dicom_write.write_derived_series`; needs ``t1`` as a series) instead of NIfTI.
+    The result's ``"seconds"`` holds the wall-clock time of ``load``, ``predict`` (refinement, network,
+    guard) and ``write``.
     """
+    started = time.perf_counter()
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
             raise NexusInputError(path if path not in ("", "None") else None,
                                   f"missing {c} input scan" if path in ("", "None") else "file not found")
     refine_seconds = check_refine_seconds(refine_seconds, "refine_seconds")
-    out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *CONSISTENCY_NAMES.values()])
-    lr = {c: load_volume(p) for c, p in sources.items()}
+    names = output_names(out_format, sources["t1"])
+    out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *DICOM_NAMES.values(), *CONSISTENCY_NAMES.values()])
+    lr = {c: load_scan(p) for c, p in sources.items()}
+    if is_series_folder(t1) and is_series_folder(t2):
+        check_same_patient(t1, t2)
     grid = target_grid(lr["t1"], spacing_mm, like)
     check_reachable(grid, lr, sources, max_voxels)
+    loaded = time.perf_counter()
     report, maps = {}, {}
     if refine_seconds > 0:
         refined = refine_network(network, lr["t1"], lr["t2"], RefineOptions(max_seconds=refine_seconds),
@@ -145,14 +163,31 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
         pred["t2"] = predict_volumes(nets["t2"], lr["t1"], lr["t2"], grid, inferer)["t2"]
     if guard:
         pred, maps, report["consistency"] = consistency_guard(pred, lr, grid)
+    predicted = time.perf_counter()
+    sp = [round(float(v), 4) for v in spacing(grid.affine)]
     with staged_output_dir(out) as stage:
         for c in CONTRASTS:
-            save_volume(pred[c], stage / OUTPUT_NAMES[c])
+            if out_format == "dicom":
+                write_derived_series(pred[c], stage / names[c], c, sources, grid_note=f"Output spacing {sp} mm.")
+            else:
+                save_volume(pred[c], stage / names[c])
             if c in maps:
                 save_volume(maps[c], stage / CONSISTENCY_NAMES[c])
-    sp = [round(float(v), 4) for v in spacing(grid.affine)]
-    return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / OUTPUT_NAMES[c] for c in CONTRASTS},
-            **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report}
+    seconds = {"load": loaded - started, "predict": predicted - loaded, "write": time.perf_counter() - predicted}
+    return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / names[c] for c in CONTRASTS},
+            **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def output_names(out_format: str, t1: str | os.PathLike | None = None) -> dict[str, str]:
+    """The output name per contrast for ``out_format`` (``OUTPUT_NAMES`` or ``DICOM_NAMES``); a one-line error
+    for an unknown format, or for ``dicom`` when ``t1`` is given and is not a DICOM series folder."""
+    if out_format not in OUT_FORMATS:
+        raise NexusInputError(None, f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {out_format!r}")
+    if out_format == "dicom" and t1 is not None and not is_series_folder(t1):
+        raise NexusInputError(t1, "--out-format dicom needs the t1 input as a DICOM series folder (the derived series "
+                                  "takes its patient, study and frame of reference)")
+    return DICOM_NAMES if out_format == "dicom" else OUTPUT_NAMES
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike,

@@ -19,6 +19,7 @@ import pandas as pd
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
+from nexus_monai.data.dicom import load_scan
 from nexus_monai.data.io import load_volume, save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.predict import check_reachable, target_grid
@@ -170,16 +171,17 @@ class FitSubjectsReport:
 
 def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
               spacing_mm=None, like: str | os.PathLike | None = None, max_voxels: float = 2e9) -> dict:
-    """Fit on two LR NIfTI files and write both SR volumes + ``fit_log.json`` (``nexus-sr fit-subject``
-    and the bundle's ``inference``). The grid is ``spacing_mm`` over the T1w field of view or the grid
-    of ``like``; inputs and grid are checked before any fitting (one-line :class:`NexusInputError`)."""
+    """Fit on two LR scans (NIfTI files or DICOM series folders) and write both SR volumes + ``fit_log.json``
+    (``nexus-sr fit-subject`` and the bundle's ``inference``). The grid is ``spacing_mm`` over the T1w field
+    of view or the grid of ``like``; inputs and grid are checked before any fitting (one-line
+    :class:`NexusInputError`)."""
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
             missing = path in ("", "None")
             raise NexusInputError(None if missing else path, f"missing {c} input scan" if missing else "file not found")
     check_output_dir(out_dir, OUTPUT_NAMES.values())
-    lr = {c: load_volume(p) for c, p in sources.items()}
+    lr = {c: load_scan(p) for c, p in sources.items()}  # NIfTI files or DICOM series folders
     if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):
         spacing_mm = [float(spacing_mm)] * 3
     grid = target_grid(lr["t1"], None if like else spacing_mm, like)
