@@ -190,7 +190,7 @@ class ImplicitGridInferer(Inferer):
                 self, net, vols, affines, normalizer, grid, bg, out, bar):
             bar.close()
             net.train(was_training)
-            return {c: out[c].reshape(grid.shape) for c in CONTRASTS}
+            return _consistent(net, {c: out[c].reshape(grid.shape) for c in CONTRASTS}, vols, affines, grid)
         self.last_plan = {"tiled": False, "chunk_size": self.chunk_size}
         with amp_autocast(net, self.amp, device):
             maps = net.encode(vols["t1"], vols["t2"])
@@ -215,7 +215,17 @@ class ImplicitGridInferer(Inferer):
                 bar.update(stop - start)
         bar.close()
         net.train(was_training)
-        return {c: out[c].reshape(grid.shape) for c in CONTRASTS}
+        return _consistent(net, {c: out[c].reshape(grid.shape) for c in CONTRASTS}, vols, affines, grid)
+
+
+def _consistent(net, pred: dict, vols: Mapping, affines: Mapping, grid: TargetGrid) -> dict:
+    """A network with a consistency layer (``net.consistency``, :mod:`nexus_monai.networks.data_consistency`):
+    its step on each stitched output volume against that contrast's LR scan; other networks: ``pred`` as is."""
+    layer = getattr(net, "consistency", None)
+    if layer is None:
+        return pred
+    lr = {c: MetaTensor(vols[c][0].float().cpu(), affine=affines[c][0].double().cpu()) for c in CONTRASTS}
+    return {c: layer.on_grid(c, pred[c], lr[c], grid) for c in CONTRASTS}
 
 
 class INRValidationStep:

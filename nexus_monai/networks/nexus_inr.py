@@ -48,6 +48,17 @@ zero over every slab: the slab averages along m's thick axis are D_m's alone (bo
 acquisitions' Gaussian profile reaches a little beyond the slab, so there it is the boxcar part of
 the null space). The cost: G_m (and m's attention) at k extra points per query. ``zero_init``
 starts G_m's last layer at zero too, so an untrained network is still exactly trilinear.
+
+Any-protocol switches (ours, off by default so earlier checkpoints load and behave as before):
+``acquisition_input`` tells the network each scan's acquisition, its spacing per array axis read from
+the affine (``s_m = log2(spacing in mm)``, ``(B, 3)``): FiLM modulation of every looked-up encoder
+feature of contrast m, ``z * (1 + gamma(s_m)) + beta(s_m)`` (per channel, starting at identity; FiLM
+commutes with the trilinear lookup, so it equals modulating the feature map), and ``[s_m, s_other]``
+as 6 more decoder inputs. ``data_consistency`` adds the soft consistency step
+(:class:`~nexus_monai.networks.data_consistency.SoftDataConsistency`, ``self.consistency``) that the
+training step applies to the decoded plates and :class:`~nexus_monai.engines.inr.ImplicitGridInferer`
+to the stitched volume. ``protocol_range_mm`` (stored, not a weight): the spacing range per array axis
+the weights were trained on, which prediction checks.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ from nexus_monai.keys import (
     seg_logits_key,
 )
 from nexus_monai.networks.attention import LocalWindowCrossAttention
+from nexus_monai.networks.data_consistency import SoftDataConsistency
 from nexus_monai.networks.decoders import build_decoder
 from nexus_monai.networks.encoders import build_encoder
 from nexus_monai.networks.positional import FourierFeatures
@@ -156,6 +168,10 @@ class NexusINR(nn.Module):
         lr_intensity_input: bool = True,
         cross_null_space: bool = False,
         cross_hidden: int | None = None,
+        acquisition_input: bool = False,
+        data_consistency: bool = False,
+        consistency_tau: float = 0.05,
+        protocol_range_mm: Mapping | None = None,
     ):
         super().__init__()
         if cross_null_space and cross_input:
@@ -167,6 +183,10 @@ class NexusINR(nn.Module):
         self.rel_coord, self.residual, self.cross_input = bool(rel_coord), bool(residual), bool(cross_input)
         self.sel_residual, self.lr_intensity_input = bool(sel_residual), bool(lr_intensity_input)
         self.features = int(features)
+        self.acquisition_input = bool(acquisition_input)
+        self.protocol_range_mm = None if protocol_range_mm is None else {str(k): [float(v) for v in r]
+                                                                         for k, r in dict(protocol_range_mm).items()}
+        self.consistency = SoftDataConsistency(CONTRASTS, consistency_tau) if data_consistency else None
         c = self.features
         branches = ("shared", "spec") if self.mmf else ("shared",)
         self.encoders = nn.ModuleDict(
@@ -190,7 +210,13 @@ class NexusINR(nn.Module):
             + (3 if self.rel_coord else 0)
             + xin
             + ((c + xin) if self.cross_input else 0)
+            + (6 if self.acquisition_input else 0)
         )
+        if self.acquisition_input:  # FiLM per contrast and branch: (gamma, beta) from log2 spacing, identity at start
+            self.film = nn.ModuleDict({f"{m}_{b}": nn.Linear(3, 2 * c) for m in CONTRASTS for b in branches})
+            for lin in self.film.values():
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.decoders = nn.ModuleDict(
             {
                 m: build_decoder(decoder, in_dim, 1, hidden=decoder_hidden, hidden_layers=decoder_layers)
@@ -269,10 +295,17 @@ class NexusINR(nn.Module):
                 h[m] = self.seg_fuse[m](torch.cat((f[m], logits), -1)) + (f[m] if self.sel_residual else 0)
                 out[seg_logits_key(m)] = logits
         e = self.pe(query_norm) if self.pe is not None else None
+        acq = {}
+        if self.acquisition_input:
+            s = {m: self.log_spacing(affines[m]) for m in CONTRASTS}
+            k_pts = query_world.shape[1]
+            for m in CONTRASTS:
+                o = "t2" if m == "t1" else "t1"
+                acq[m] = torch.cat((s[m], s[o]), -1)[:, None, :].expand(-1, k_pts, 6).to(rel[m].dtype)
         for m in CONTRASTS:
             other = "t2" if m == "t1" else "t1"
             cross = self._cross(h[other], x[other]) if self.cross_input else None
-            out[m] = self._decode_one(m, h[m], e, rel[m], x[m], cross)
+            out[m] = self._decode_one(m, h[m], e, rel[m], x[m], cross, acq.get(m))
             if self.cross_null_space:
                 out[m] = out[m] + self._null_space_cross(m, maps, images, affines, shared[m], z, x, rel, idx[m])
         if aux:
@@ -281,7 +314,7 @@ class NexusINR(nn.Module):
             out[Z_T2_FUSED] = shared["t2"]
             if self.kd_attn:  # eq. 10-11: the unfused T2w shared feature through the T2w decoder
                 cross = self._cross(h["t1"], x["t1"]) if self.cross_input else None
-                out[T2_SELF] = self._decode_one("t2", z["t2_shared"], e, rel["t2"], x["t2"], cross)
+                out[T2_SELF] = self._decode_one("t2", z["t2_shared"], e, rel["t2"], x["t2"], cross, acq.get("t2"))
             if self.mmf:
                 for m in CONTRASTS:
                     out[modality_logits_key(m)] = self.modality_classifier(z[f"{m}_spec"])
@@ -298,7 +331,18 @@ class NexusINR(nn.Module):
             rel[m] = 2.0 * (idx[m] - torch.round(idx[m]))  # offset inside the LR voxel, [-1, 1]
             if spec and self.mmf:
                 z[f"{m}_spec"] = sample_at_voxel(maps[f"{m}_spec"], idx[m]).permute(0, 2, 1)
+            if self.acquisition_input:
+                s = self.log_spacing(affines[m]).to(z[f"{m}_shared"].dtype)
+                for name in [n for n in (f"{m}_shared", f"{m}_spec") if n in z]:
+                    gamma, beta = self.film[name](s)[:, None, :].chunk(2, dim=-1)
+                    z[name] = z[name] * (1.0 + gamma) + beta
         return z, idx, x, rel
+
+    @staticmethod
+    def log_spacing(affine: torch.Tensor) -> torch.Tensor:
+        """``log2`` of the spacing in mm per array axis (column norms of the affine) ``(B, 3)``."""
+        a = as_affine(affine).reshape(-1, 4, 4)
+        return torch.log2(torch.linalg.norm(a[:, :3, :3].float(), dim=1).clamp_min(1e-3))
 
     def _attended(self, m: str, maps, z, idx) -> torch.Tensor:
         """Contrast ``m``'s shared feature after KD-Attn to the other contrast (unchanged without attention)."""
@@ -365,10 +409,11 @@ class NexusINR(nn.Module):
         return torch.cat((h_other, x_other[..., None]), -1) if self.lr_intensity_input else h_other
 
     def _decode_one(self, m: str, h: torch.Tensor, e: torch.Tensor | None, rel: torch.Tensor, x: torch.Tensor,
-                    cross: torch.Tensor | None = None) -> torch.Tensor:
+                    cross: torch.Tensor | None = None, acq: torch.Tensor | None = None) -> torch.Tensor:
         parts = [h] + ([e] if e is not None else []) + ([rel] if self.rel_coord else [])
         parts += [x[..., None]] if self.lr_intensity_input else []
         parts += [cross] if cross is not None else []
+        parts += [acq] if acq is not None else []
         y = self.decoders[m](torch.cat(parts, dim=-1))[..., 0]
         return y + x if self.residual else y
 
