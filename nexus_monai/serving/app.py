@@ -2,7 +2,8 @@
 
 ``POST /infer/{model}`` takes ``multipart/form-data``:
 
-* uploads ``t1`` and ``t2`` (NIfTI, checked by magic bytes), or ``file`` parts as MONAI Label
+* uploads ``t1`` and ``t2`` (NIfTI, checked by magic bytes, or a zip of one DICOM series: see
+  :mod:`nexus_monai.serving.uploads` for its zip-slip and size limits), or ``file`` parts as MONAI Label
   sends them (their contrasts in ``params.modalities`` order, default t1 then t2), and
   optionally ``like`` (a reference NIfTI whose grid the output takes);
 * ``params``: a JSON object (see :mod:`nexus_monai.serving.params`: spacing / like / contrast / output);
@@ -39,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import nexus_monai
+from nexus_monai.data.dicom import load_scan
 from nexus_monai.errors import NexusInputError, find_input_error
 from nexus_monai.serving.cancel import JobCancelled, cancellable
 from nexus_monai.serving.limits import BodySizeLimit, BodyTooLarge, InferenceQueue
@@ -70,9 +72,13 @@ def _input_error(err: NexusInputError, labels: Mapping[str, str], folder: Path) 
 
 
 def _header_info(path: Path) -> dict:
-    img = nib.load(str(path))
-    affine = np.asarray(img.affine, dtype=float)
-    return {"shape": [int(s) for s in img.shape],
+    if path.is_dir():  # an uploaded DICOM series (read and checked by the job already)
+        volume = load_scan(path)
+        shape, affine = volume.shape[1:], volume.affine.numpy()
+    else:
+        img = nib.load(str(path))
+        shape, affine = img.shape, np.asarray(img.affine, dtype=float)
+    return {"shape": [int(s) for s in shape],
             "spacing_mm": [round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
             "affine": [[float(v) for v in row] for row in affine]}
 
@@ -178,7 +184,8 @@ def create_app(models: Mapping[str, BundleModel], *, max_upload_bytes: int = 512
             "models": {name: m.info() for name, m in models.items()},
             "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
             "limits": {"max_upload_bytes": int(max_upload_bytes),
-                       "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes)"},
+                       "accepted": "single-file NIfTI-1/NIfTI-2, .nii or .nii.gz (checked by magic bytes), or a "
+                                   "zip of one DICOM series"},
             "queue": queue.stats(),
         }
 
