@@ -32,10 +32,18 @@ from nexus_monai.metrics.lesion import SIZE_BIN_LABELS
 GAIN_COLUMNS = [("psnr_t1", "masked T1w"), ("psnr_t2", "masked T2w"), ("psnr_eroded_t1", "interior T1w"),
                 ("psnr_eroded_t2", "interior T2w")]
 REFERENCES = ("trilinear", "ibp")  # deterministic, no network: never suffixed
-LESION_COLUMNS = [("lesion_contrast_t2", "T2w-only contrast recovered"), ("lesion_kept_t2", "kept"),
-                  ("imprint_t1", "imprint on T1w"), ("imprint_t1_gt", "GT on T1w"),
-                  ("lesion_contrast_t1", "T1w-only contrast recovered"), ("imprint_t2", "imprint on T2w"),
-                  ("imprint_t2_gt", "GT on T2w")]
+LESION_COLUMNS = [("lesion_contrast_t2", "T2w-only contrast recovered (capped, v2)"),
+                  ("lesion_contrast_uncapped_t2", "uncapped (v1)"), ("lesion_error_t2", "mean abs(ratio - 1)"),
+                  ("lesion_exaggerated_t2", "exaggerated > 1.25"), ("ring_bias_t2", "ring bias"),
+                  ("within_slab_t2", "within-slab"), ("within_slab_gt_t2", "within-slab GT"), ("lesion_kept_t2", "kept"),
+                  ("imprint_t1", "imprint on T1w (v1)"), ("imprint_t1_gt", "GT on T1w"),
+                  ("imprint_cf_t1", "counterfactual imprint on T1w"),
+                  ("lesion_contrast_t1", "T1w-only contrast recovered (capped)"),
+                  ("lesion_exaggerated_t1", "T1w-only exaggerated"), ("imprint_t2", "imprint on T2w (v1)"),
+                  ("imprint_t2_gt", "GT on T2w"), ("imprint_cf_t2", "counterfactual imprint on T2w"),
+                  ("false_positives_t2", "false positives T2w / subject"),
+                  ("false_positives_t1", "false positives T1w / subject")]
+"""Lesion metric v2 (docs/evaluation_protocol.md); columns a run does not have are left out of the table."""
 
 
 def load_runs(specs: list[str]) -> pd.DataFrame:
@@ -89,7 +97,8 @@ def gain_table(rows: pd.DataFrame, split: str, reference: str = "trilinear") -> 
 
 
 def lesion_size_table(rows: pd.DataFrame, split: str) -> str:
-    """Contrast recovered / kept of one-contrast lesions by diameter relative to the slab ('' without the columns)."""
+    """Contrast recovered (capped) / kept of one-contrast lesions by extent across the slabs ('' without the columns),
+    with the within-slab part of the output and of the GT when the runs have it."""
     part = rows[rows["split"] == split]
     keys = [(c, b, label) for c in ("t2", "t1") for b, label in SIZE_BIN_LABELS.items()]
     if not any(f"lesion_contrast_{c}_{b}" in part and part[f"lesion_contrast_{c}_{b}"].notna().any()
@@ -105,7 +114,11 @@ def lesion_size_table(rows: pd.DataFrame, split: str) -> str:
             v = sub[f"lesion_contrast_{c}_{b}"].to_numpy(dtype=float) if f"lesion_contrast_{c}_{b}" in sub else []
             k = sub[f"lesion_kept_{c}_{b}"].to_numpy(dtype=float) if f"lesion_kept_{c}_{b}" in sub else []
             n = sub[f"n_lesions_{c}_{b}"].to_numpy(dtype=float).sum() if f"n_lesions_{c}_{b}" in sub else 0
-            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f} / {np.nanmean(k):.2f} ({n:.0f})"
+            w = sub[f"within_slab_{c}_{b}"].to_numpy(dtype=float) if f"within_slab_{c}_{b}" in sub else []
+            wg = sub[f"within_slab_gt_{c}_{b}"].to_numpy(dtype=float) if f"within_slab_gt_{c}_{b}" in sub else []
+            within = (f"; within-slab {np.nanmean(w):.3f} (GT {np.nanmean(wg):.3f})"
+                      if np.isfinite(np.asarray(w, float)).any() else "")
+            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f} / {np.nanmean(k):.2f} ({n:.0f}){within}"
                          if np.isfinite(v).any() else f"- ({n:.0f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -113,12 +126,13 @@ def lesion_size_table(rows: pd.DataFrame, split: str) -> str:
 
 def lesion_table(rows: pd.DataFrame, split: str) -> str:
     part = rows[rows["split"] == split]
-    lines = ["| method | " + " | ".join(name for _, name in LESION_COLUMNS) + " |",
-             "|---" * (len(LESION_COLUMNS) + 1) + "|"]
+    columns = [(c, name) for c, name in LESION_COLUMNS if c in part and part[c].notna().any()]
+    lines = ["| method | " + " | ".join(name for _, name in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for m in part["method"].unique():
         sub = part[part["method"] == m]
         cells = []
-        for c, _ in LESION_COLUMNS:
+        for c, _ in columns:
             v = sub[c].to_numpy(dtype=float) if c in sub else np.array([np.nan])
             cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -34,7 +34,7 @@ from nexus_monai.engines.consistency import consistency_guard, guard_options_fro
 from nexus_monai.engines.inr import subject_scores
 from nexus_monai.keys import CONTRASTS, LESIONS
 from nexus_monai.metrics.image_quality import as_mask, intensity_scale
-from nexus_monai.metrics.lesion import lesion_fidelity_row, lesion_geometry, size_columns
+from nexus_monai.metrics.lesion import lesion_fidelity_row, lesion_geometry
 from nexus_monai.metrics.subject_row import SCALE_PERCENTILE
 from nexus_monai.transforms.interpolation import upsample
 from nexus_monai.visualize import save_panel, to_uint8
@@ -227,14 +227,15 @@ class SRValidationReport:
 
 
 def _lesion_sizes(gt: dict, pred: dict, lesions, geometry: dict) -> dict:
-    """The by-size lesion columns (:func:`~nexus_monai.metrics.lesion.size_columns`) of one subject, on the
-    intensities :func:`~nexus_monai.engines.inr.subject_scores` scores (GT-percentile scale, mask GT T1w > 0)."""
+    """The lesion columns that need the LR scans (:func:`~nexus_monai.metrics.lesion.lesion_geometry`: by size,
+    within-slab part, false positives; metric v2) of one subject, on the intensities
+    :func:`~nexus_monai.engines.inr.subject_scores` scores (GT-percentile scale, mask GT T1w > 0)."""
     g0 = gt["t1"].numpy()
     mask = as_mask(g0 > 0, g0.shape)
     scales = {c: intensity_scale(gt[c].numpy(), mask, SCALE_PERCENTILE) for c in CONTRASTS}
-    row = lesion_fidelity_row({c: gt[c].numpy() / scales[c] for c in CONTRASTS},
-                              {c: pred[c].numpy() / scales[c] for c in CONTRASTS}, lesions, mask, **geometry)
-    return {k: row[k] for k in size_columns()}
+    return lesion_fidelity_row({c: gt[c].numpy() / scales[c] for c in CONTRASTS},
+                               {c: pred[c].numpy() / scales[c] for c in CONTRASTS}, lesions, mask, scales=scales,
+                               **geometry)
 
 
 class TrainingCheckpoint:

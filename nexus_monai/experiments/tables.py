@@ -136,10 +136,13 @@ def _image_markdown(table: str, form: str, frame: pd.DataFrame, rows: Sequence[s
     return lines
 
 
-LESION_COLUMNS = (("lesion_contrast_t2", "T2w-only contrast recovered"), ("lesion_kept_t2", "T2w-only kept"),
+LESION_COLUMNS = (("lesion_contrast_t2", "T2w-only contrast recovered"),
+                  ("lesion_contrast_uncapped_t2", "(uncapped, v1)"), ("lesion_exaggerated_t2", "T2w-only exaggerated"),
+                  ("ring_bias_t2", "ring bias"), ("within_slab_t2", "within-slab"), ("lesion_kept_t2", "T2w-only kept"),
                   ("imprint_t2", "T1w-only imprint on T2w"), ("imprint_t2_gt", "(GT)"),
                   ("lesion_contrast_t1", "T1w-only contrast recovered"), ("imprint_t1", "T2w-only imprint on T1w"),
-                  ("imprint_t1_gt", "(GT)"))
+                  ("imprint_t1_gt", "(GT)"), ("false_positives_t2", "false positives T2w"),
+                  ("false_positives_t1", "false positives T1w"))
 
 
 def _lesion_lines(part: pd.DataFrame, rows: Sequence[str], split: str) -> list[str]:
@@ -148,9 +151,10 @@ def _lesion_lines(part: pd.DataFrame, rows: Sequence[str], split: str) -> list[s
     cols = [(c, label) for c, label in LESION_COLUMNS if c in part and part[c].notna().any()]
     if not cols:
         return []
-    lines = ["", f"Lesion fidelity (split `{split}`; contrast recovered: output's lesion-minus-ring contrast / the "
-                 f"ground truth's; kept: fraction of lesions at >= 0.5; imprint beside the ground truth's own "
-                 f"level; docs/evaluation_protocol.md), mean ± std over seeds:", "",
+    lines = ["", f"Lesion fidelity v2 (split `{split}`; contrast recovered: output's lesion-minus-ring contrast / the "
+                 f"ground truth's, capped at 1 per lesion (v1 uncapped beside); exaggerated: share above 1.25; kept: "
+                 f"fraction of lesions at >= 0.5; imprint beside the ground truth's own level; false positives per "
+                 f"subject; docs/evaluation_protocol.md), mean ± std over seeds:", "",
              "| Row | " + " | ".join(label for _, label in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     summaries = {c: seed_summary(part, c) for c, _ in cols}
     references = [(m, [f"({m})"]) for m in REFERENCE_METHODS if (part["method"] == m).any()]

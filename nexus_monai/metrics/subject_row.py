@@ -65,7 +65,9 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     lesion-fidelity columns of :func:`~nexus_monai.metrics.lesion.lesion_fidelity_row`, computed on the
     normalised intensities; without one those columns are absent. ``lesion_geometry``:
     ``{"voxel_mm3", "slab_mm": {c: mm}}`` (:func:`~nexus_monai.metrics.lesion.lesion_geometry`) adds the
-    lesion columns by size relative to the slab thickness (``lesion_contrast_t2_small``, ...).
+    lesion columns by size relative to the slab thickness (``lesion_contrast_t2_small``, ...) and, from LR
+    MetaTensors, the within-slab and false-positive columns (metric v2); it may carry ``exclude`` (a bool mask
+    kept out of the false-positive search, e.g. the tumour labels).
     """
     contrasts = tuple(contrasts)
     if mask is None:
@@ -111,6 +113,7 @@ def subject_metric_row(gt: dict, pred: dict, mask=None, *, lpips: bool = True,
     if lesions is not None:
         if set(contrasts) != {"t1", "t2"}:
             raise ValueError(f"lesion fidelity needs both contrasts t1 and t2, got {contrasts}")
-        row.update(lesion_fidelity_row(scaled_gt, scaled_pred, lesions, m, **(lesion_geometry or {})))
+        scales = {c: row[f"scale_{c}"] for c in contrasts}  # the LR noise SD is in raw units
+        row.update(lesion_fidelity_row(scaled_gt, scaled_pred, lesions, m, scales=scales, **(lesion_geometry or {})))
     row["lpips_status"] = status
     return row

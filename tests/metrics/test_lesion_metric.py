@@ -86,7 +86,9 @@ def test_recovered_contrast_copy_erase_halve(noise, factor):
     assert "recovered_t1" not in recs[T2_LESION] and "recovered_t2" not in recs[T1_LESION]
     row = lesion_fidelity_row(gt, pred, lab, mask)
     for key in ("lesion_contrast_t2", "lesion_contrast_t1", "lesion_contrast_both_t1", "lesion_contrast_both_t2"):
-        assert row[key] == pytest.approx(factor, abs=1e-9)
+        assert row[key] == pytest.approx(min(factor, 1.0), abs=1e-9)  # v2: capped at 1
+    for key in ("lesion_contrast_uncapped_t2", "lesion_contrast_uncapped_t1"):
+        assert row[key] == pytest.approx(factor, abs=1e-9)  # v1 kept beside
     assert row["lesion_kept_t2"] == float(factor >= KEPT_THRESHOLD)
     assert row["n_lesions_t2"] == row["n_lesions_t1"] == row["n_lesions_both_t1"] == 1
     assert row["n_lesions_excluded"] == 0

@@ -69,7 +69,7 @@ def test_size_bins_are_half_open_and_documented():
     assert size_bin(0.0) == "small" and size_bin(0.7499) == "small" and size_bin(0.75) == "slab"
     assert size_bin(1.4999) == "slab" and size_bin(1.5) == "large" and size_bin(40.0) == "large"
     assert size_bin(math.nan) is None
-    assert "equivalent-sphere diameter" in LESION_PROTOCOL and "d < 0.75 slab" in LESION_PROTOCOL
+    assert "extent across the slabs" in LESION_PROTOCOL and "d < 0.75 slab" in LESION_PROTOCOL
     assert "0.75 ≤ d < 1.5 slab" in LESION_PROTOCOL and "d ≥ 1.5 slab" in LESION_PROTOCOL
 
 
