@@ -14,6 +14,10 @@ contrast that shows it: ``lesion_contrast_t2_small``, ...) and ``table1.md`` the
 Put ``ibp`` (trilinear + the consistency guard of ``nexus-sr predict``, no network) beside the learned
 methods: it is the floor they must clear (``nexus-sr evaluate``'s default methods include it).
 
+The loop is :class:`~nexus_monai.evaluation.evaluator.MethodEvaluator` (an ignite ``Engine``, one
+subject per iteration) with the handlers of :mod:`nexus_monai.evaluation.handlers` (scores, Table 5
+rows, panels, tables + manifest, MLflow); this module wires them and formats the tables.
+
 Checked before any work starts (one-line :class:`NexusInputError`): unknown method names, cohort
 bundles whose checkpoint is missing or does not match the network, and datalist entries whose
 files are missing.
@@ -24,32 +28,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
-from tqdm import tqdm
 
-from nexus_monai.baselines.interpolation import upsample
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist, resolve_datalist
-from nexus_monai.data.io import check_nifti_file, write_text_atomic
-from nexus_monai.data.staging import invalidate_manifest, write_manifest
-from nexus_monai.errors import NexusInputError, find_input_error
-from nexus_monai.evaluation.downstream import segmentation_rows, summarise_table5, table5_markdown
+from nexus_monai.data.io import check_nifti_file
+from nexus_monai.data.staging import invalidate_manifest
+from nexus_monai.errors import NexusInputError
+from nexus_monai.evaluation.downstream import summarise_table5, table5_markdown
+from nexus_monai.evaluation.evaluator import MethodEvaluator
+from nexus_monai.evaluation.handlers import MLflowLogger, PanelWriter, SegmentationScores, SubjectScores, TableWriter
 from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
-from nexus_monai.evaluation.panels import save_panel, to_uint8
-from nexus_monai.geometry import TargetGrid
-from nexus_monai.keys import CONTRASTS, LESIONS
-from nexus_monai.metrics import intensity_scale, metric_protocol_text, subject_metric_row
-from nexus_monai.metrics.lesion import SIZE_BIN_LABELS, SIZE_BINS, check_lesion_map, lesion_geometry
+from nexus_monai.keys import LESIONS
+from nexus_monai.metrics import metric_protocol_text
+from nexus_monai.metrics.lesion import SIZE_BIN_LABELS, SIZE_BINS, check_lesion_map
 from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
 __all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods",
-           "summarise", "markdown_table", "log_mlflow"]
+           "summarise", "markdown_table"]
 
 
 def select_subjects(data: str | os.PathLike, split: str = "test", seed: int = 0,
@@ -122,18 +120,6 @@ def check_lesion_files(subjects: Sequence[dict]) -> None:
             raise NexusInputError(path, f"lesion map of subject {subject.get('subject', '?')}: {err}") from None
 
 
-def _slice_tiles(volumes: dict, gt: dict, axis_for: dict) -> list[list[np.ndarray]]:
-    rows = []
-    for c in CONTRASTS:
-        g = gt[c].numpy()
-        vmax = intensity_scale(g, g > 0)
-        ax = axis_for[c]
-        mid = int(np.argmax((g > 0).sum(axis=tuple(a for a in range(3) if a != ax))))  # widest brain slice
-        take = lambda v: np.take(v, mid, axis=ax)  # noqa: E731
-        rows.append([to_uint8(take(g), vmax)] + [to_uint8(take(v[c]), vmax) for v in volumes.values()])
-    return rows
-
-
 def evaluate_methods(
     subjects: Sequence[dict],
     methods: Sequence[str],
@@ -150,12 +136,15 @@ def evaluate_methods(
 
     ``method_options``: keyword options per method (e.g. ``{"cycleinr": {"weights": path}}``).
     ``mlflow``: ``{"tracking_uri", "run_name", "experiment", "params"}`` to log the run (see
-    :func:`log_mlflow`); None: no MLflow.
+    :func:`~nexus_monai.evaluation.handlers.log_mlflow`); None: no MLflow.
 
     With ``segmenters`` (name -> :class:`~nexus_monai.evaluation.downstream.FrozenSegmenter`)
     also Table 5: each segmenter on "Original LR" (nearest neighbour), every method's output and
     "Original HR", scored against the subject's labels (``table5_per_subject.csv``,
     ``table5.csv``, ``table5.md``).
+
+    The work is a :class:`~nexus_monai.evaluation.evaluator.MethodEvaluator` (one subject per iteration)
+    with the handlers of :mod:`nexus_monai.evaluation.handlers`; returns the per-subject frame.
     """
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     check_methods(list(methods), method_options)  # unknown names, missing/mismatching checkpoints
@@ -164,139 +153,34 @@ def evaluate_methods(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     invalidate_manifest(out)  # the earlier run's tables count as complete no more while this run rewrites them
-    fns = {m: get_method(m) for m in methods}
-    rows, seg_rows, panels, input_errors = [], [], [], []
-    bar = tqdm(total=len(subjects) * len(methods), desc="evaluate", disable=not progress, unit="run")
-    for s_idx, subject in enumerate(subjects):
-        try:
-            data = prepare_subject(subject, protocol)
-        except Exception as err:  # an input that still fails: mark the subject failed, keep the others' rows
-            found = find_input_error(err) or NexusInputError(subject.get("t1"), f"{type(err).__name__}: {err}")
-            input_errors.append((subject.get("subject", "?"), found))
-            rows += [{"subject": subject.get("subject", "?"), "method": m, "error": f"input: {found}"} for m in methods]
-            bar.update(len(methods))
-            continue
-        grid = TargetGrid.like(data["t1"])
-        gt = {c: data[c][0].as_subclass(torch.Tensor) for c in CONTRASTS}
-        preds, seg_inputs = {}, {}
-        if segmenters:
-            if "seg" not in data:
-                raise NexusInputError(subject.get("t1"), "Table 5 needs a segmentation (seg) for every test subject")
-            seg_inputs["Original LR"] = {c: upsample(data[f"{c}_lr"], grid, "nearest") for c in CONTRASTS}
-        for m, fn in fns.items():
-            bar.set_postfix_str(f"{subject['subject']} {m}")
-            t0 = time.perf_counter()
-            row = {"subject": subject["subject"], "method": m}
-            try:
-                pred = fn(data, grid, **method_options.get(m, {}))
-                seconds = time.perf_counter() - t0
-                for c in CONTRASTS:
-                    if tuple(pred[c].shape[-3:]) != grid.shape or not torch.allclose(pred[c].affine.double(),
-                                                                                     grid.affine, atol=1e-4):
-                        raise RuntimeError(f"{m} returned {c} on a grid other than the requested one")
-                pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
-                lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
-                sizes = lesion_geometry({c: data[f"{c}_lr"] for c in CONTRASTS}, data["t1"]) if lesions is not None \
-                    else None  # lesion diameter relative to each contrast's slab thickness
-                row.update(subject_metric_row(gt, pv, None, lpips=lpips, lesions=lesions,  # mask: the metric's default
-                                              lesion_geometry=sizes))
-                row["seconds"] = seconds
-                row["error"] = ""
-                preds[m] = {c: pv[c].numpy() for c in CONTRASTS}
-                if segmenters:
-                    seg_inputs[m] = {c: pred[c] for c in CONTRASTS}
-            except Exception as err:  # reported in the table, not dropped
-                if find_input_error(err) is not None:
-                    input_errors.append((subject.get("subject", "?"), find_input_error(err)))
-                row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"
-            rows.append(row)
-            bar.update(1)
-        if segmenters:
-            seg_inputs["Original HR"] = {c: data[c] for c in CONTRASTS}
-            brain = (data["t1"].as_subclass(torch.Tensor) > 0).float()
-            seg_rows += segmentation_rows(subject["subject"], seg_inputs, data["seg"], segmenters, brain_mask=brain)
-        if s_idx < panel_subjects:  # every method, a failed one as a black tile
-            axis_for = {c: ("xyz".index(str(protocol.contrast(c)["axis"])) + 1) % 3 for c in CONTRASTS}
-            shown = {m: preds.get(m, {c: np.zeros(grid.shape, np.float32) for c in CONTRASTS}) for m in methods}
-            panel = out / f"panel_{subject['subject']}.png"
-            save_panel(
-                _slice_tiles(shown, {c: gt[c] for c in CONTRASTS}, axis_for),
-                panel,
-                row_labels=["T1w", "T2w"],
-                col_labels=["GT HR"] + [m if m in preds else f"{m} (failed)" for m in methods],
-            )
-            panels.append(panel)
-    bar.close()
-    frame = pd.DataFrame(rows)
-    write_text_atomic(out / "per_subject.csv", frame.to_csv(index=False))
-    table = summarise(frame, methods)
-    budgets = [training_budget(m, method_options.get(m)) for m in methods]  # cohort bundles' training, NaN otherwise
-    for col in ("train_steps", "train_seconds"):
-        table[col] = [b[col] for b in budgets]
-    write_text_atomic(out / "table1.csv", table.to_csv(index=False))
-    write_text_atomic(out / "table1.md", markdown_table(table, protocol, n_subjects=len(subjects)))
-    if segmenters:
-        seg_frame = pd.DataFrame(seg_rows)
-        write_text_atomic(out / "table5_per_subject.csv", seg_frame.to_csv(index=False))
+
+    def table1(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+        table = summarise(frame, methods)
+        budgets = [training_budget(m, method_options.get(m)) for m in methods]  # cohort training, NaN otherwise
+        for col in ("train_steps", "train_seconds"):
+            table[col] = [b[col] for b in budgets]
+        return table, markdown_table(table, protocol, n_subjects=len(subjects))
+
+    def table5(seg_frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         t5 = summarise_table5(seg_frame, ["Original LR", *methods, "Original HR"])
-        write_text_atomic(out / "table5.csv", t5.to_csv(index=False))
-        write_text_atomic(out / "table5.md", table5_markdown(t5, n_subjects=len(subjects)))
-    names = ["per_subject.csv", "table1.csv", "table1.md"]
-    names += ["table5_per_subject.csv", "table5.csv", "table5.md"] if segmenters else []
-    files = [out / n for n in names]  # written by THIS run (a stale table5 of an earlier run is not listed)
-    write_manifest(out, files + [Path(p) for p in panels])  # last: marks the file set as complete
-    if mlflow is not None:
-        log_mlflow(table, files + panels, out_dir=out, **mlflow)
-    if input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
-        sid, first = input_errors[0]
+        return t5, table5_markdown(t5, n_subjects=len(subjects))
+
+    evaluator = MethodEvaluator({m: get_method(m) for m in methods}, protocol, method_options,
+                                required=("seg",) if segmenters else (), progress=progress)
+    handlers = [SubjectScores(lpips=lpips)]
+    handlers += [SegmentationScores(segmenters)] if segmenters else []
+    handlers += [PanelWriter(out, protocol, methods, n_subjects=panel_subjects),
+                 TableWriter(out, table1, table5 if segmenters else None)]
+    handlers += [MLflowLogger(out, mlflow)] if mlflow is not None else []
+    for handler in handlers:
+        handler.attach(evaluator)
+    state = evaluator.run(list(subjects))
+    if state.input_errors:  # the finished subjects' rows are written; the run still fails (exit 2)
+        sid, first = state.input_errors[0]
         raise NexusInputError(first.source,
-                              f"{first.problem} (subject {sid}; {len(input_errors)} failed input(s) marked in "
-                                            f"per_subject.csv, the other rows kept)")
-    return frame
-
-
-def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os.PathLike,
-               tracking_uri: str | None = None,
-               run_name: str = "evaluate", experiment: str = "nexus_monai_evaluate",
-               params: Mapping | None = None) -> str:
-    """One MLflow run: ``params``, every numeric table column as ``<method>/<column>``, the files as artifacts.
-
-    ``tracking_uri`` default: ``MLFLOW_TRACKING_URI``, else the project's one store
-    (:func:`nexus_monai.engines.mlflow_logging.tracking_uri`), so evaluations sit beside training runs;
-    the table is also an MLflow table (``table1.json``) and each panel an MLflow image. NaN values
-    (e.g. LPIPS unavailable) are not logged. Returns the run id.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from nexus_monai.engines.mlflow_logging import ensure_experiment, tracking_uri as project_uri
-
-    uri = project_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.get_experiment_by_name(ensure_experiment(experiment, uri)).experiment_id
-    run = client.create_run(exp_id, run_name=run_name)
-    run_id = run.info.run_id
-    try:
-        for k, v in (params or {}).items():
-            client.log_param(run_id, k, str(v)[:6000])
-        for _, r in table.iterrows():
-            for col, v in r.items():
-                if col in ("method",) or not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v,
-                                                                                                                bool):
-                    continue
-                if math.isfinite(float(v)):
-                    client.log_metric(run_id, f"{r['method']}/{col}", float(v))
-            if isinstance(r.get("first_error"), str):
-                client.set_tag(run_id, f"failed/{r['method']}", r["first_error"][:4000])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path), artifact_path="panels" if str(path).endswith(".png") else None)
-            if str(path).endswith(".png"):
-                client.log_image(run_id, np.asarray(Image.open(path).convert("RGB")), key=Path(path).stem)
-        client.log_table(run_id, data=table.astype(object).where(table.notna(), None), artifact_file="table1.json")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    return run_id
+                              f"{first.problem} (subject {sid}; {len(state.input_errors)} failed input(s) marked in "
+                              f"per_subject.csv, the other rows kept)")
+    return state.frame
 
 
 def summarise(frame: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
