@@ -79,3 +79,29 @@ def world_aligned(a: np.ndarray, aff_a, b: np.ndarray, aff_b) -> np.ndarray:
     bi = (perm @ idx + np.rint(m[:3, 3])[:, None]).astype(int)
     assert all((bi[d] >= 0).all() and (bi[d] < b.shape[d]).all() for d in range(3)), "grids cover different voxels"
     return b[bi[0], bi[1], bi[2]].reshape(a.shape)
+
+
+def make_bad_series(d: Path, data: np.ndarray, affine: np.ndarray) -> dict:
+    """name -> folder of a series that must be refused with one line: mixed, missing slice (non-uniform spacing),
+    truncated slice, a garbage file among the slices, a single slice, duplicate positions, an empty folder."""
+    bad = {}
+    for name in ("mixed", "missing_slice", "truncated", "garbage_file", "one_slice", "duplicate", "empty"):
+        folder = d / name
+        if name == "one_slice":
+            write_series(folder, data[:, :, :1], affine)
+        elif name == "empty":
+            folder.mkdir(parents=True)
+        else:
+            write_series(folder, data, affine, skip=(1,) if name == "missing_slice" else ())
+        if name in ("mixed", "duplicate"):
+            uid = pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID if name == "duplicate" else None
+            write_series(d / f"{name}_2", data, affine, series_uid=uid)
+            for f in (d / f"{name}_2").iterdir():
+                f.rename(folder / f"b_{f.name}")
+        elif name == "truncated":
+            f = sorted(folder.iterdir())[0]
+            f.write_bytes(f.read_bytes()[:-40])
+        elif name == "garbage_file":
+            (folder / "IM9999").write_bytes(np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes())
+        bad[name] = folder
+    return bad

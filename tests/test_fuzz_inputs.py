@@ -19,6 +19,7 @@ import requests
 
 from nexus_monai.cli import main
 
+from dicom_helpers import make_bad_series, write_series
 from helpers import BUNDLE, fit_args, live_server, make_tiny_pair, predict_args
 
 SEED = 13
@@ -170,3 +171,30 @@ def test_fuzz_server_2xx_or_4xx_never_500(fuzz_setup, tmp_path):
             statuses.append(r.status_code)
     assert any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses), statuses
     assert not any((tmp_path / "work").iterdir())
+
+
+def test_fuzz_dicom_series_exit_2_one_line_nothing_written(fuzz_setup, tmp_path):
+    """Corrupt, mixed, non-uniform ... DICOM series folders as --t1 / --t2 / --like of predict (NIfTI or DICOM out)
+    and fit-subject: exit 2, one ``error:`` line naming the folder, no file in the output folder."""
+    d, pair, _ = fuzz_setup
+    img = nib.load(str(pair["t1"]))
+    data, affine = np.asarray(img.dataobj, np.float32), img.affine
+    bad = make_bad_series(d / "bad_series", data, affine)
+    good = write_series(d / "good_series", data, affine, slope=0.01)
+    rng = np.random.default_rng(SEED + 2)
+    for i in range(24):
+        name = sorted(bad)[i % len(bad)]
+        slot = ["t1", "t2", "like"][int(rng.integers(3))]
+        inputs = {**pair, "t1": good, slot: bad[name]} if slot != "like" else {**pair, "t1": good}
+        grid = ["--like", str(bad[name])] if slot == "like" else ["--spacing", "2"]
+        out = tmp_path / f"case{i:02d}"
+        if rng.random() < 0.25 and slot != "like":
+            argv = fit_args(inputs, out, *grid) + ["--max-minutes=0.005"]
+        else:
+            argv = predict_args(inputs, out, *grid) + (["--out-format", "dicom"] if rng.random() < 0.5 else [])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(argv)
+        lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
+        assert rc == 2 and len(lines) == 1 and str(bad[name]) in lines[0], (i, name, slot, err.getvalue()[-500:])
+        assert not _files_in(out), (i, name, _files_in(out))

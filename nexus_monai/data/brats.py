@@ -32,7 +32,7 @@ from nexus_monai.data.datalist import (  # noqa: F401  (re-exported: the public 
     split_counts,
     write_datalist,
 )
-from nexus_monai.data.io import load_volume
+from nexus_monai.data.dicom import load_scan
 from nexus_monai.data.synth import ensure_embedded_dataset
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import as_affine
@@ -160,7 +160,8 @@ def resolve_datalist(dataset_dir: str | os.PathLike | None = None, seed: int = 0
 
 
 class LoadVolumed(MapTransform):
-    """Load NIfTI paths under ``keys`` as checked ``(1, X, Y, Z)`` MetaTensors (see ``load_volume``).
+    """Load NIfTI paths (or DICOM series folders) under ``keys`` as checked ``(1, X, Y, Z)`` MetaTensors (see
+    :func:`~nexus_monai.data.dicom.load_scan`).
 
     With ``same_grid`` every loaded key must share the first key's shape and affine.
     """
@@ -173,7 +174,7 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         first = None
         for key in self.key_iterator(d):
-            d[key] = load_volume(d[key])
+            d[key] = load_scan(d[key])
             if self.same_grid:
                 if first is None:
                     first = key

@@ -34,16 +34,19 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from nexus_monai.data.brats import brats_loader, discover_brats, load_datalist, make_datalist, resolve_datalist
+from nexus_monai.data.dicom import is_series_folder, read_dicom_series
 from nexus_monai.data.io import check_nifti_file
 from nexus_monai.data.staging import invalidate_manifest
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.downstream import summarise_table5, table5_markdown
 from nexus_monai.evaluation.evaluator import MethodEvaluator
 from nexus_monai.evaluation.handlers import MLflowLogger, PanelWriter, SegmentationScores, SubjectScores, TableWriter
+from nexus_monai.evaluation.lesion_counterfactual import CounterfactualImprint
+from nexus_monai.evaluation.lesion_tables import lesion_markdown
 from nexus_monai.evaluation.methods import check_methods, get_method, training_budget
 from nexus_monai.keys import LESIONS
 from nexus_monai.metrics import metric_protocol_text
-from nexus_monai.metrics.lesion import SIZE_BIN_LABELS, SIZE_BINS, check_lesion_map
+from nexus_monai.metrics.lesion import check_lesion_map
 from nexus_monai.transforms.protocols import Protocol, prepare_subject
 
 __all__ = ["select_subjects", "check_subject_files", "check_lesion_files", "prepare_subject", "evaluate_methods",
@@ -101,6 +104,9 @@ def check_subject_files(subjects: Sequence[dict], keys: Sequence[str] = ("t1", "
             path = subject.get(key)
             if not path:
                 raise NexusInputError(subject.get("t1"), f"subject {sid} has no {key!r} entry in the datalist")
+            if is_series_folder(path):  # a DICOM series folder: read and checked whole (one series, uniform slices)
+                read_dicom_series(path)
+                continue
             if not Path(path).is_file():
                 raise NexusInputError(path, f"file not found ({key} of subject {sid} in the datalist)")
             check_nifti_file(path)
@@ -131,6 +137,7 @@ def evaluate_methods(
     segmenters: Mapping | None = None,
     method_options: Mapping[str, Mapping] | None = None,
     mlflow: Mapping | None = None,
+    counterfactual_imprint: bool = False,
 ) -> pd.DataFrame:
     """Run ``methods`` on ``subjects`` under ``protocol``; write the per-subject rows and tables.
 
@@ -142,6 +149,10 @@ def evaluate_methods(
     also Table 5: each segmenter on "Original LR" (nearest neighbour), every method's output and
     "Original HR", scored against the subject's labels (``table5_per_subject.csv``,
     ``table5.csv``, ``table5.md``).
+
+    ``counterfactual_imprint``: also the counterfactual imprint columns (``imprint_cf_t1``, ``imprint_cf_t2``;
+    :mod:`nexus_monai.evaluation.lesion_counterfactual`): each simulated subject re-rendered without its
+    T2w-only and without its T1w-only lesions and every method re-run on both (three extra runs per method).
 
     The work is a :class:`~nexus_monai.evaluation.evaluator.MethodEvaluator` (one subject per iteration)
     with the handlers of :mod:`nexus_monai.evaluation.handlers`; returns the per-subject frame.
@@ -168,6 +179,7 @@ def evaluate_methods(
     evaluator = MethodEvaluator({m: get_method(m) for m in methods}, protocol, method_options,
                                 required=("seg",) if segmenters else (), progress=progress)
     handlers = [SubjectScores(lpips=lpips)]
+    handlers += [CounterfactualImprint()] if counterfactual_imprint else []
     handlers += [SegmentationScores(segmenters)] if segmenters else []
     handlers += [PanelWriter(out, protocol, methods, n_subjects=panel_subjects),
                  TableWriter(out, table1, table5 if segmenters else None)]
@@ -253,7 +265,7 @@ def markdown_table(table: pd.DataFrame, protocol: Protocol, n_subjects: int) -> 
         "or without a record.",
         metric_protocol_text(),
     ] + [f"LPIPS not computed for some runs: {s}" for s in statuses if s != "ok"]
-    lesion = _lesion_markdown(table)
+    lesion = lesion_markdown(table)  # metric v2 (nexus_monai.evaluation.lesion_tables)
     return (f"# Table 1 ({protocol.name} protocol)\n\n" + "\n".join(lines) + "\n\n" + lesion
             + "\n\n".join(notes) + "\n")
 
@@ -263,46 +275,3 @@ def _budget(row: pd.Series) -> str:
     if not (isinstance(steps, (int, float)) and math.isfinite(steps)):
         return "-"
     return f"{int(steps)}, {seconds:.0f}" if math.isfinite(seconds) else f"{int(steps)}, -"
-
-
-def _lesion_markdown(table: pd.DataFrame) -> str:
-    """The lesion-fidelity table (only when some subject has a lesion map), else ''."""
-    cols = [("T2w-only: contrast recovered", "lesion_contrast_t2", 3), ("kept", "lesion_kept_t2", 3),
-            ("imprint on T1w", "imprint_t1", 4), ("GT on T1w", "imprint_t1_gt", 4),
-            ("T1w-only: contrast recovered", "lesion_contrast_t1", 3), ("kept", "lesion_kept_t1", 3),
-            ("imprint on T2w", "imprint_t2", 4), ("GT on T2w", "imprint_t2_gt", 4),
-            ("both: recovered T1w", "lesion_contrast_both_t1", 3), ("T2w", "lesion_contrast_both_t2", 3),
-            ("lesions / subject (T2w-only, T1w-only, both)", None, 0)]
-    if not any(f"{k}_mean" in table and table[f"{k}_mean"].notna().any() for _, k, _ in cols if k):
-        return ""
-    lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for _, r in table.iterrows():
-        counts = ", ".join(
-            f"{r.get(f'{k}_mean', math.nan):.1f}" for k in ("n_lesions_t2", "n_lesions_t1", "n_lesions_both_t1")
-        )
-        lines.append("| " + " | ".join([str(r["method"])] + [_pm(r, k, d) if k else counts for _, k, d in cols]) + " |")
-    return ("## Lesion fidelity\n\n" + "\n".join(lines) + "\n\nMean ± std over subjects with a lesion map; "
-            "imprint: |lesion contrast| on the contrast that should not show the lesion, output beside ground truth "
-            "(normalised units); definitions in the protocol below.\n\n" + _lesion_size_markdown(table))
-
-
-def _lesion_size_markdown(table: pd.DataFrame) -> str:
-    """Contrast recovered / kept of one-contrast lesions by diameter relative to the slab thickness, else ''."""
-    keys = [(c, name, lo, hi) for c in ("t2", "t1") for name, lo, hi in SIZE_BINS]
-    if not any(f"lesion_contrast_{c}_{n}_mean" in table and table[f"lesion_contrast_{c}_{n}_mean"].notna().any()
-               for c, n, _, _ in keys):
-        return ""
-    label = {"t1": "T1w-only", "t2": "T2w-only"}
-    head = [f"{label[c]} {SIZE_BIN_LABELS[n]}: recovered / kept" for c, n, _, _ in keys]
-    lines = ["| Method | " + " | ".join(head) + " | lesions / subject by bin (T2w-only; T1w-only) |",
-             "|" + "---|" * (len(head) + 2)]
-    for _, r in table.iterrows():
-        cells = [f"{_pm(r, f'lesion_contrast_{c}_{n}', 3)} / {_pm(r, f'lesion_kept_{c}_{n}', 2).split(' ±')[0]}"
-                 for c, n, _, _ in keys]
-        counts = "; ".join(", ".join(f"{r.get(f'n_lesions_{c}_{n}_mean', math.nan):.1f}" for n, _, _ in SIZE_BINS)
-                           for c in ("t2", "t1"))
-        lines.append("| " + " | ".join([str(r["method"])] + cells + [counts]) + " |")
-    return ("## Lesion fidelity by size\n\n" + "\n".join(lines) + "\n\nd: equivalent-sphere diameter of the "
-            "lesion / slab thickness of the contrast that shows it (factor × HR spacing along its thick axis); "
-            "recovered: mean ± std over subjects with lesions in the bin, kept: mean kept fraction; n/a: no lesion "
-            "in the bin. Lesions smaller than a slab are partly averaged away by the acquisition itself.\n\n")

@@ -155,3 +155,22 @@ def test_derived_series_needs_a_t1_series(tmp_path):
     with pytest.raises(NexusInputError, match="t1 input as a DICOM series"):
         write_derived_series(vol, tmp_path / "o", "t1", {"t1": tmp_path / "t1.nii.gz", "t2": None})
     assert not (tmp_path / "o").exists()
+
+
+def test_datalist_entries_may_be_series_folders(tmp_path):
+    """evaluate's user cohort: a datalist subject whose t1 / t2 are series folders loads like its NIfTI files."""
+    from nexus_monai.data.brats import brats_loader
+    from nexus_monai.evaluation.table1 import check_subject_files
+
+    affine = _affine("oblique")
+    t1, t2 = _data(4), _data(5)
+    entry = {"subject": "s", "t1": str(write_series(tmp_path / "t1", t1, affine, slope=0.5)),
+             "t2": str(write_series(tmp_path / "t2", t2, affine, slope=0.5))}
+    check_subject_files([entry])
+    loaded = brats_loader(["t1", "t2"])(entry)
+    for key, ref in (("t1", t1), ("t2", t2)):
+        np.testing.assert_array_equal(loaded[key][0].numpy(), ref)
+        np.testing.assert_allclose(loaded[key].affine.numpy(), affine, atol=1e-5)
+    bad = write_series(tmp_path / "bad", t1, affine, skip=(3,))
+    with pytest.raises(NexusInputError, match="non-uniform slice spacing"):
+        check_subject_files([{**entry, "t2": str(bad)}])
