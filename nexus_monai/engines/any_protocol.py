@@ -147,10 +147,11 @@ def _resample_in_plane(lr: MetaTensor, axis: int | None, target_mm: float) -> Me
 
 
 def conform_protocol(network, lr: Mapping[str, MetaTensor], sources: Mapping[str, str] | None = None,
-                     stream=sys.stderr) -> dict[str, MetaTensor]:
+                     quiet: bool = False) -> dict[str, MetaTensor]:
     """Print each scan's protocol (one line each); with a network that states ``protocol_range_mm``,
     resample in-plane spacings finer than its trained world grid (``in_plane`` low end) and refuse a scan
-    outside the range (:class:`NexusInputError`, one line naming the file). Returns the scans to use."""
+    outside the range (:class:`NexusInputError`, one line naming the file). The lines go to stderr
+    (``quiet``: none). Returns the scans to use."""
     net = network.module if hasattr(network, "module") else network
     trained = getattr(net, "protocol_range_mm", None)
     out = {}
@@ -165,8 +166,8 @@ def conform_protocol(network, lr: Mapping[str, MetaTensor], sources: Mapping[str
             if any(sp[a] < grid_mm - 1e-3 for a in range(3) if a != axis):
                 scan = _resample_in_plane(scan, axis, grid_mm)
                 line += f" -> resampled in-plane to {grid_mm:g} mm: {describe_scan(c, scan).split(': ', 1)[1]}"
-        if stream is not None:
-            print(f"protocol {line}", file=stream)
+        if not quiet:
+            print(f"protocol {line}", file=sys.stderr)
         if trained:
             why = range_violation(scan, trained)
             if why:

@@ -27,6 +27,7 @@ from nexus_monai.data.dicom import check_same_patient, is_series_folder, load_sc
 from nexus_monai.data.dicom_write import write_derived_series
 from nexus_monai.data.io import save_volume
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
+from nexus_monai.engines.any_protocol import conform_protocol
 from nexus_monai.engines.consistency import CONSISTENCY_NAMES, consistency_guard
 from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
 from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, contrast_networks, refine_network
@@ -94,9 +95,15 @@ def check_reachable(grid: TargetGrid, lr: Mapping[str, MetaTensor], sources: Map
 
 
 def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetGrid,
-                    inferer: ImplicitGridInferer | None = None) -> dict:
-    """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units."""
+                    inferer: ImplicitGridInferer | None = None, conform: bool = True) -> dict:
+    """``{"t1": MetaTensor (1, X, Y, Z), "t2": ...}`` on ``grid`` in the inputs' intensity units.
+
+    ``conform``: a network that states its trained protocol range (``protocol_range_mm``, the any-protocol
+    model) prints each scan's protocol, refuses one outside the range and resamples a finer in-plane grid
+    first (:func:`~nexus_monai.engines.any_protocol.conform_protocol`); other networks: nothing changes."""
     inferer = inferer or ImplicitGridInferer()
+    if conform and getattr(getattr(network, "module", network), "protocol_range_mm", None):
+        t1_lr, t2_lr = conform_protocol(network, {"t1": t1_lr, "t2": t2_lr}).values()
     mode = getattr(inferer, "intensity_norm", "percentile")
     scaled, maps = {}, {}
     for c, img in (("t1", t1_lr), ("t2", t2_lr)):
@@ -150,6 +157,7 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
         check_same_patient(t1, t2)
     grid = target_grid(lr["t1"], spacing_mm, like)
     check_reachable(grid, lr, sources, max_voxels)
+    lr_net = conform_protocol(network, lr, sources)  # one line per scan; the any-protocol model's range check
     loaded = time.perf_counter()
     report, maps = {}, {}
     if refine_seconds > 0:
@@ -158,10 +166,10 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
                                  intensity_norm=getattr(inferer, "intensity_norm", "percentile"))
         network, report["refine"] = refined.network, refined.log
     nets = contrast_networks(network)  # a refined model may hold one network per contrast
-    pred = predict_volumes(nets["t1"], lr["t1"], lr["t2"], grid, inferer)
+    pred = predict_volumes(nets["t1"], lr_net["t1"], lr_net["t2"], grid, inferer, conform=False)
     if nets["t2"] is not nets["t1"]:
-        pred["t2"] = predict_volumes(nets["t2"], lr["t1"], lr["t2"], grid, inferer)["t2"]
-    if guard:
+        pred["t2"] = predict_volumes(nets["t2"], lr_net["t1"], lr_net["t2"], grid, inferer, conform=False)["t2"]
+    if guard and getattr(nets["t1"], "consistency", None) is None:  # a consistency-trained network: raw = guarded
         pred, maps, report["consistency"] = consistency_guard(pred, lr, grid)
     predicted = time.perf_counter()
     sp = [round(float(v), 4) for v in spacing(grid.affine)]
