@@ -188,7 +188,8 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[MetaTensor, DicomSerie
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise NexusInputError(folder, "not a 3D grey-level series (colour or multi-component pixels)")
     n = len(names)
-    if image.GetSize()[2] != n or int(_tag(reader, 0, "0028|0008") or 1) > 1:
+    frames = _tag(reader, 0, "0028|0008")
+    if image.GetSize()[2] != n or (frames.isdigit() and int(frames) > 1):
         raise NexusInputError(folder, "multi-frame DICOM files are not supported (give one file per slice)")
 
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)  # columns: i, j, k in LPS
@@ -254,10 +255,13 @@ def check_same_patient(t1: str | os.PathLike, t2: str | os.PathLike) -> None:
     import pydicom
 
     def first(folder):
-        f = _slice_files(Path(folder))[0]
+        f = series_file_names(folder)[0]
         return pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID", "PatientName"])
 
-    a, b = first(t1), first(t2)
+    try:
+        a, b = first(t1), first(t2)
+    except (OSError, pydicom.errors.InvalidDicomError):  # both were read by ITK already; nothing to compare
+        return
     for tag in ("PatientID", "PatientName"):
         va, vb = str(a.get(tag, "") or ""), str(b.get(tag, "") or "")
         if va and vb and va != vb:
