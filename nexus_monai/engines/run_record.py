@@ -8,7 +8,9 @@ writes ``<ckpt_dir>/training_run.json`` after every epoch and when training comp
 ``batch_size`` (of the training loader, when it has one), ``seconds`` (wall-clock of the training
 run, validation included, summed over sessions: a killed run resumed from its checkpoint adds
 the new session's time to the recorded one, so epochs redone after a kill count twice),
-``sessions``, ``finished`` and ``updated`` (UTC time of the write). A run that starts from
+``sessions``, ``finished`` (true once the run reached ``max_epochs``; false while it runs and after a stop
+before that, e.g. by :class:`~nexus_monai.engines.budget.WallClockBudget`) and ``updated`` (UTC time of the
+write). A run that starts from
 scratch (iteration 0 after any resume) starts a new record. :func:`read_run_record` reads it back.
 """
 
@@ -65,7 +67,7 @@ class TrainingRunRecord:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_STARTED, self._resolve)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write, False)
-        engine.add_event_handler(Events.COMPLETED, self._write, True)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _start(self, engine: Engine) -> None:
         self._t0, self._prior = time.perf_counter(), None
@@ -92,6 +94,12 @@ class TrainingRunRecord:
             "finished": bool(finished),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _completed(self, engine: Engine) -> None:
+        """ignite fires COMPLETED after ``terminate()`` too (a wall-clock budget, an early stop): the run is
+        finished only when it reached its last epoch."""
+        max_epochs = engine.state.max_epochs
+        self._write(engine, max_epochs is not None and engine.state.epoch >= max_epochs)
 
     def _write(self, engine: Engine, finished: bool) -> None:
         if _rank() != 0:

@@ -52,6 +52,25 @@ def test_record_is_written_after_each_epoch_of_an_unfinished_run(tmp_path):
     assert record["steps"] == 3 and record["finished"] is False
 
 
+def test_a_run_stopped_before_its_last_epoch_is_not_finished(tmp_path):
+    """ignite fires COMPLETED after terminate() (a wall-clock budget stop): the record says finished: false."""
+    engine = _engine(tmp_path)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def budget(e):
+        if e.state.epoch == 2:
+            e.terminate()
+
+    engine.run([0, 1, 2], max_epochs=5)
+    record = read_run_record(tmp_path)
+    assert record["epochs"] == 2 and record["max_epochs"] == 5 and record["finished"] is False
+
+    stopped_at_the_end = _engine(tmp_path / "b")  # a stop after the last epoch: the run did finish
+    stopped_at_the_end.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+    stopped_at_the_end.run([0, 1], max_epochs=2)
+    assert read_run_record(tmp_path / "b")["finished"] is True
+
+
 def test_training_budget_reads_the_bundle_record(tmp_path, monkeypatch):
     def fake(inputs, grid, **_):
         raise AssertionError("not called")
