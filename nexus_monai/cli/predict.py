@@ -43,6 +43,10 @@ def cmd_predict(args) -> int:
     result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer,
                            refine_seconds=refine, guard=args.guard, out_format=args.out_format)
     print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
+    for c, s in result.get("dicom", {}).items():  # a slice gap is reported, not yet modelled (docs/dicom.md)
+        print(f"{c} DICOM series: {s['slices']} slices {s['slice_spacing_mm']:g} mm apart, thickness "
+              f"{'n/a' if s['slice_thickness_mm'] is None else format(s['slice_thickness_mm'], 'g') + ' mm'}"
+              + ("" if s["slice_gap_mm"] is None else f", gap {s['slice_gap_mm']:g} mm"))
     if "refine" in result:
         log = result["refine"]
         print(f"refinement: {log['iterations']} steps in {log['seconds']:.1f} s; "

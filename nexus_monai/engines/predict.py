@@ -141,7 +141,7 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     ``out_format="dicom"`` writes each contrast as a derived DICOM series folder (``DICOM_NAMES``, see
     :func:`~nexus_monai.data.dicom_write.write_derived_series`; needs ``t1`` as a series) instead of NIfTI.
     The result's ``"seconds"`` holds the wall-clock time of ``load``, ``predict`` (refinement, network,
-    guard) and ``write``.
+    guard) and ``write``; ``"dicom"`` (series inputs only) each series' slice facts (``DicomSeries.summary``).
     """
     started = time.perf_counter()
     sources = {"t1": str(t1), "t2": str(t2)}
@@ -153,6 +153,7 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     names = output_names(out_format, sources["t1"])
     out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *DICOM_NAMES.values(), *CONSISTENCY_NAMES.values()])
     lr = {c: load_scan(p) for c, p in sources.items()}
+    series = {c: lr[c].meta["dicom"] for c in CONTRASTS if "dicom" in lr[c].meta}  # slice thickness, gap ...
     if is_series_folder(t1) and is_series_folder(t2):
         check_same_patient(t1, t2)
     grid = target_grid(lr["t1"], spacing_mm, like)
@@ -184,7 +185,7 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     seconds = {"load": loaded - started, "predict": predicted - loaded, "write": time.perf_counter() - predicted}
     return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / names[c] for c in CONTRASTS},
             **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report,
-            "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}, **({"dicom": series} if series else {})}
 
 
 def output_names(out_format: str, t1: str | os.PathLike | None = None) -> dict[str, str]:

@@ -38,8 +38,8 @@ def scans(tmp_path_factory):
     return d, nifti, series
 
 
-def _run(argv):
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+def _run(argv, stdout=None):
+    with contextlib.redirect_stdout(stdout or io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         rc = main(argv)
     return rc, err.getvalue()
 
@@ -57,7 +57,11 @@ def _read_itk(folder):
 def test_predict_series_in_equals_nifti_in_and_dicom_out_equals_nifti_out(scans, tmp_path):
     d, nifti, series = scans
     assert _run(predict_args(nifti, tmp_path / "nii", "--spacing", "1.5"))[0] == 0
-    assert _run(predict_args(series, tmp_path / "dcm_in", "--spacing", "1.5"))[0] == 0
+    printed = io.StringIO()
+    assert _run(predict_args(series, tmp_path / "dcm_in", "--spacing", "1.5"), printed)[0] == 0
+    # T1w thick in z: 2 mm slices; T2w thick in y, written with slices along z: 1 mm slices of 4 mm rows
+    assert "t1 DICOM series: 8 slices 2 mm apart, thickness 2 mm, gap 0 mm" in printed.getvalue()
+    assert "t2 DICOM series: 16 slices 1 mm apart" in printed.getvalue()
     assert _run(predict_args(series, tmp_path / "dcm_out", "--spacing", "1.5", "--out-format", "dicom"))[0] == 0
     for c in ("t1w", "t2w"):
         ref = nib.load(str(tmp_path / "nii" / f"{c}_sr.nii.gz"))
