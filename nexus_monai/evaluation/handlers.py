@@ -69,7 +69,9 @@ class SubjectScores:
                 pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
                 lesions = data[LESIONS][0] if LESIONS in data else None  # no map: no lesion columns (NaN in tables)
                 sizes = lesion_geometry({c: data[f"{c}_lr"] for c in CONTRASTS}, data["t1"]) if lesions is not None \
-                    else None  # lesion diameter relative to each contrast's slab thickness
+                    else None  # lesion size / slab, within-slab operator and LR noise SD of each contrast
+                if sizes is not None and "seg" in data:  # a tumour is not normal tissue (false positives)
+                    sizes["exclude"] = data["seg"][0].as_subclass(torch.Tensor).numpy() > 0
                 row.update(subject_metric_row(out.gt, pv, None, lpips=self.lpips, lesions=lesions,  # default mask
                                               lesion_geometry=sizes))
                 row["seconds"] = result.seconds

@@ -201,7 +201,7 @@ def test_evaluate_reports_lesion_fidelity_and_training_budget(tiny_dataset, tmp_
     assert table["train_steps"].isna().all() and table["train_seconds"].isna().all()  # no cohort training
     md = (out / "table1.md").read_text()
     assert "## Lesion fidelity" in md and "training (steps, s)" in md and "2-voxel" not in md
-    assert "Lesion fidelity (subjects with a lesion instance map)" in md
+    assert "Lesion fidelity v2 (subjects with a lesion instance map)" in md
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")

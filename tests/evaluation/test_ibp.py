@@ -95,7 +95,7 @@ def test_evaluate_default_methods_put_ibp_beside_trilinear_with_lesion_sizes(tin
     assert table.loc["ibp", "lesion_contrast_t2_slab_mean"] == pytest.approx(rows.loc["ibp", "lesion_contrast_t2"])
     md = (out / "table1.md").read_text()
     assert "| ibp |" in md and "## Lesion fidelity by size" in md and "T2w-only 0.75 ≤ d < 1.5 slab" in md
-    assert "equivalent-sphere diameter" in md  # the protocol sentence
+    assert "extent across the slabs" in md  # the protocol sentence
     by_size = md.split("## Lesion fidelity by size")[1]
     ibp_line = next(line for line in by_size.splitlines() if line.startswith("| ibp |"))
     assert f"{rows.loc['ibp', 'lesion_contrast_t2']:.3f} ± 0.000" in ibp_line
