@@ -54,7 +54,7 @@ def check_early(args, command: str) -> None:
     from nexus_monai.engines.consistency import CONSISTENCY_NAMES
     from nexus_monai.engines.predict import DICOM_NAMES, MAX_SPACING_MM, OUTPUT_NAMES, target_grid
 
-    owned = list(OUTPUT_NAMES.values()) + (["fit_log.json"] if command == "fit-subject" else [])
+    owned = list(OUTPUT_NAMES.values()) + (["fit_log.json"] if command == "fit-subject" else []) + ["registration.json"]
     if command == "predict":
         owned += list(CONSISTENCY_NAMES.values()) + list(DICOM_NAMES.values())
     check_output_dir(args.out, owned)
@@ -66,6 +66,10 @@ def check_early(args, command: str) -> None:
             check_number("--spacing", v, 0, MAX_SPACING_MM, lo_open=True)
     if args.like:
         target_grid(None, like=args.like)  # a reference grid that cannot be read or used: before any work
+    if getattr(args, "mask", None):
+        from nexus_monai.data.io import check_nifti_file
+
+        check_nifti_file(args.mask)  # readable, 3D, complete; its grid is checked against the T1w once that is read
 
 
 def method_options(pairs, what: str) -> dict:

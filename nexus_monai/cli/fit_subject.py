@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nexus_monai.cli.common import add_grid_args, check_early, spacing_mm
+from nexus_monai.cli.scans import add_scan_args, print_scan_report, scan_options
 from nexus_monai.errors import check_number
 
 __all__ = ["add_parser", "cmd_fit_subject"]
@@ -32,7 +33,8 @@ def cmd_fit_subject(args) -> int:
                            early_stopping=not args.no_early_stopping, seed=args.seed, device=args.device,
                            progress=not args.quiet)
     spacing = spacing_mm(args.spacing)
-    result = fit_files(fitter, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like)
+    result = fit_files(fitter, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, scans=scan_options(args))
+    print_scan_report(result, args.quiet)
     log = result["log"]
     print(f"wrote {result['t1']}, {result['t2']} and {result['log_path']}: grid {result['grid_shape']}, "
           f"{log['iterations']} iterations, "
@@ -49,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              "both SR volumes")
     fs.add_argument("--t1", required=True, help="T1w LR scan: NIfTI file or DICOM series folder")
     fs.add_argument("--t2", required=True,
-                    help="T2w LR scan: NIfTI file or DICOM series folder (registered to the T1w: same world frame)")
+                    help="T2w LR scan: NIfTI file or DICOM series folder (registered to the T1w unless --no-register)")
     fs.add_argument("--variant", choices=("split_head", "vanilla", "single"), default="split_head")
     fs.add_argument("--forward-model", choices=("profile", "point"), default="profile",
                     help="profile (ours): LR voxel = slice-profile-weighted INR samples along the thick axis; point "
@@ -74,5 +76,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--seed", type=int, default=0)
     fs.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
     fs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    add_scan_args(fs)
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fit_subject)

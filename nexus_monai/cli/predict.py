@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from nexus_monai.cli.common import add_grid_args, check_early, spacing_mm
+from nexus_monai.cli.scans import add_scan_args, print_scan_report, scan_options
 from nexus_monai.errors import NexusInputError, check_number
 
 __all__ = ["add_parser", "cmd_predict"]
@@ -41,7 +42,9 @@ def cmd_predict(args) -> int:
     inferer.progress = not args.quiet
     spacing = spacing_mm(args.spacing)
     result = predict_files(network, args.t1, args.t2, args.out, spacing_mm=spacing, like=args.like, inferer=inferer,
-                           refine_seconds=refine, guard=args.guard, out_format=args.out_format)
+                           refine_seconds=refine, guard=args.guard, out_format=args.out_format,
+                           scans=scan_options(args))
+    print_scan_report(result, args.quiet)
     print(f"wrote {result['t1']} and {result['t2']}: grid {result['grid_shape']}, spacing {result['spacing_mm']} mm")
     for c, s in result.get("dicom", {}).items():  # a slice gap is reported, not yet modelled (docs/dicom.md)
         print(f"{c} DICOM series: {s['slices']} slices {s['slice_spacing_mm']:g} mm apart, thickness "
@@ -98,5 +101,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                     help="data-consistency guard (default on): correct the output where its re-acquisition departs "
                          "from the input scans beyond noise; writes t1w/t2w_consistency.nii.gz (LR residual, output grid)")
+    add_scan_args(pr)
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)

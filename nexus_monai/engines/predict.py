@@ -25,12 +25,13 @@ from monai.data import MetaTensor
 
 from nexus_monai.data.dicom import check_same_patient, is_series_folder, load_scan
 from nexus_monai.data.dicom_write import write_derived_series
-from nexus_monai.data.io import save_volume
+from nexus_monai.data.io import save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.any_protocol import conform_protocol
 from nexus_monai.engines.consistency import CONSISTENCY_NAMES, consistency_guard
 from nexus_monai.engines.inr import CONTRASTS, ImplicitGridInferer, normalised_zero, unnormalise
 from nexus_monai.engines.refine import RefineOptions, check_refine_seconds, contrast_networks, refine_network
+from nexus_monai.engines.scan_prep import REGISTRATION_NAME, ScanOptions, prepare_scans, report_json
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, field_of_view, spacing
 from nexus_monai.transforms.intensity import reference_normalization
@@ -122,7 +123,8 @@ def predict_volumes(network, t1_lr: MetaTensor, t2_lr: MetaTensor, grid: TargetG
 def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
                   spacing_mm: Sequence[float] | float | None = None, like: str | os.PathLike | None = None,
                   inferer: ImplicitGridInferer | None = None, max_voxels: float = 2e9,
-                  refine_seconds: float = 0.0, guard: bool = True, out_format: str = "nifti") -> dict[str, Path]:
+                  refine_seconds: float = 0.0, guard: bool = True, out_format: str = "nifti",
+                  scans: ScanOptions | None = None) -> dict[str, Path]:
     """Read both LR scans, predict on the requested grid, write ``t1w_sr.nii.gz`` / ``t2w_sr.nii.gz``.
 
     ``refine_seconds`` > 0: a copy of the network is first fine-tuned on the two scans for that
@@ -140,6 +142,10 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
     ``t1`` / ``t2`` are NIfTI files or DICOM series folders (:func:`~nexus_monai.data.dicom.load_scan`).
     ``out_format="dicom"`` writes each contrast as a derived DICOM series folder (``DICOM_NAMES``, see
     :func:`~nexus_monai.data.dicom_write.write_derived_series`; needs ``t1`` as a series) instead of NIfTI.
+    ``scans`` (the CLI passes ``ScanOptions()`` by default; None: the scans as read): brain mask or skull
+    stripping, the zero-background check and T2w -> T1w registration
+    (:func:`~nexus_monai.engines.scan_prep.prepare_scans`), whose report is the result's ``"scans"`` and
+    ``registration.json`` beside the outputs.
     The result's ``"seconds"`` holds the wall-clock time of ``load``, ``predict`` (refinement, network,
     guard) and ``write``; ``"dicom"`` (series inputs only) each series' slice facts (``DicomSeries.summary``).
     """
@@ -151,16 +157,19 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
                                   f"missing {c} input scan" if path in ("", "None") else "file not found")
     refine_seconds = check_refine_seconds(refine_seconds, "refine_seconds")
     names = output_names(out_format, sources["t1"])
-    out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *DICOM_NAMES.values(), *CONSISTENCY_NAMES.values()])
-    lr = {c: load_scan(p) for c, p in sources.items()}
+    out = check_output_dir(out_dir, [*OUTPUT_NAMES.values(), *DICOM_NAMES.values(), *CONSISTENCY_NAMES.values(),
+                                     REGISTRATION_NAME])
+    lr, report = {c: load_scan(p) for c, p in sources.items()}, {}
     series = {c: lr[c].meta["dicom"] for c in CONTRASTS if "dicom" in lr[c].meta}  # slice thickness, gap ...
     if is_series_folder(t1) and is_series_folder(t2):
         check_same_patient(t1, t2)
     grid = target_grid(lr["t1"], spacing_mm, like)
     check_reachable(grid, lr, sources, max_voxels)
+    if scans is not None:  # mask / skull / zero-background check, then T2w -> T1w registration (its affine only)
+        lr, report["scans"] = prepare_scans(lr, sources, scans)
     lr_net = conform_protocol(network, lr, sources)  # one line per scan; the any-protocol model's range check
     loaded = time.perf_counter()
-    report, maps = {}, {}
+    maps = {}
     if refine_seconds > 0:
         refined = refine_network(network, lr["t1"], lr["t2"], RefineOptions(max_seconds=refine_seconds),
                                  progress=bool(getattr(inferer, "progress", False)),
@@ -182,6 +191,8 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
                 save_volume(pred[c], stage / names[c])
             if c in maps:
                 save_volume(maps[c], stage / CONSISTENCY_NAMES[c])
+        if report.get("scans"):
+            write_text_atomic(stage / REGISTRATION_NAME, report_json(report["scans"]))
     seconds = {"load": loaded - started, "predict": predicted - loaded, "write": time.perf_counter() - predicted}
     return {"grid_shape": grid.shape, "spacing_mm": sp, **{c: out / names[c] for c in CONTRASTS},
             **{f"{c}_consistency": out / CONSISTENCY_NAMES[c] for c in maps}, **report,

@@ -23,6 +23,7 @@ from nexus_monai.data.dicom import load_scan
 from nexus_monai.data.io import load_volume, save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.predict import check_reachable, target_grid
+from nexus_monai.engines.scan_prep import REGISTRATION_NAME, ScanOptions, prepare_scans, report_json
 from nexus_monai.engines.subject_fit.workflow import SubjectFitter
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid, plain_tensor
@@ -38,8 +39,10 @@ __all__ = ["OUTPUT_NAMES", "write_fit_outputs", "check_datalist", "FitSubjectSte
 OUTPUT_NAMES = {"t1": "t1w_sr.nii.gz", "t2": "t2w_sr.nii.gz", "log": "fit_log.json"}
 
 
-def write_fit_outputs(pred: Mapping[str, MetaTensor], log: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``t1w_sr.nii.gz``, ``t2w_sr.nii.gz`` and ``fit_log.json`` in ``out_dir``; all three or none.
+def write_fit_outputs(pred: Mapping[str, MetaTensor], log: Mapping, out_dir: str | os.PathLike,
+                      scans: Mapping | None = None) -> dict[str, Path]:
+    """``t1w_sr.nii.gz``, ``t2w_sr.nii.gz`` and ``fit_log.json`` in ``out_dir``; all three or none
+    (with ``scans``, the report of :func:`~nexus_monai.engines.scan_prep.prepare_scans`, also ``registration.json``).
 
     Written into a temporary sibling folder that replaces ``out_dir`` in one rename, so even a
     killed run leaves the previous complete output or this one, never a mix."""
@@ -48,6 +51,8 @@ def write_fit_outputs(pred: Mapping[str, MetaTensor], log: Mapping, out_dir: str
         for c in CONTRASTS:
             save_volume(pred[c], stage / OUTPUT_NAMES[c])
         write_text_atomic(stage / OUTPUT_NAMES["log"], json.dumps(log, indent=2, default=float) + "\n")
+        if scans:
+            write_text_atomic(stage / REGISTRATION_NAME, report_json(scans))
     return {k: out / name for k, name in OUTPUT_NAMES.items()}
 
 
@@ -170,23 +175,28 @@ class FitSubjectsReport:
 
 
 def fit_files(fitter: SubjectFitter, t1: str | os.PathLike, t2: str | os.PathLike, out_dir: str | os.PathLike,
-              spacing_mm=None, like: str | os.PathLike | None = None, max_voxels: float = 2e9) -> dict:
+              spacing_mm=None, like: str | os.PathLike | None = None, max_voxels: float = 2e9,
+              scans: ScanOptions | None = None) -> dict:
     """Fit on two LR scans (NIfTI files or DICOM series folders) and write both SR volumes + ``fit_log.json``
     (``nexus-sr fit-subject`` and the bundle's ``inference``). The grid is ``spacing_mm`` over the T1w field
     of view or the grid of ``like``; inputs and grid are checked before any fitting (one-line
-    :class:`NexusInputError`)."""
+    :class:`NexusInputError`). ``scans``: mask / skull / registration as in ``predict``
+    (:func:`~nexus_monai.engines.scan_prep.prepare_scans`; None: the scans as read)."""
     sources = {"t1": str(t1), "t2": str(t2)}
     for c, path in sources.items():
         if path in ("", "None") or not Path(path).exists():
             missing = path in ("", "None")
             raise NexusInputError(None if missing else path, f"missing {c} input scan" if missing else "file not found")
-    check_output_dir(out_dir, OUTPUT_NAMES.values())
+    check_output_dir(out_dir, [*OUTPUT_NAMES.values(), REGISTRATION_NAME])
     lr = {c: load_scan(p) for c, p in sources.items()}  # NIfTI files or DICOM series folders
     if spacing_mm is not None and not isinstance(spacing_mm, (list, tuple)):
         spacing_mm = [float(spacing_mm)] * 3
     grid = target_grid(lr["t1"], None if like else spacing_mm, like)
     check_reachable(grid, lr, sources, max_voxels)
+    report = {}
+    if scans is not None:  # mask / skull / zero-background check, then T2w -> T1w registration (its affine only)
+        lr, report = prepare_scans(lr, sources, scans)
     pred, log = fitter.fit_predict(lr["t1"], lr["t2"], grid)
     log["inputs"] = sources
-    written = write_fit_outputs(pred, log, out_dir)
-    return {**written, "grid_shape": grid.shape, "log": log, "log_path": written["log"]}
+    written = write_fit_outputs(pred, log, out_dir, report)
+    return {**written, "grid_shape": grid.shape, "log": log, "log_path": written["log"], "scans": report}
