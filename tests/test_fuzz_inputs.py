@@ -198,3 +198,45 @@ def test_fuzz_dicom_series_exit_2_one_line_nothing_written(fuzz_setup, tmp_path)
         lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
         assert rc == 2 and len(lines) == 1 and str(bad[name]) in lines[0], (i, name, slot, err.getvalue()[-500:])
         assert not _files_in(out), (i, name, _files_in(out))
+
+
+def _zip_bytes(entries) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_fuzz_server_series_zips_never_500(fuzz_setup, tmp_path):
+    """Zip uploads of good and bad series (zip-slip, absolute paths, mixed, truncated, garbage, empty, a
+    decompression bomb, not a zip at all) mixed with NIfTI: 2xx or one-line 4xx JSON, no file left behind."""
+    d, pair, _ = fuzz_setup
+    from nexus_monai.serving.app import create_app
+    from nexus_monai.serving.models import BundleModel
+
+    img = nib.load(str(pair["t1"]))
+    data, affine = np.asarray(img.dataobj, np.float32), img.affine
+    series = make_bad_series(d / "zip_series", data, affine)
+    series["good"] = write_series(d / "zip_series" / "good", data, affine, slope=0.01)
+    zips = {k: _zip_bytes([(f"s/{f.name}", f.read_bytes()) for f in sorted(v.iterdir())]) for k, v in series.items()}
+    zips.update({"slip": _zip_bytes([("../../x.dcm", b"x")]), "absolute": _zip_bytes([("/tmp/x.dcm", b"x")]),
+                 "bomb": _zip_bytes([("big.dcm", bytes(4 << 20))]), "not_zip": b"PK\x03\x04" + bytes(64)})
+    model = BundleModel(BUNDLE, [str(pair["overlay"])], weights=pair["weights"], device="cpu", max_output_voxels=1e5)
+    app = create_app({"nexus_inr": model}, workdir=tmp_path / "work")
+    rng = np.random.default_rng(SEED + 3)
+    statuses = []
+    with live_server(app) as url:
+        for i, key in enumerate(rng.permutation(sorted(zips))):  # every kind once, in a seeded order
+            upload = {"t1": ("t1.zip", zips[key]), "t2": ("t2.nii.gz", pair["t2"].read_bytes())}
+            r = requests.post(f"{url}/infer/nexus_inr", files=upload, data={"params": '{"spacing": 2}'},
+                              params={"output": "json"}, timeout=120)
+            assert r.status_code < 500 and (r.status_code == 200) == (key == "good"), (i, key, r.text[:300])
+            if r.status_code >= 400:
+                body = r.json()
+                assert set(body) == {"detail", "status", "source", "problem"} and "\n" not in body["detail"], body
+            statuses.append(r.status_code)
+    assert not any((tmp_path / "work").iterdir()) and not (tmp_path / "x.dcm").exists()
+    assert len(set(statuses)) >= 3, statuses  # 200 and several refusals (400 / 413 / 422)
