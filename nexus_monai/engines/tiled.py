@@ -13,14 +13,18 @@ memory budget (``max_memory_gib``) or an explicit ``tile_shape``. For each outpu
    equals the untiled one up to float rounding;
 3. ``network.decode`` over the points in chunks.
 
-The tile shape is planned from the budget (:func:`~nexus_monai.networks.tiling.plan_tiles`):
-``max_memory_gib`` is the process's target peak RSS (on CUDA: the device memory this call may
-use); the tiles get what remains after the RSS at the start, the output volumes and one decode
-chunk (the chunk itself shrinks to a quarter of the budget left when needed). Peak memory then
+The tile shape and the decode chunk are planned together from the budget
+(:func:`~nexus_monai.networks.tiling.plan_tiles`): the least estimated time of the encoders and the
+decoder (encoder work with halos, a fixed cost per tile and per decode call -- on CUDA each call is
+hundreds of kernel launches, so a decode call takes a whole tile there where memory allows; on CPU
+at most ``chunk_size`` points) whose memory -- tile + chunk -- fits. ``max_memory_gib`` is the
+process's target peak RSS (on CUDA: the device memory this call may use); tile and chunk get what
+remains after the RSS at the start, the output volumes and one KD-Attn block. Peak memory then
 depends on the tile, not on the volume size. ``"auto"`` (the default) sizes the budget for the
 device (:func:`memory_budget`). Small tiles recompute their halos: the plan keeps the encoder
-voxels computed within ``MAX_HALO_OVERHEAD`` x the untiled encoders (an auto budget grows to meet
-it, up to a safety fraction of the free memory; otherwise one warning line).
+voxels computed within ``MAX_HALO_OVERHEAD`` x the untiled encoders (an auto budget grows toward
+``AUTO_HALO_OVERHEAD`` by up to ``AUTO_SOFT_GROWTH_GIB``, and to meet the bound up to a safety
+fraction of the free memory; one warning line when the bound is not met).
 
 With the inferer's ``amp`` the network's parts run under bf16 autocast
 (:func:`~nexus_monai.engines.amp.amp_autocast`).
@@ -39,8 +43,10 @@ from nexus_monai.engines.amp import amp_autocast
 from nexus_monai.geometry import TargetGrid, WorldNormalizer, sample_at_world, voxel_to_world, world_to_voxel
 from nexus_monai.keys import CONTRASTS
 from nexus_monai.networks.tiling import (
+    CALL_OVERHEAD_MACS,
     core_box,
     decode_bytes_per_point,
+    decode_fixed_bytes,
     encode_box,
     encoder_radius,
     iter_boxes,
@@ -50,16 +56,22 @@ from nexus_monai.networks.tiling import (
 )
 
 __all__ = ["AUTO", "DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "MAX_HALO_OVERHEAD", "CPU_FREE_FRACTION",
-           "CUDA_FREE_FRACTION", "tileable", "process_rss_bytes", "available_memory_bytes", "memory_budget", "plan",
-           "tiled_decode"]
+           "CUDA_FREE_FRACTION", "CUDA_MAX_CHUNK", "AUTO_HALO_OVERHEAD", "AUTO_SOFT_GROWTH_GIB", "CUDA_CALL_FACTOR", "tileable", "process_rss_bytes",
+           "available_memory_bytes", "memory_budget", "plan", "tiled_decode"]
 
 AUTO = "auto"  # max_memory_gib: a budget sized for the device (memory_budget)
 DEFAULT_MAX_MEMORY_GIB = 1.75  # measured peak RSS for 240 x 240 x 160 at 2 threads: see README (benchmark)
 MIN_TILE_BUDGET_BYTES = 256 * 1024**2  # floor when the process already uses the budget
 MAX_HALO_OVERHEAD = 1.5  # encoder voxels computed by the tiles (halos incl.) / untiled encoder voxels
+# an "auto" budget grows (up to its cap) toward this overhead: with empty tiles skipped, no more encoder work than
+# the untiled network (issue 31: bigger tiles made the encoders faster; KD-Attn no longer slows with the tile)
+AUTO_HALO_OVERHEAD = 1.0
+AUTO_SOFT_GROWTH_GIB = 1.0  # ... by at most this much beyond the default budget (then only to meet MAX_HALO_OVERHEAD)
 # of MemAvailable: the most an "auto" CPU budget grows to (the tile memory estimate is itself an upper bound)
 CPU_FREE_FRACTION = 0.7
 CUDA_FREE_FRACTION = 0.8  # of the device's free memory: an "auto" CUDA budget
+CUDA_MAX_CHUNK = 1 << 22  # query points of one decode call on CUDA (a whole tile where the memory allows)
+CUDA_CALL_FACTOR = 10.0  # a decode call on CUDA costs this many CPU decode-call overheads (kernel launches)
 _GIB = 1024.0**3
 _LOG = logging.getLogger(__name__)
 
@@ -135,28 +147,37 @@ def plan(inferer, net: nn.Module, vols: Mapping[str, torch.Tensor], affines: Map
     budget = cap = None
     source = None
     max_overhead = getattr(inferer, "max_halo_overhead", MAX_HALO_OVERHEAD)
+    cuda = device.type == "cuda"
+    per_point = decode_bytes_per_point(net, blocked=not cuda)
+    chunk_cap = chunk
     if inferer.max_memory_gib is not None:
         # the output volumes + predict_volumes' scaled copies (host memory)
-        outputs = 4.0 * grid.num_voxels * len(CONTRASTS) * 2 if device.type != "cuda" else 0.0
+        outputs = 4.0 * grid.num_voxels * len(CONTRASTS) * 2 if not cuda else 0.0
         budget, cap, source = memory_budget(inferer.max_memory_gib, device, outputs)
-        per_point = decode_bytes_per_point(net)
-        chunk = min(chunk, max(1024, int(max(budget, MIN_TILE_BUDGET_BYTES) / 4 / per_point)))
-        budget = max(budget - chunk * per_point, MIN_TILE_BUDGET_BYTES)
-        cap = None if cap is None else max(cap - chunk * per_point, budget)
+        fixed = 0 if cuda else decode_fixed_bytes(net)  # one KD-Attn block of the CPU path
+        # CPU: chunks of at most chunk_size points (the decoder's GEMMs gain nothing from more); CUDA: a whole
+        # tile per decode call where memory allows (each call is hundreds of kernel launches)
+        chunk_cap = CUDA_MAX_CHUNK if cuda else min(chunk, max(1024, int(max(budget, MIN_TILE_BUDGET_BYTES) / 4
+                                                                          / per_point)))
+        chunk = min(chunk, chunk_cap)
+        budget = max(budget - fixed, MIN_TILE_BUDGET_BYTES)
+        cap = None if cap is None else max(cap - fixed, budget)
     info = {"tiled": True}
     if inferer.tile_shape is not None:
         tile = tuple(int(t) for t in inferer.tile_shape)
     else:
         lr = {c: (vols[c].shape[-3:], affines[c][0].cpu()) for c in CONTRASTS}
         occupied = _coarse_occupancy(inferer, vols, affines, grid, background) if inferer.skip_empty else None
+        # the tile and the decode chunk together: encoder work + fixed costs per tile and per decode call
         planned = plan_tiles(grid.shape, grid.affine, lr, net, budget, radius, margin, occupied,
-                             max_overhead=max_overhead, grow_to_bytes=cap)
-        if cap is not None and planned["budget_bytes"] > budget:  # the auto budget grew: so may the decode chunk
-            leftover = cap + chunk * per_point - planned["memory_bytes"]
-            chunk = max(chunk, min(int(inferer.chunk_size), int(leftover / per_point)))
-        tile, budget = planned["tile_shape"], planned["budget_bytes"]
+                             max_overhead=max_overhead, grow_to_bytes=cap, chunk=chunk_cap, point_bytes=per_point,
+                             call_overhead_macs=CALL_OVERHEAD_MACS * (CUDA_CALL_FACTOR if cuda else 1.0),
+                             grow_overhead=min(AUTO_HALO_OVERHEAD, max_overhead) if cap is not None else None,
+                             grow_soft_bytes=None if cap is None else budget + AUTO_SOFT_GROWTH_GIB * _GIB)
+        tile, budget, chunk = planned["tile_shape"], planned["budget_bytes"], planned["chunk_size"]
         info.update({"halo_overhead": planned["overhead"], "halo_overhead_bound": max_overhead,
-                     "tile_memory_gib": planned["memory_bytes"] / _GIB})
+                     "tile_memory_gib": planned["memory_bytes"] / _GIB, "planned_decode_calls": planned["decode_calls"],
+                     "planned_tiles": planned["tiles"]})
         if not planned["met"]:
             need = planned["bound_budget_bytes"]
             _LOG.warning("tiled inference: halo overhead %.2fx the untiled encoders (bound %.2fx) within the %.3g GiB "

@@ -23,7 +23,8 @@ How it runs (the same values as a per-point evaluation of the formula, up to flo
   up per point instead (still one MLP evaluation per distinct signature);
 * scores ``q . (k + pos) / sqrt(d)`` for all heads at once (a block-diagonal query, one batched
   GEMM with the positional scores as its addend), softmax over the window, and the values mixed
-  with one batched GEMM.
+  with one batched GEMM; CPU inference runs this in blocks of ``BLOCK_POINTS`` points (their
+  window rows stay in cache), training and GPUs in one block.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 __all__ = ["LocalWindowCrossAttention", "MAX_PHASES"]
 
 MAX_PHASES = 8  # distinct positional signatures above which the positional table is looked up per point
-BLOCK_POINTS = 1024  # points per block in inference: the window rows of a block stay in cache
+BLOCK_POINTS = 1024  # points per block in CPU inference: a block's window rows stay in cache
 
 
 class LocalWindowCrossAttention(nn.Module):
@@ -177,7 +178,8 @@ class LocalWindowCrossAttention(nn.Module):
             pbd = (table.reshape(u, w, h, d).permute(2, 3, 0, 1)[:, :, :, None, :]
                    * eye[:, None, None, :, None]).reshape(c, u * h * w)
         rows_kv = kv.reshape(b * n, 2 * c)
-        step = b * k if torch.is_grad_enabled() else BLOCK_POINTS
+        # blocks keep a block's window rows in the CPU's cache; one block when training or on a GPU (launches)
+        step = BLOCK_POINTS if query.device.type == "cpu" and not torch.is_grad_enabled() else b * k
         mixed = []
         for s in range(0, b * k, step):
             e = min(s + step, b * k)

@@ -32,15 +32,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from nexus_monai.networks.attention import BLOCK_POINTS
 from nexus_monai.networks.encoders import channels_last_convs
 
 __all__ = [
     "receptive_radius", "encoder_radius", "window_margin", "lookup_margin", "encoder_bytes_per_voxel",
-    "decode_bytes_per_point", "core_box",
+    "decode_bytes_per_point", "decode_fixed_bytes", "encoder_macs_per_voxel", "core_box", "TILE_OVERHEAD_MACS",
+    "CALL_OVERHEAD_MACS",
     "encode_box", "plan_tile_shape", "plan_tiles", "iter_boxes", "tile_memory_bytes",
 ]
 
 MIN_TILE_EDGE = 8
+# fixed costs of the plan's cost model, in encoder multiply-adds of the same time (measured order of magnitude on
+# a 2-core CPU at ~200 GFLOP/s: ~10 ms per tile -- crops, 4 encoder calls, key projection --, ~2 ms per decode
+# call; on CUDA every kernel launch is such a cost: ``plan_tiles``' ``call_overhead_macs`` sets it per device)
+TILE_OVERHEAD_MACS = 1.0e9
+CALL_OVERHEAD_MACS = 0.2e9
 _SPATIAL = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.Upsample, nn.modules.conv._ConvTransposeNd)
 
 
@@ -89,14 +96,37 @@ def encoder_bytes_per_voxel(encoder: nn.Module) -> int:
     return 4 * (sum(m.out_channels for m in convs) + max((m.in_channels for m in convs), default=1))
 
 
-def decode_bytes_per_point(network: nn.Module) -> int:
-    """Upper estimate of ``network.decode``'s working memory per query point (float32): the KD-Attn
-    window (gathered keys/values, positional embedding, scores), lookups and the decoder MLPs."""
+def decode_bytes_per_point(network: nn.Module, blocked: bool = True) -> int:
+    """Upper estimate of ``network.decode``'s working memory per query point (float32): lookups, the
+    decoder MLPs and the KD-Attn per-point tensors (window row indices, positional signatures, queries).
+    ``blocked`` (CPU inference): KD-Attn's window rows and scores live per block of points
+    (:func:`decode_fixed_bytes`); otherwise (a GPU: one block) they count per point too."""
     c = int(getattr(network, "features", 64))
     attns = [m for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")]
     window = max((len(m.offsets) for m in attns), default=0)
+    heads = max((int(m.heads) for m in attns), default=0)
     hidden = max((m.out_features for m in network.modules() if isinstance(m, nn.Linear)), default=c)
-    return 4 * window * (8 * c + 8) + 4 * (16 * c + 4 * hidden) + 256
+    rows = 0 if blocked else 2 * window * (2 * c + 4 * heads) * 4
+    return 16 * window + rows + 4 * (20 * c + 4 * hidden) + 256
+
+
+def decode_fixed_bytes(network: nn.Module) -> int:
+    """``network.decode``'s working memory independent of the chunk (float32): one CPU block of KD-Attn
+    (its window rows, scores and weights; :data:`~nexus_monai.networks.attention.BLOCK_POINTS` points)."""
+    c = int(getattr(network, "features", 64))
+    attns = [m for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")]
+    if not attns:
+        return 0
+    window = max(len(m.offsets) for m in attns)
+    heads = max(int(m.heads) for m in attns)
+    return 2 * BLOCK_POINTS * window * (2 * c + 4 * heads) * 4
+
+
+def encoder_macs_per_voxel(encoder: nn.Module) -> int:
+    """Multiply-adds per output voxel of a stride-1 convolutional encoder: every ``Conv3d``'s kernel
+    volume x input channels / groups x output channels."""
+    return int(sum(math.prod(m.kernel_size) * m.in_channels // m.groups * m.out_channels
+                   for m in encoder.modules() if isinstance(m, nn.Conv3d)))
 
 
 def core_box(index: torch.Tensor, shape: Sequence[int], margin: int) -> tuple[list[int], list[int]]:
@@ -194,8 +224,19 @@ def plan_tile_shape(grid_shape: Sequence[int], grid_affine: torch.Tensor,
 def plan_tiles(grid_shape: Sequence[int], grid_affine: torch.Tensor,
                lr: Mapping[str, tuple[Sequence[int], torch.Tensor]], network: nn.Module, budget_bytes: float,
                radius: int | None = None, margin: int | None = None, occupied: np.ndarray | None = None,
-               max_overhead: float | None = None, grow_to_bytes: float | None = None) -> dict:
-    """:func:`plan_tile_shape` with a bound on the halo overhead.
+               max_overhead: float | None = None, grow_to_bytes: float | None = None, chunk: int | None = None,
+               point_bytes: float = 0.0, tile_overhead_macs: float = TILE_OVERHEAD_MACS,
+               call_overhead_macs: float = CALL_OVERHEAD_MACS, grow_overhead: float | None = None,
+               grow_soft_bytes: float | None = None) -> dict:
+    """The tile shape and decode chunk of least estimated inference time within a memory budget, with a
+    bound on the halo overhead.
+
+    Time, in encoder multiply-adds (the encoders and the decoder together): per encoded tile its
+    encoders' MACs (halos included), ``tile_overhead_macs`` (crops, encoder calls, key projection) and
+    ``call_overhead_macs`` per decode call (``ceil(tile voxels / chunk)`` calls); the decoded points
+    themselves cost the same whatever the tiling. Memory: :func:`tile_memory_bytes` + the decode chunk
+    (``min(chunk, tile voxels)`` points of ``point_bytes``). Without ``chunk`` only the encoder work
+    and the tile fixed cost count (the decode calls are left to the caller).
 
     Overhead = encoder voxels computed by the tiling (halos included, only tiles holding an
     ``occupied`` point when given) / encoder voxels of the untiled encoders (every LR voxel once
@@ -203,13 +244,18 @@ def plan_tiles(grid_shape: Sequence[int], grid_affine: torch.Tensor,
     ``max_overhead`` and a best tiling within ``budget_bytes`` above it, the budget grows to the
     least memory of a tiling that meets the bound (whole-grid count, an upper bound of the
     occupied one), at most to ``grow_to_bytes``; ``met`` False when even that cannot meet it.
+    ``grow_overhead`` (<= ``max_overhead``): first grow toward this tighter overhead, up to
+    ``grow_soft_bytes`` (an "auto" budget: halos cost encoder time), then as above for the bound.
 
-    Returns ``{"tile_shape", "overhead", "memory_bytes", "budget_bytes", "met", "bound_budget_bytes"}``
-    (``bound_budget_bytes``: the least tile memory that meets the bound, ``None`` if no tiling does).
+    Returns ``{"tile_shape", "chunk_size", "overhead", "memory_bytes", "budget_bytes", "met",
+    "bound_budget_bytes", "tiles", "decode_calls"}`` (``bound_budget_bytes``: the least memory that meets
+    the bound, ``None`` if no tiling does; ``tiles`` / ``decode_calls``: over the whole grid, or the tiles
+    holding an ``occupied`` point).
     """
     radius = encoder_radius(network) if radius is None else radius
     margin = window_margin(network) if margin is None else margin
     enc_bytes = max(encoder_bytes_per_voxel(e) for e in network.encoders.values())
+    enc_macs = max(encoder_macs_per_voxel(e) for e in network.encoders.values())
     c = int(getattr(network, "features", 64))
     map_bytes = 4 * c * (len(network.encoders) // max(len(lr), 1) + 2)  # feature maps + KD-Attn keys/values
     out_a = grid_affine.double().cpu()
@@ -225,43 +271,59 @@ def plan_tiles(grid_shape: Sequence[int], grid_affine: torch.Tensor,
     axes = [sorted(e for e in es if e >= min(MIN_TILE_EDGE, int(n))) for es, n in zip(edges, grid_shape)]
     tiles = np.array(list(itertools.product(*axes)), dtype=np.float64)
     memory, voxels = tile_memory_bytes(tiles, per_grid, radius, margin, enc_bytes, map_bytes)
+    points = tiles.prod(1)
+    chunks = np.minimum(points, float(chunk)) if chunk else points
+    calls = np.ceil(points / chunks) if chunk else np.zeros(len(tiles))
+    memory = memory + chunks * float(point_bytes)
+    per_tile = voxels * enc_macs + tile_overhead_macs + calls * call_overhead_macs  # time, in MACs
     counts = np.prod(np.ceil(np.asarray(grid_shape, dtype=np.float64) / tiles), axis=1)
-    cost = counts * voxels
+    cost = counts * per_tile
+    enc_voxels = counts * voxels
     occ = np.asarray(occupied, dtype=np.int64) if occupied is not None and len(occupied) else None
 
-    def occupied_cost(i: int) -> float:
+    def occupied_tiles(i: int) -> float:
         t = tiles[i].astype(np.int64)
         cells = np.ceil(np.asarray(grid_shape) / t).astype(np.int64)
         key = ((occ[:, 0] // t[0]) * cells[1] + occ[:, 1] // t[1]) * cells[2] + occ[:, 2] // t[2]
-        return float(np.count_nonzero(np.bincount(key, minlength=int(cells.prod()))) * voxels[i])
+        return float(np.count_nonzero(np.bincount(key, minlength=int(cells.prod()))))
 
     def select(budget: float) -> tuple[int, float]:
+        """``(index, tiles encoded)`` of the cheapest tiling within ``budget``."""
         fits = memory <= budget
         if not fits.any():
             i = int(np.argmin(memory))
-            return i, (occupied_cost(i) if occ is not None else float(cost[i]))
+            return i, (occupied_tiles(i) if occ is not None else float(counts[i]))
         if occ is None:
             i = int(np.argmin(np.where(fits, cost, np.inf)))
-            return i, float(cost[i])
+            return i, float(counts[i])
         # tiles without a point to decode are skipped: count only the tiles holding an occupied sample
         order = np.argsort(np.where(fits, cost, np.inf))[:600]
         order = order[fits[order] & (cost[order] <= 3.0 * cost[order[0]])]  # fewer than 600 may fit
-        best_cost, best = np.inf, int(order[0])
+        best_cost, best, best_n = np.inf, int(order[0]), 0.0
         for i in order:
-            ci = occupied_cost(int(i))
-            if ci < best_cost:
-                best_cost, best = ci, int(i)
-        return best, best_cost
+            n = occupied_tiles(int(i))
+            if n * per_tile[i] < best_cost:
+                best_cost, best, best_n = n * per_tile[i], int(i), n
+        return best, best_n
 
-    best, best_cost = select(budget_bytes)
-    meets = cost <= (max_overhead if max_overhead is not None else np.inf) * untiled
+    best, n_tiles = select(budget_bytes)
+    meets = enc_voxels <= (max_overhead if max_overhead is not None else np.inf) * untiled
     bound_budget = float(memory[meets].min()) if meets.any() else None
     used_budget = float(budget_bytes)
-    if max_overhead is not None and best_cost > max_overhead * untiled and bound_budget is not None \
-            and grow_to_bytes is not None and bound_budget > budget_bytes:
+    if grow_to_bytes is not None and grow_overhead is not None and n_tiles * voxels[best] > grow_overhead * untiled:
+        reach = enc_voxels <= grow_overhead * untiled  # soft growth: toward the tighter overhead, up to grow_soft_bytes
+        soft = min(float(grow_soft_bytes if grow_soft_bytes is not None else grow_to_bytes), float(grow_to_bytes))
+        grown = min(float(memory[reach].min()) if reach.any() else np.inf, soft)
+        if grown > used_budget:
+            used_budget = grown
+            best, n_tiles = select(used_budget)
+    if max_overhead is not None and n_tiles * voxels[best] > max_overhead * untiled and bound_budget is not None \
+            and grow_to_bytes is not None and bound_budget > used_budget:  # hard growth: to meet the bound
         used_budget = min(bound_budget, float(grow_to_bytes))
-        best, best_cost = select(used_budget)
-    met = max_overhead is None or best_cost <= max_overhead * untiled
-    return {"tile_shape": tuple(int(v) for v in tiles[best]), "overhead": best_cost / untiled,
-            "memory_bytes": float(memory[best]), "budget_bytes": used_budget, "met": bool(met),
-            "bound_budget_bytes": bound_budget}
+        best, n_tiles = select(used_budget)
+    overhead = n_tiles * voxels[best] / untiled
+    met = max_overhead is None or overhead <= max_overhead
+    return {"tile_shape": tuple(int(v) for v in tiles[best]), "chunk_size": int(chunks[best]) if chunk else None,
+            "overhead": float(overhead), "memory_bytes": float(memory[best]), "budget_bytes": used_budget,
+            "met": bool(met), "bound_budget_bytes": bound_budget, "tiles": int(n_tiles),
+            "decode_calls": int(n_tiles * calls[best]) if chunk else None}

@@ -3,6 +3,7 @@ untiled) is bounded, an "auto" budget grows to meet the bound, an explicit budge
 warning line, the budget comes from the device's memory, and the CPU default's plan is unchanged."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -131,3 +132,29 @@ def test_cpu_default_plan_is_unchanged(monkeypatch):
     fixed = tiled.plan(ImplicitGridInferer(max_memory_gib=tiled.DEFAULT_MAX_MEMORY_GIB), net, vols, affines,
                        inputs["grid"], bg)
     assert auto["tile_shape"] == fixed["tile_shape"] and auto["halo_overhead"] <= 1.5
+
+
+def test_plan_chooses_tile_and_decode_chunk_together(case):
+    """The plan's memory holds the decode chunk (min(chunk, tile voxels) points), its cost the decode calls:
+    with a GPU-like call overhead one call decodes a whole tile, and the tile shrinks to fit that chunk."""
+    from nexus_monai.networks.tiling import plan_tiles
+
+    net = case[0]
+    hr = torch.eye(4, dtype=torch.float64)
+    shape = (64, 64, 48)
+    lr = {"t1": ((64, 64, 24), thick_slice_affine(hr, "z", 2)), "t2": ((64, 16, 48), thick_slice_affine(hr, "y", 4))}
+    budget = 16 * 2**20
+    bare = plan_tiles(shape, hr, lr, net, budget, chunk=4096, point_bytes=0.0)
+    withmem = plan_tiles(shape, hr, lr, net, budget, chunk=4096, point_bytes=1000.0)
+    points = math.prod(withmem["tile_shape"])
+    assert withmem["chunk_size"] == min(4096, points)
+    assert withmem["memory_bytes"] <= budget
+    assert withmem["decode_calls"] == withmem["tiles"] * math.ceil(points / withmem["chunk_size"])
+    assert withmem["memory_bytes"] - bare["memory_bytes"] == pytest.approx(1000.0 * withmem["chunk_size"]) \
+        or withmem["tile_shape"] != bare["tile_shape"]
+    gpu = plan_tiles(shape, hr, lr, net, budget, chunk=1 << 22, point_bytes=100.0, call_overhead_macs=1e12)
+    assert gpu["decode_calls"] == gpu["tiles"] and gpu["chunk_size"] == math.prod(gpu["tile_shape"])
+    # a whole tile's points in memory at once: heavier points force smaller tiles under the same budget
+    heavy = plan_tiles(shape, hr, lr, net, budget, chunk=1 << 22, point_bytes=2000.0, call_overhead_macs=1e12)
+    assert heavy["memory_bytes"] <= budget and math.prod(heavy["tile_shape"]) * 2000.0 <= budget
+    assert heavy["tiles"] > gpu["tiles"]
