@@ -29,6 +29,8 @@ def cmd_evaluate(args) -> int:
     check_output_dir(args.out, None, what="evaluate output folder")
     if args.max_subjects is not None:
         check_number("--max-subjects", args.max_subjects, 1, None, integer=True)
+    if _is_grid(args.protocol):
+        return _cmd_grid(args, methods, options)
     try:
         protocol = load_protocol(args.protocol)
     except NexusInputError:
@@ -65,6 +67,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _is_grid(protocol: str) -> bool:
+    """``--protocol grid``, a comma list, or a grid entry that is not a plain protocol (``nexus_1mm``)."""
+    from nexus_monai.transforms.protocols import PROTOCOLS, protocol_grid
+
+    if protocol == "grid" or "," in protocol:
+        return True
+    return protocol not in PROTOCOLS and not Path(protocol).exists() and protocol in {
+        e.name for e in protocol_grid("grid")}
+
+
+def _cmd_grid(args, methods: list, options: dict) -> int:
+    """The protocol grid (:mod:`nexus_monai.evaluation.protocol_grid`): one table per protocol and split, a
+    summary; resumable (rows already in ``--out`` are kept); ``--split`` may be a comma list; no MLflow run."""
+    from nexus_monai.evaluation.protocol_grid import run_protocol_grid
+    from nexus_monai.transforms.protocols import protocol_grid
+
+    entries = protocol_grid(args.protocol)  # unknown names: one line before any work
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    if args.downstream:
+        raise NexusInputError(None, "--downstream is not available with a protocol grid")
+    run_protocol_grid(entries, methods, args.out, splits=splits, data=args.data, seed=args.seed,
+                      max_subjects=args.max_subjects, max_subjects_full=args.max_subjects, method_options=options,
+                      progress=not args.quiet)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``evaluate`` on the sub-command set ``sub``."""
@@ -78,7 +106,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "no network),cubic,lrtv,smore,saint,i3net,arssr,ssmcsr_split_head,"
                         "ssmcsr_vanilla,ssmcsr_single,cycleinr,nexus_inr,nexus_inr_guarded,nexus_inr_refined "
                         "(NEXUS_REFINE_OPTIONS={\"max_seconds\": 180} sets its budget)")
-    e.add_argument("--protocol", default="nexus", help="nexus, ssmcsr or a protocol YAML path")
+    e.add_argument("--protocol", default="nexus",
+                   help="nexus, ssmcsr, a protocol YAML path, or a protocol grid: grid (transforms/protocol_grid.yaml: "
+                        "t1x2_t2z4, t1z2_t2y6, t1iso_t2z5, t1y4_t2z2, t2z2p5, nexus_1mm beside nexus) or a comma "
+                        "list of those names (one table per protocol and split, a summary.md; resumable; --split "
+                        "may then be a comma list, e.g. test,test_anatomy)")
     e.add_argument("--split", default="test",
                    help="datalist split to evaluate (training, validation, test; test_anatomy: the embedded test-only "
                         "anatomy family)")

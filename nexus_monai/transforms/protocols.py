@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -25,9 +26,15 @@ from nexus_monai.errors import NexusInputError
 from nexus_monai.keys import LESIONS
 from nexus_monai.paths import REPO_TRANSFORMS
 
-__all__ = ["PROTOCOLS", "protocols_dir", "Protocol", "load_protocol", "prepare_subject"]
+__all__ = ["PROTOCOLS", "GRID_FILE", "GridEntry", "protocols_dir", "Protocol", "load_protocol", "prepare_subject",
+           "protocol_grid"]
 
-PROTOCOLS = {"nexus": "brats_t1axial_t2coronal.yaml", "ssmcsr": "ssmcsr_x4.yaml"}
+PROTOCOLS = {"nexus": "brats_t1axial_t2coronal.yaml", "ssmcsr": "ssmcsr_x4.yaml",
+             "t1x2_t2z4": "grid_t1x2_t2z4.yaml", "t1z2_t2y6": "grid_t1z2_t2y6.yaml",
+             "t1iso_t2z5": "grid_t1iso_t2z5.yaml", "t1y4_t2z2": "grid_t1y4_t2z2.yaml", "t2z2p5": "grid_t2z2p5.yaml"}
+GRID_FILE = "protocol_grid.yaml"
+"""The protocol grid (issue 27): entries ``{protocol, world[, name]}`` (see :func:`protocol_grid`)."""
+WORLDS = ("small", "full")
 
 
 def protocols_dir() -> Path:
@@ -108,3 +115,47 @@ def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
 def prepare_subject(subject: dict, protocol: Protocol) -> dict:
     """``protocol.prepare_subject(subject)``: framed HR scans plus the simulated ``t1_lr`` / ``t2_lr``."""
     return protocol.prepare_subject(subject)
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One protocol of the grid: its table ``name``, the ``protocol`` (name or YAML path) and the
+    embedded ``world`` it is scored on (``small`` = 2 mm, ``full`` = 1 mm)."""
+
+    name: str
+    protocol: str
+    world: str = "small"
+
+
+def protocol_grid(spec: str | Sequence[str] = "grid") -> list[GridEntry]:
+    """The grid entries of ``spec``: ``"grid"`` (every entry of ``transforms/protocol_grid.yaml``), or a
+    comma-separated list / sequence of entry names, protocol names or YAML paths (a name of the grid
+    file keeps its world; any other protocol is scored on the ``small`` world). Unknown names raise a
+    one-line :class:`NexusInputError` before any work."""
+    path = protocols_dir() / GRID_FILE
+    raw = ConfigParser.load_config_file(str(path)).get("grid") or []
+    known = []
+    for item in raw:
+        entry = GridEntry(str(item.get("name", item["protocol"])), str(item["protocol"]), str(item.get("world", "small")))
+        if entry.world not in WORLDS:
+            raise NexusInputError(path, f"entry {entry.name!r}: world must be one of {WORLDS}, got {entry.world!r}")
+        known.append(entry)
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()]
+    if not names:
+        raise NexusInputError(None, "empty protocol list")
+    out = []
+    for name in names:
+        if name == "grid":
+            out += known
+            continue
+        match = [e for e in known if e.name == name]
+        if match:
+            out += match
+        elif name in PROTOCOLS or Path(name).is_file():
+            out.append(GridEntry(load_protocol(name).name if name not in PROTOCOLS else name, name))
+        else:
+            raise NexusInputError(name, f"unknown protocol (use grid, one of {sorted(PROTOCOLS)}, "
+                                        f"{sorted(e.name for e in known)} or a YAML path)")
+    if len({e.name for e in out}) != len(out):
+        raise NexusInputError(None, f"a protocol is listed twice in {spec!r}")
+    return out

@@ -25,7 +25,7 @@ from nexus_monai.keys import LESION_BOTH, LESION_CLASS_STRIDE, LESION_T1_ONLY, L
 SEED = 7
 N_SUBJECTS = 3
 N_TA = 1
-FILES_PER_SUBJECT = 8  # 4 images, seg, lesions, params ... + folder-level files below
+FILES_PER_SUBJECT = 12  # 4 images, 4 noise-free renders, seg, lesions, params ... + folder-level files below
 NAMES = [f"SynBraTS_{i:04d}" for i in range(1, N_SUBJECTS + 1)] + [f"SynBraTSTA_{i:04d}" for i in range(1, N_TA + 1)]
 INVISIBLE_RTOL = 1e-4  # noise-free: lesion on its invisible contrast vs normal tissue, relative to WM signal
 
@@ -154,9 +154,13 @@ def test_datalist_readme_and_montage(runs):
                 assert entry[key] == f"{entry['subject']}/{entry['subject']}_{key}.nii.gz"
                 assert (root / entry[key]).is_file()
             params = _params(root, entry["subject"])
-            for modality in synth.MODALITIES:  # the recorded slice profile is the drawn one
-                assert entry[f"{modality}_slice_profile"] == params["slice_profile"][modality]["profile"]
-                assert entry[f"{modality}_fwhm_scale"] == params["slice_profile"][modality]["fwhm_scale"]
+            for modality in synth.MODALITIES:  # the recorded acquisition is the drawn one
+                drawn = params["lr_acquisition"][modality]
+                assert entry[f"{modality}_slice_profile"] == drawn["profile"]
+                for field in ("thickness_ratio", "slab_offset", "lr_noise", "noise_seed"):
+                    assert entry[f"{modality}_{field}"] == drawn[field]
+                assert entry[f"{modality}_clean"] == f"{entry['subject']}/{entry['subject']}_{modality}_clean.nii.gz"
+                assert (root / entry[f"{modality}_clean"]).is_file()
     readme = (root / "README.txt").read_text()
     assert "SIMULATED" in readme and "not patient data" in readme
     assert f"seed: {SEED}" in readme and "size: small" in readme and "T1 ms" in readme
@@ -204,8 +208,12 @@ def test_randomised_parameters_within_their_ranges(runs):
         assert all(noise_range[0] <= v <= noise_range[1] for v in p["noise_sigma_fraction_of_wm"].values())
         assert pr["bias_sd"][0] <= p["bias_sd"] <= pr["bias_sd"][1]
         assert pr["bias_grain_mm"][0] <= p["bias_grain_mm"] <= pr["bias_grain_mm"][1]
-        for choice in p["slice_profile"].values():
-            assert choice["profile"] in pr["slice_profile"] and pr["fwhm_scale"][0] <= choice["fwhm_scale"] <= pr["fwhm_scale"][1]
+        lr = physics.LR_ACQUISITION_RANGES
+        for choice in p["lr_acquisition"].values():
+            assert choice["profile"] in lr["slice_profile"]
+            for key, name in (("thickness_ratio", "thickness_ratio"), ("slab_offset", "slab_offset_voxels"),
+                              ("lr_noise", "lr_noise_of_p995")):
+                assert lr[name][0] <= choice[key] <= lr[name][1], key
         a = p["anatomy"]
         for key in ("mask_offset_mm", "mask_ragged_mm", "cortical_texture"):
             assert ar[key][0] <= a[key] <= ar[key][1], key
@@ -387,7 +395,22 @@ def test_recorded_slice_profile_drives_the_acquisition_transform():
     per_subject = acquire({"t1": image, "t1_slice_profile": "boxcar", "t1_fwhm_scale": 0.5})["t1_lr"]
     expected = (image[..., 1::4] + image[..., 2::4]) / 2
     np.testing.assert_allclose(per_subject.numpy(), expected.numpy(), rtol=1e-6)
-    assert per_subject.meta["acquisition"] == {"axis": 2, "factor": 4.0, "profile": "boxcar", "fwhm_scale": 0.5}
+    assert per_subject.meta["acquisition"] == {"axis": 2, "factor": 4.0}  # the header's facts only
+    assert per_subject.meta["acquisition_draw"]["profile"] == "boxcar"
+    assert per_subject.meta["acquisition_draw"]["fwhm_scale"] == 0.5
     default = acquire({"t1": image})["t1_lr"]  # keys absent: the protocol's own profile
     plain = SimulateAnisotropicAcquisitiond("t1", "z", 4, "gaussian", output_keys="t1_lr")({"t1": image})["t1_lr"]
     np.testing.assert_array_equal(default.numpy(), plain.numpy())
+
+
+def test_noise_free_render_is_the_hr_scan_without_its_noise(runs):
+    """``<ID>_<m>_clean``: same brain support, and the HR scan minus it is the drawn Rician noise (sd ~ sigma)."""
+    name = NAMES[0]
+    p = _params(runs[0], name)
+    for modality in synth.MODALITIES:
+        noisy, clean = _load(runs[0], name, modality), _load(runs[0], name, f"{modality}_clean")
+        np.testing.assert_array_equal(noisy > 0, clean > 0)
+        inside = clean > np.percentile(clean[clean > 0], 50)  # bright tissue: Rician ~ Gaussian there
+        sigma_wm = p["noise_sigma_fraction_of_wm"][modality]
+        ratio = float((noisy - clean)[inside].std() / np.median(clean[inside]))
+        assert 0.3 * sigma_wm < ratio < 3.0 * sigma_wm, modality

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -189,7 +190,7 @@ def _check_count(out_dir: Path, name: str, value) -> int:
 
 
 def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size: str = "small",
-                     test_anatomy: int = 5) -> Path:
+                     test_anatomy: int = 5, only_splits: Sequence[str] | None = None) -> Path:
     """Generate ``subjects`` simulated BraTS-2020-format subjects plus ``test_anatomy`` subjects of
     the test-only anatomy family under ``out_dir``; return it.
 
@@ -199,6 +200,8 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size:
     ``dataset.json`` (MONAI datalist: a seeded 48/10/15 training/validation/test split of the
     ``SynBraTS`` subjects and a ``test_anatomy`` split of the ``SynBraTSTA`` subjects, paths
     relative to ``out_dir``) and ``montage.png`` (subject 1). Same arguments -> byte-identical files.
+    ``only_splits`` (e.g. ``("test",)``): write only the subjects of those splits (the others' lists
+    stay empty; the split itself is the full run's), e.g. the test split on the 1 mm grid.
 
     ``out_dir`` must be new, empty, or a previous output of this function (its subject folders
     are replaced; other subject folders are removed). Raises :class:`NexusInputError` for bad
@@ -231,13 +234,20 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size:
     _, spacing = SIZES[size]
     held_out = set(split["validation"]) | set(split["test"])
     jobs = [(i, False) for i in range(1, subjects + 1)] + [(i, True) for i in split[TEST_ANATOMY_SPLIT]]
+    if only_splits is not None:
+        unknown = sorted(set(only_splits) - set(split))
+        if unknown:
+            raise NexusInputError(out_dir, f"only_splits: unknown split(s) {unknown} (have {sorted(split)})")
+        keep = {(i, part == TEST_ANATOMY_SPLIT) for part in only_splits for i in split[part]}
+        jobs = [j for j in jobs if j in keep]
+        split = {part: (ids if part in only_splits else []) for part, ids in split.items()}
     entries, montage = {}, None
     for index, is_ta in tqdm(jobs, desc=f"synth {size}", unit="subject"):
         subject = simulate_subject(seed, index, size, held_out=index in held_out and not is_ta, test_anatomy=is_ta)
         name = _subject_name(index, is_ta)
         _write_subject(out_dir, name, subject)
         entries[(index, is_ta)] = _datalist_entry(name, subject)
-        if index == 1 and not is_ta:
+        if montage is None and not is_ta:
             montage = _montage_png(subject, spacing)
         del subject
 
@@ -277,26 +287,33 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size:
 
 
 def ensure_embedded_dataset(
-    root: str | os.PathLike | None = None, subjects: int = 24, seed: int = 0, size: str = "small", test_anatomy: int = 5
+    root: str | os.PathLike | None = None, subjects: int = 24, seed: int = 0, size: str = "small", test_anatomy: int = 5,
+    only_splits: Sequence[str] | None = None,
 ) -> Path:
     """The ``dataset.json`` of the embedded dataset, generating it on first use.
 
-    ``root`` defaults to ``<cache>/synbrats_<size>_n<subjects>_ta<test_anatomy>_s<seed>_v<GENERATOR_VERSION>``.
+    ``root`` defaults to ``<cache>/synbrats_<size>_n<subjects>_ta<test_anatomy>_s<seed>_v<GENERATOR_VERSION>``
+    (plus ``_only_<splits>`` with ``only_splits``, see :func:`generate_dataset`).
     An existing complete dataset (its ``dataset.json`` written last, with matching generator
     version, seed, size and counts) is reused.
     """
+    only = sorted(only_splits) if only_splits is not None else None
     name = f"synbrats_{size}_n{subjects}_ta{test_anatomy}_s{seed}_v{GENERATOR_VERSION}"
+    name += f"_only_{'+'.join(only)}" if only is not None else ""
     root = Path(root) if root else default_cache_dir() / name
     datalist = root / "dataset.json"
     if datalist.exists():
         try:
             meta = json.loads(datalist.read_text())
             n = sum(len(meta.get(k, [])) for k in ("training", "validation", "test"))
-            if (meta.get("seed") == seed and meta.get("size") == size and n == subjects
-                    and len(meta.get(TEST_ANATOMY_SPLIT, [])) == test_anatomy
+            expected = subjects if only is None else sum(
+                len(ids) for part, ids in split_subjects(subjects, seed).items() if part in only)
+            expected_ta = test_anatomy if only is None or TEST_ANATOMY_SPLIT in only else 0
+            if (meta.get("seed") == seed and meta.get("size") == size and n == expected
+                    and len(meta.get(TEST_ANATOMY_SPLIT, [])) == expected_ta
                     and meta.get("generator") == f"nexus_monai.data.synth {GENERATOR_VERSION}"):
                 return datalist
         except (json.JSONDecodeError, OSError):
             pass
-    generate_dataset(root, subjects, seed, size, test_anatomy=test_anatomy)
+    generate_dataset(root, subjects, seed, size, test_anatomy=test_anatomy, only_splits=only)
     return datalist
