@@ -20,7 +20,8 @@ PATIENT = {"PatientName": "Test^Phantom", "PatientID": "PHANTOM-001", "PatientBi
            "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1", "AccessionNumber": "ACC42", "StudyDate": "20261206"}
 
 
-def write_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, slope: float = 1.0, thickness: float | None = None,
+def write_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, slope: float = 1.0,
+                 thickness: float | None = None,
                  series_uid: str | None = None, frame_uid: str = "1.2.826.0.1.3680043.8.498.2", skip: tuple = (),
                  series_number: int = 3, patient: dict | None = None, description: str = "t1_tse_tra",
                  echo_time: float = 12.0) -> Path:

@@ -6,11 +6,11 @@ series. Out: the derived series, read by SimpleITK, equals the volume in world c
 a rescale step) and carries the tags of a derived series in the source exam. Bad series: one line.
 """
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import nibabel as nib
 import torch
 from monai.data import MetaTensor
 
@@ -91,7 +91,8 @@ def _bad_series(tmp_path, case):
         folder.mkdir()
     elif case == "duplicate_position":
         write_series(folder, data, affine)
-        write_series(tmp_path / "echo2", data, affine, series_uid=pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
+        uid = pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID
+        write_series(tmp_path / "echo2", data, affine, series_uid=uid)
         for f in (tmp_path / "echo2").iterdir():
             f.rename(folder / f"echo2_{f.name}")
     return folder
