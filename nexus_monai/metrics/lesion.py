@@ -75,6 +75,7 @@ from nexus_monai.metrics.lesion_false_positives import (
     false_positive_blobs,
     min_blob_voxels,
     normal_tissue,
+    tophat_side,
 )
 from nexus_monai.metrics.lesion_within_slab import within_slab_operator
 
@@ -115,7 +116,8 @@ LESION_PROTOCOL = (
     f"least the smallest lesion volume the generator makes ({SMALLEST_LESION_MM3:.2f} mm^3, in HR voxels "
     f"rounded up) in normal tissue (brain mask minus the lesions and the tumour labels dilated by "
     f"{FP_MARGIN_VOXELS} voxels) where output - GT > {FP_SIGMAS:g} sigma (bright; on T1w also < -{FP_SIGMAS:g} "
-    f"sigma, dark), sigma the noise SD of that contrast's LR scan estimated from the scan (robust MAD of "
+    f"sigma, dark) and the output's top-hat (bumps up to the largest lesion) exceeds the GT's by as much "
+    f"(false_positive_excess_<c>: without that condition), sigma the noise SD of that contrast's LR scan estimated from the scan (robust MAD of "
     f"in-plane neighbour differences) over the GT scale; counted per subject. Imprint (v1) imprint_<o>: mean "
     f"|contrast| of the output on the other contrast <o> over the lesions its ground truth does not show, "
     f"beside imprint_<o>_gt; counterfactual imprint imprint_cf_<o> (when run): the other contrast's output "
@@ -412,16 +414,18 @@ def _false_positive_row(gt, pred, lesions, mask, lr_noise_sd, scales, exclude, v
     lab = check_lesion_map(lesions, shape)
     m = as_mask(mask, shape)
     normal = normal_tissue(m, lab != 0, None if exclude is None else as_mask(exclude, shape))
+    side = tophat_side(voxel_mm3 ** (1.0 / 3.0) if voxel_mm3 else None)  # the HR spacing (isotropic grids)
     row = {}
     for c in CONTRASTS:
         sigma = float(lr_noise_sd[c]) / float((scales or {}).get(c, 1.0))
         if not (sigma > 0 and math.isfinite(sigma)):  # a noise-free, texture-free scan: no noise scale, no count
             row.update({f"false_positives_{c}": math.nan, f"false_positive_voxels_{c}": math.nan,
-                        f"fp_threshold_{c}": math.nan})
+                        f"false_positive_excess_{c}": math.nan, f"fp_threshold_{c}": math.nan})
             continue
         found = false_positive_blobs(as_volume(gt[c], name=f"gt[{c}]"), as_volume(pred[c], name=f"pred[{c}]"),
-                                     normal, sigma, c, min_blob_voxels(voxel_mm3))
+                                     normal, sigma, c, min_blob_voxels(voxel_mm3), side)
         row[f"false_positives_{c}"] = found["count"]
         row[f"false_positive_voxels_{c}"] = found["voxels"]
+        row[f"false_positive_excess_{c}"] = found["excess_count"]
         row[f"fp_threshold_{c}"] = found["threshold"]
     return row

@@ -113,6 +113,19 @@ def test_painted_false_lesion_is_counted_and_the_truth_has_none():
     # scales: the noise SD is in raw units and divided by the GT scale
     scaled = lesion_fidelity_row(gt, pred, lab, mask, scales={"t1": 2.0, "t2": 2.0}, **geo)
     assert scaled["fp_threshold_t2"] == pytest.approx(1.5 * sigma["t2"])
+    assert row["false_positive_excess_t2"] == 1
+    # a blurred step edge exceeds 3 sigma but is no bump: on a 2 mm grid (top-hat cube 7 voxels) bright tissue
+    # at x >= 12 (10 voxels deep, wider than the cube) spreads into x = 11
+    edge_gt = {c: v.copy() for c, v in gt.items()}
+    edge_gt["t2"][12:22, 2:22, 12:22] += 0.4
+    blurred = {c: v.copy() for c, v in edge_gt.items()}
+    blurred["t2"][11, 2:22, 12:22] += 0.2
+    fp_keys = {"voxel_mm3": 8.0, "lr_noise_sd": {"t1": 0.01, "t2": 0.01}}
+    edge = lesion_fidelity_row(edge_gt, blurred, lab, mask, **fp_keys)
+    assert edge["false_positive_excess_t2"] == 1 and edge["false_positives_t2"] == 0
+    painted = {c: v.copy() for c, v in blurred.items()}
+    painted["t2"][14:16, 14:16, 4:6] += 0.3  # the same painted bump beside it is still counted
+    assert lesion_fidelity_row(edge_gt, painted, lab, mask, **fp_keys)["false_positives_t2"] == 1
     # a blob smaller than the smallest lesion the generator makes is not counted
     assert min_blob_voxels(1.0) == math.ceil(SMALLEST_LESION_MM3) == 5 and min_blob_voxels(8.0) == 1
     tiny = {c: v.copy() for c, v in gt.items()}
