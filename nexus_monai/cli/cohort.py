@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from nexus_monai.cli.common import spacing_mm
+from nexus_monai.cli.scans import scan_options
 from nexus_monai.errors import NexusInputError, check_number
 
 __all__ = ["cmd_predict_cohort"]
@@ -37,6 +38,10 @@ def cmd_predict_cohort(args, refine_seconds: float = 0.0) -> int:
         check_number("--spacing", v, 0, MAX_SPACING_MM, lo_open=True)
     if args.like:
         target_grid(None, like=args.like)
+    if args.mask:
+        from nexus_monai.data.io import check_nifti_file
+
+        check_nifti_file(args.mask)  # readable and complete; its grid is checked against each T1w
     if args.threads:
         torch.set_num_threads(args.threads)
     device = rank_device(args.device, local_rank)
@@ -48,7 +53,8 @@ def cmd_predict_cohort(args, refine_seconds: float = 0.0) -> int:
     inferer.progress = False  # one bar over subjects instead of one per volume
     summary = predict_cohort(network, inferer, subjects, args.out, spacing_mm=spacing_mm(args.spacing),
                              like=args.like, out_format=args.out_format, guard=args.guard,
-                             refine_seconds=refine_seconds, rank=rank, world=world, device=device,
+                             refine_seconds=refine_seconds, scans=scan_options(args), rank=rank, world=world,
+                             device=device,
                              progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
     print(f"cohort rank {rank}/{world} ({device}): {summary['assigned']} subjects, {summary['done']} predicted, "
           f"{summary['skipped']} already done, {summary['errors']} failed; table {summary['table']}"

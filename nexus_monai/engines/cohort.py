@@ -6,9 +6,10 @@ The datalist is MONAI's decathlon form with a ``testing`` list of subjects::
                  {"t1": "sub-02/T1_series", "t2": "sub-02/T2_series", "name": "sub-02", "like": "sub-02/ref.nii.gz"}]}
 
 ``t1`` / ``t2``: NIfTI files or DICOM series folders; ``like`` (optional): the output grid of that
-subject (else ``--like`` / ``--spacing``); ``name`` (optional, or ``subject``): its output folder under
-``DIR``, by default the T1w path relative to the JSON's folder with ``/`` -> ``_`` and the suffix
-dropped. Relative paths are relative to the JSON's folder.
+subject (else ``--like`` / ``--spacing``); ``mask`` (optional): that subject's brain mask on its T1w grid
+(else the command's ``--mask`` / ``--skull-strip`` / ``--keep-background``); ``name`` (optional, or
+``subject``): its output folder under ``DIR``, by default the T1w path relative to the JSON's folder with
+``/`` -> ``_`` and the suffix dropped. Relative paths are relative to the JSON's folder.
 
 * Each subject goes through :func:`~nexus_monai.engines.predict.predict_files` into ``DIR/<name>/``
   (staged: the folder appears complete or not at all), so **a subject is done when its outputs
@@ -28,6 +29,7 @@ dropped. Relative paths are relative to the JSON's folder.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -49,20 +51,22 @@ __all__ = ["CohortSubject", "read_cohort", "rank_and_world", "rank_device", "sub
 TABLE = "cohort.csv"
 RANK_FOLDER = "cohort_ranks"
 COLUMNS = ("subject", "status", "error", "rank", "device", "seconds_total", "seconds_load", "seconds_predict",
-           "seconds_write", "grid_shape", "spacing_mm", "t1", "t2")
+           "seconds_write", "grid_shape", "spacing_mm", "motion_mm", "angle_deg", "registered", "t1", "t2")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
 class CohortSubject:
-    """One datalist entry: output folder ``name``, scans ``t1`` / ``t2`` (absolute paths), optional grid ``like``."""
+    """One datalist entry: output folder ``name``, scans ``t1`` / ``t2`` (absolute paths), optional grid ``like``
+    and brain ``mask``."""
 
     index: int
     name: str
     t1: str
     t2: str
     like: str | None = None
+    mask: str | None = None
 
 
 def _resolve(base: Path, value) -> str:
@@ -104,9 +108,10 @@ def read_cohort(path: str | os.PathLike, key: str = "testing") -> list[CohortSub
             raise NexusInputError(path,
                                   f"{key}[{i}] needs \"t1\" and \"t2\" paths (NIfTI files or DICOM series folders)")
         t1, t2 = _resolve(base, entry["t1"]), _resolve(base, entry["t2"])
-        like = entry.get("like")
-        if like is not None and not (isinstance(like, str) and like):
-            raise NexusInputError(path, f"{key}[{i}]: \"like\" must be a path")
+        like, mask = entry.get("like"), entry.get("mask")
+        for field, value in (("like", like), ("mask", mask)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise NexusInputError(path, f"{key}[{i}]: \"{field}\" must be a path")
         name = entry.get("name", entry.get("subject"))
         if name is None:
             name = _default_name(base, t1)
@@ -117,7 +122,8 @@ def read_cohort(path: str | os.PathLike, key: str = "testing") -> list[CohortSub
             raise NexusInputError(path, f"{key}[{i}] and {key}[{seen[name]}] share the output name {name!r}; "
                                         "give each a distinct \"name\"")
         seen[name] = i
-        subjects.append(CohortSubject(i, name, t1, t2, None if like is None else _resolve(base, like)))
+        subjects.append(CohortSubject(i, name, t1, t2, None if like is None else _resolve(base, like),
+                                      None if mask is None else _resolve(base, mask)))
     return subjects
 
 
@@ -176,12 +182,14 @@ def _one_line(err: BaseException) -> str:
 
 def predict_cohort(network, inferer, subjects: Sequence[CohortSubject], out_dir: str | os.PathLike, *,
                    spacing_mm: Sequence[float] | None = None, like: str | None = None, out_format: str = "nifti",
-                   guard: bool = True, refine_seconds: float = 0.0, max_voxels: float = 2e9,
+                   guard: bool = True, refine_seconds: float = 0.0, max_voxels: float = 2e9, scans=None,
                    rank: int = 0, world: int = 1, device: str = "cpu", progress: bool = True,
                    log=print) -> dict:
     """Predict this rank's share of ``subjects`` into ``out_dir/<name>/``; returns a summary.
 
     The grid of a subject: its ``like``, else ``like``, else ``spacing_mm`` over its T1w field of view.
+    ``scans``: :class:`~nexus_monai.engines.scan_prep.ScanOptions` for every subject (None: the scans as
+    read); a subject's ``mask`` replaces its mask / skull stripping.
     Returns ``{"rank", "world", "assigned", "done", "skipped", "errors", "table", "merged"}`` (``merged``:
     the path of ``cohort.csv`` when this rank merged it, else None). See the module docstring.
     """
@@ -210,7 +218,8 @@ def predict_cohort(network, inferer, subjects: Sequence[CohortSubject], out_dir:
                 result = predict_files(network, subject.t1, subject.t2, out / subject.name,
                                        spacing_mm=None if (subject.like or like) else spacing_mm,
                                        like=subject.like or like, inferer=inferer, max_voxels=max_voxels,
-                                       refine_seconds=refine_seconds, guard=guard, out_format=out_format)
+                                       refine_seconds=refine_seconds, guard=guard, out_format=out_format,
+                                       scans=_subject_scans(scans, subject))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:  # noqa: BLE001 - a bad subject is a row, not a stop
@@ -220,7 +229,8 @@ def predict_cohort(network, inferer, subjects: Sequence[CohortSubject], out_dir:
             else:
                 row.update(status="done", grid_shape="x".join(str(n) for n in result["grid_shape"]),
                            spacing_mm=" ".join(f"{v:g}" for v in result["spacing_mm"]),
-                           **{f"seconds_{k}": f"{v:.3f}" for k, v in result["seconds"].items()})
+                           **{f"seconds_{k}": f"{v:.3f}" for k, v in result["seconds"].items()},
+                           **_motion_columns(result))
         row["seconds_total"] = f"{time.perf_counter() - started:.3f}"
         counts[row["status"]] += 1
         rows.append(row)
@@ -232,6 +242,27 @@ def predict_cohort(network, inferer, subjects: Sequence[CohortSubject], out_dir:
     merged = merge_rank_tables(out, world, [s.name for s in subjects])
     return {"rank": rank, "world": world, "assigned": len(mine), "done": counts["done"], "skipped": counts["skipped"],
             "errors": counts["error"], "table": table, "merged": merged}
+
+
+def _motion_columns(result: dict) -> dict:
+    """The T2w -> T1w registration of a subject (``registration.json`` beside its outputs) in three columns."""
+    reg = (result.get("scans") or {}).get("registration")
+    if not reg:
+        return {}
+    nan = float("nan")
+    return {"motion_mm": f"{reg.get('motion_mm', nan):.3f}", "angle_deg": f"{reg.get('angle_deg', nan):.3f}",
+            "registered": "yes" if reg.get("accepted") else f"no: {reg.get('reason', '')}"}
+
+
+def _subject_scans(scans, subject: CohortSubject):
+    """The command's scan options with this subject's own brain mask, where the datalist gives one."""
+    if subject.mask is None:
+        return scans
+    if scans is None:
+        from nexus_monai.engines.scan_prep import ScanOptions
+
+        return ScanOptions(mask=subject.mask)
+    return dataclasses.replace(scans, mask=subject.mask, skull_strip=False)
 
 
 def merge_rank_tables(out_dir: str | os.PathLike, world: int, order: Sequence[str] | None = None) -> Path | None:

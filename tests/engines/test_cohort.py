@@ -27,11 +27,12 @@ from dicom_helpers import write_series
 from helpers import BUNDLE, make_tiny_pair, predict_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RAW = ("--keep-background", "--no-register")  # the phantom has no zero background; registration is not tested here
 
 
 def _cohort_argv(pair, datalist, out):
     return ["predict", "--bundle", str(BUNDLE), "--config", str(pair["overlay"]), "--weights", str(pair["weights"]),
-            "--datalist", str(datalist), "--spacing", "2", "--out", str(out), "--threads", "1", "--quiet"]
+            "--datalist", str(datalist), "--spacing", "2", "--out", str(out), "--threads", "1", "--quiet", *RAW]
 
 
 def _rank_main(rank, world, argv):
@@ -60,6 +61,7 @@ def cohort(tmp_path_factory):
         img = nib.load(str(pair[c]))
         write_series(root / "sub-03" / f"{c}_series", np.asarray(img.dataobj), img.affine, slope=0.01)
     entries[3] = {"t1": "sub-03/t1_series", "t2": "sub-03/t2_series", "name": "dicom_subject"}
+    entries[2]["mask"] = "sub-02/no_such_mask.nii.gz"  # a per-subject option reaches predict: an error row
     (root / "cohort.json").write_text(json.dumps({"testing": entries}))
     return d, pair, root / "cohort.json"
 
@@ -82,17 +84,18 @@ def test_cohort_over_two_ranks_then_resumed_with_one(cohort, tmp_path):
 
     rows = _table(out)
     assert [r["subject"] for r in rows] == ["sub-00_t1", "sub-01_t1", "sub-02_t1", "dicom_subject"]  # datalist order
-    assert [r["status"] for r in rows] == ["done", "error", "done", "done"]
+    assert [r["status"] for r in rows] == ["done", "error", "error", "done"]
     assert [r["rank"] for r in rows] == ["0", "1", "0", "1"]  # subject i on rank i % 2
     assert "t2.nii.gz" in rows[1]["error"] and "truncated" in rows[1]["error"] and "\n" not in rows[1]["error"]
+    assert rows[2]["error"].endswith("no_such_mask.nii.gz: mask file not found")
     assert all(float(r["seconds_predict"]) > 0 and r["grid_shape"] == "8x8x8" for r in rows if r["status"] == "done")
-    assert not (out / "sub-01_t1").exists()  # nothing half-written for the bad subject
+    assert not (out / "sub-01_t1").exists() and not (out / "sub-02_t1").exists()  # nothing half-written
     assert sorted(p.name for p in (out / "cohort_ranks").iterdir()) == [
         "rank0_of_2.csv", "rank0_of_2.done", "rank1_of_2.csv", "rank1_of_2.done"]
     # every output equals the single-subject command's (the series subject included: same scans, int16 steps)
     single = tmp_path / "single"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(predict_args(pair, single, "--spacing", "2")) == 0
+        assert main(predict_args(pair, single, "--spacing", "2", *RAW)) == 0
     ref = nib.load(str(single / "t1w_sr.nii.gz"))
     for name in ("sub-00_t1", "dicom_subject"):
         got = nib.load(str(out / name / "t1w_sr.nii.gz"))
@@ -103,7 +106,7 @@ def test_cohort_over_two_ranks_then_resumed_with_one(cohort, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(_cohort_argv(pair, datalist, out)) == 0  # WORLD_SIZE unset: one rank resumes
     rows = _table(out)
-    assert [r["status"] for r in rows] == ["skipped", "error", "skipped", "skipped"]
+    assert [r["status"] for r in rows] == ["skipped", "error", "error", "skipped"]
     assert {r["rank"] for r in rows} == {"0"}
     assert (out / "sub-00_t1" / "t1w_sr.nii.gz").stat().st_mtime_ns == before
 

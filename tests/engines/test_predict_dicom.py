@@ -21,6 +21,7 @@ from dicom_helpers import quantised, world_aligned, write_series
 from helpers import fit_args, make_tiny_pair, predict_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RAW = ("--keep-background", "--no-register")  # the phantom has no zero background; registration is not tested here
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,13 @@ def _read_itk(folder):
 
 def test_predict_series_in_equals_nifti_in_and_dicom_out_equals_nifti_out(scans, tmp_path):
     d, nifti, series = scans
-    assert _run(predict_args(nifti, tmp_path / "nii", "--spacing", "1.5"))[0] == 0
+    assert _run(predict_args(nifti, tmp_path / "nii", "--spacing", "1.5", *RAW))[0] == 0
     printed = io.StringIO()
-    assert _run(predict_args(series, tmp_path / "dcm_in", "--spacing", "1.5"), printed)[0] == 0
+    assert _run(predict_args(series, tmp_path / "dcm_in", "--spacing", "1.5", *RAW), printed)[0] == 0
     # T1w thick in z: 2 mm slices; T2w thick in y, written with slices along z: 1 mm slices of 4 mm rows
     assert "t1 DICOM series: 8 slices 2 mm apart, thickness 2 mm, gap 0 mm" in printed.getvalue()
     assert "t2 DICOM series: 16 slices 1 mm apart" in printed.getvalue()
-    assert _run(predict_args(series, tmp_path / "dcm_out", "--spacing", "1.5", "--out-format", "dicom"))[0] == 0
+    assert _run(predict_args(series, tmp_path / "dcm_out", "--spacing", "1.5", "--out-format", "dicom", *RAW))[0] == 0
     for c in ("t1w", "t2w"):
         ref = nib.load(str(tmp_path / "nii" / f"{c}_sr.nii.gz"))
         got = nib.load(str(tmp_path / "dcm_in" / f"{c}_sr.nii.gz"))
@@ -82,7 +83,7 @@ def test_predict_series_in_equals_nifti_in_and_dicom_out_equals_nifti_out(scans,
 def test_dicom_out_needs_a_t1_series_before_any_work(scans, tmp_path):
     _, nifti, series = scans
     rc, err = _run(predict_args({**series, "t1": nifti["t1"]}, tmp_path / "o", "--spacing", "2", "--out-format",
-                                "dicom"))
+                                "dicom", *RAW))
     assert rc == 2 and "needs the t1 input as a DICOM series" in err and not (tmp_path / "o").exists()
 
 
@@ -91,13 +92,13 @@ def test_mismatched_patients_refused(scans, tmp_path):
     img = nib.load(str(nifti["t2"]))
     other = write_series(tmp_path / "other", np.asarray(img.dataobj), img.affine, slope=0.01,
                          patient={"PatientID": "SOMEONE-ELSE"})
-    rc, err = _run(predict_args({**series, "t2": other}, tmp_path / "o", "--spacing", "2"))
+    rc, err = _run(predict_args({**series, "t2": other}, tmp_path / "o", "--spacing", "2", *RAW))
     assert rc == 2 and "mismatched subjects" in err and "SOMEONE-ELSE" not in err and not (tmp_path / "o").exists()
 
 
 def test_fit_subject_on_series(scans, tmp_path):
     _, nifti, series = scans
-    assert _run(fit_args(series, tmp_path / "dcm", "--spacing", "2", "--max-minutes=0.005"))[0] == 0
+    assert _run(fit_args(series, tmp_path / "dcm", "--spacing", "2", "--max-minutes=0.005", *RAW))[0] == 0
     t1 = nib.load(str(nifti["t1"]))
     out = nib.load(str(tmp_path / "dcm" / "t2w_sr.nii.gz"))
     # the T1w field of view at 2 mm: 16 x 16 x 8 LR voxels of 1 x 1 x 2 mm -> 8^3, the first centre half a voxel in
