@@ -81,8 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--t2", help="T2w LR scan: NIfTI file or DICOM series folder")
     pr.add_argument("--datalist", metavar="JSON",
                     help="a cohort instead of --t1/--t2: decathlon datalist {\"testing\": [{\"t1\": ..., \"t2\": "
-                         "...}, ...]} (optional \"name\", \"like\", \"mask\"); outputs in OUT/<name>/, resumable, split over "
-                         "torchrun ranks, table OUT/cohort.csv (docs/cohort.md)")
+                         "...}, ...]} (optional \"name\", \"like\", \"mask\"); outputs in OUT/<name>/, resumable, "
+                         "split over torchrun ranks, table OUT/cohort.csv (docs/cohort.md)")
     add_grid_args(pr, required=False)
     pr.add_argument("--out", required=True, help="output folder: t1w_sr.nii.gz, t2w_sr.nii.gz")
     pr.add_argument("--out-format", choices=("nifti", "dicom"), default="nifti",
