@@ -35,7 +35,7 @@ from nexus_monai.data.io import fsync_path
 from nexus_monai.data.staging import staged_output_dir
 from nexus_monai.errors import NexusInputError
 
-__all__ = ["write_derived_series", "series_geometry", "NOT_FOR_DIAGNOSIS", "SERIES_NUMBER_OFFSET"]
+__all__ = ["write_derived_series", "series_geometry", "check_series_grid", "NOT_FOR_DIAGNOSIS", "SERIES_NUMBER_OFFSET"]
 
 NOT_FOR_DIAGNOSIS = "not for diagnostic use"
 SERIES_NUMBER_OFFSET = {"t1": 9100, "t2": 9200}  # derived series number = offset + the source's number (mod 100)
@@ -67,6 +67,17 @@ def series_geometry(affine: np.ndarray | torch.Tensor, shape) -> dict:
     positions = np.stack([(lps @ np.array([0.0, 0.0, k, 1.0]))[:3] for k in range(int(shape[2]))])
     return {"orientation": [*row_dir.tolist(), *col_dir.tolist()], "pixel_spacing": [float(sp[1]), float(sp[0])],
             "slice_spacing": float(sp[2]), "positions": positions, "normal": normal}
+
+
+def check_series_grid(affine, shape, source=None) -> None:
+    """A one-line :class:`NexusInputError` (before any work) when a grid cannot be written as a DICOM series."""
+    try:
+        series_geometry(affine, (1, 1, 1))
+    except ValueError as err:
+        raise NexusInputError(source, f"--out-format dicom: {err}") from None
+    if int(shape[2]) > 99999 or max(int(shape[0]), int(shape[1])) > 65535:
+        raise NexusInputError(source, f"--out-format dicom: grid {tuple(int(n) for n in shape)} exceeds DICOM's "
+                                      "65535 rows/columns or the 99999 slice files of a series")
 
 
 def _ds(value: float) -> str:
@@ -129,10 +140,8 @@ def write_derived_series(volume, folder: str | os.PathLike, contrast: str,
     arr = arr[0] if arr.ndim == 4 else arr
     if arr.ndim != 3 or not np.all(np.isfinite(arr)):
         raise ValueError(f"write_derived_series expects a finite 3D volume, got shape {arr.shape}")
-    try:
-        geo = series_geometry(volume.affine, arr.shape)
-    except ValueError as err:
-        raise NexusInputError(None, f"--out-format dicom: {err}") from None
+    check_series_grid(volume.affine, arr.shape)
+    geo = series_geometry(volume.affine, arr.shape)
     t1_header, t1_series = _read_header(Path(sources["t1"]))
     referenced = [t1_series]
     own_header = t1_header

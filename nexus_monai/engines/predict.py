@@ -24,7 +24,7 @@ from monai.bundle.utils import merge_kv
 from monai.data import MetaTensor
 
 from nexus_monai.data.dicom import check_same_patient, is_series_folder, load_scan
-from nexus_monai.data.dicom_write import write_derived_series
+from nexus_monai.data.dicom_write import check_series_grid, write_derived_series
 from nexus_monai.data.io import save_volume, write_text_atomic
 from nexus_monai.data.staging import check_output_dir, staged_output_dir
 from nexus_monai.engines.any_protocol import conform_protocol
@@ -165,6 +165,8 @@ def predict_files(network, t1: str | os.PathLike, t2: str | os.PathLike, out_dir
         check_same_patient(t1, t2)
     grid = target_grid(lr["t1"], spacing_mm, like)
     check_reachable(grid, lr, sources, max_voxels)
+    if out_format == "dicom":
+        check_series_grid(grid.affine, grid.shape, like)  # a sheared grid has no slices: before any work
     if scans is not None:  # mask / skull / zero-background check, then T2w -> T1w registration (its affine only)
         lr, report["scans"] = prepare_scans(lr, sources, scans)
     lr_net = conform_protocol(network, lr, sources)  # one line per scan; the any-protocol model's range check

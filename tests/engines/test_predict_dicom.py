@@ -105,3 +105,13 @@ def test_fit_subject_on_series(scans, tmp_path):
     np.testing.assert_allclose(out.affine[:3, :3], np.diag([2.0, 2.0, 2.0]), atol=1e-5)
     np.testing.assert_allclose(out.affine[:3, 3], t1.affine[:3, 3] + [0.5, 0.5, 0.0], atol=1e-4)
     assert out.shape == (8, 8, 8) and np.isfinite(out.get_fdata()).all()
+
+
+def test_dicom_out_refuses_a_sheared_grid_before_any_work(scans, tmp_path):
+    _, _, series = scans
+    sheared = np.array([[1.0, 0.5, 0, -8], [0, 1.0, 0, -8], [0, 0, 1.0, -8], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), sheared), str(tmp_path / "like.nii.gz"))
+    rc, err = _run(predict_args(series, tmp_path / "o", "--like", str(tmp_path / "like.nii.gz"), "--out-format",
+                                "dicom", *RAW))
+    assert rc == 2 and "not orthogonal" in err and str(tmp_path / "like.nii.gz") in err
+    assert not (tmp_path / "o").exists()
