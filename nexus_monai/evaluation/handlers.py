@@ -32,6 +32,7 @@ from nexus_monai.data.io import write_text_atomic
 from nexus_monai.data.staging import write_manifest
 from nexus_monai.errors import find_input_error
 from nexus_monai.evaluation.downstream import segmentation_rows
+from nexus_monai.evaluation.noisy_gt import noisy_gt_columns
 from nexus_monai.evaluation.panels import save_panel, to_uint8
 from nexus_monai.keys import CONTRASTS, LESIONS
 from nexus_monai.metrics import intensity_scale, subject_metric_row
@@ -74,6 +75,7 @@ class SubjectScores:
                     sizes["exclude"] = data["seg"][0].as_subclass(torch.Tensor).numpy() > 0
                 row.update(subject_metric_row(out.gt, pv, None, lpips=self.lpips, lesions=lesions,  # default mask
                                               lesion_geometry=sizes))
+                row.update(noisy_gt_columns(data, pv, out.gt["t1"] > 0))  # beside the noise-free GT, one release
                 row["seconds"] = result.seconds
                 row["error"] = ""
                 out.ok[m] = pred
@@ -207,7 +209,8 @@ def log_mlflow(table: pd.DataFrame, artifacts: Sequence[Path], out_dir: str | os
     """
     from mlflow.tracking import MlflowClient
 
-    from nexus_monai.engines.mlflow_logging import ensure_experiment, tracking_uri as project_uri
+    from nexus_monai.engines.mlflow_logging import ensure_experiment
+    from nexus_monai.engines.mlflow_logging import tracking_uri as project_uri
 
     uri = project_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)

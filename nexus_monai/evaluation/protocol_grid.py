@@ -34,6 +34,7 @@ import torch
 from nexus_monai.data.io import write_text_atomic
 from nexus_monai.errors import NexusInputError
 from nexus_monai.evaluation.methods import _guarded, check_methods, get_method
+from nexus_monai.evaluation.noisy_gt import noisy_gt_columns
 from nexus_monai.evaluation.table1 import markdown_table, select_subjects, summarise
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.keys import CONTRASTS, LESIONS
@@ -76,11 +77,10 @@ def _score(data: dict, grid: TargetGrid, pred: dict) -> dict:
     pv = {c: pred[c].as_subclass(torch.Tensor).reshape(grid.shape) for c in CONTRASTS}
     lesions = data[LESIONS][0] if LESIONS in data else None
     sizes = lesion_geometry({c: data[f"{c}_lr"] for c in CONTRASTS}, data["t1"]) if lesions is not None else None
+    if sizes is not None and "seg" in data:  # a tumour is not normal tissue (false positives), as in evaluate
+        sizes["exclude"] = data["seg"][0].as_subclass(torch.Tensor).numpy() > 0
     row = subject_metric_row(gt, pv, None, lpips=False, lesions=lesions, lesion_geometry=sizes)
-    if all(f"{c}_noisy" in data for c in CONTRASTS):
-        noisy = {c: data[f"{c}_noisy"][0].as_subclass(torch.Tensor) for c in CONTRASTS}
-        extra = subject_metric_row(noisy, pv, gt["t1"] > 0, lpips=False)
-        row.update({f"noisy_gt_{k}": v for k, v in extra.items() if k.startswith(("psnr_", "ssim_"))})
+    row.update(noisy_gt_columns(data, pv, gt["t1"] > 0))
     return row
 
 

@@ -50,6 +50,14 @@ def test_grid_tables_resume_and_isotropic(tiny_dataset, tmp_path, capsys):
         assert (out / name / "test" / "table1.md").read_text().startswith(f"# Protocol {name} (small world)")
     # scored against the noise-free render, the noisy HR scan beside: the noise costs PSNR there
     assert (rows["noisy_gt_psnr_t1"] < rows["psnr_t1"]).all()
+    # plain evaluate scores the same way: the noisy-GT columns beside the noise-free ones
+    single = tmp_path / "single"
+    assert main(["evaluate", "--data", str(data), "--methods", "trilinear", "--protocol", "nexus", "--out",
+                 str(single), "--quiet", "--no-mlflow", "--no-lpips"]) == 0
+    plain = pd.read_csv(single / "per_subject.csv")
+    grid_row = rows[(rows["protocol"] == "nexus") & (rows["method"] == "trilinear")].iloc[0]
+    assert plain["psnr_t1"].iloc[0] == pytest.approx(grid_row["psnr_t1"])
+    assert plain["noisy_gt_psnr_t1"].iloc[0] == pytest.approx(grid_row["noisy_gt_psnr_t1"])
     # resumable: a stored row is kept, not recomputed
     row_file = next((out / "nexus" / "test" / "rows").glob("*__ibp.json"))
     row = json.loads(row_file.read_text())
