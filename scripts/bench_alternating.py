@@ -81,7 +81,8 @@ def summarise(r: dict) -> dict:
         "untiled_s": before.get("nexus_s"), "untiled_flops": before.get("flops"),
         "untiled_attainable_s": before.get("attainable_s"),
         "ratio_to_untiled_attainable": r.get("whole_inference_ratio_to_untiled_attainable"),
-        "rss_peak_inference_gib": r.get("rss_peak_inference_gib"), "rss_peak_process_gib": r.get("rss_peak_process_gib"),
+        "rss_peak_inference_gib": r.get("rss_peak_inference_gib"),
+        "rss_peak_process_gib": r.get("rss_peak_process_gib"),
         "max_abs_diff_tiled_untiled": r.get("max_abs_diff_before_after"),
         "tile_shape": plan.get("tile_shape"), "chunk_size": plan.get("chunk_size"),
         "halo_overhead": plan.get("halo_overhead"), "decoded_points": r.get("decoded_points"),
@@ -125,19 +126,35 @@ def table(variants: list[dict], runs: list[dict], args) -> str:
             continue
         whole = [r["nexus_s"] for r in mine]
         tile = mine[0]["tile_shape"]
+        peak = median([r["peak_gemm_flops_per_s"] for r in mine])
         lines.append(
             f"| {v['name']} (`{v['sha'][:7]}`) | {len(mine)} | {fmt(median(whole))} ({fmt(min(whole))}–"
             f"{fmt(max(whole))}) | "
             + " | ".join(fmt(median([r[f'{p}_s'] for r in mine])) for p in PARTS)
             + f" | {fmt(median([r['ratio_to_untiled_attainable'] for r in mine]))} × | "
-            f"{fmt(median([r['peak_gemm_flops_per_s'] for r in mine]) / 1e9 if mine[0]['peak_gemm_flops_per_s'] else None, '.0f')} "
-            f"GFLOP/s | {fmt(max(r['rss_peak_inference_gib'] or 0 for r in mine))} | "
+            f"{fmt(peak / 1e9 if peak else None, '.0f')} GFLOP/s | "
+            f"{fmt(max(r['rss_peak_inference_gib'] or 0 for r in mine))} | "
             f"{'x'.join(map(str, tile)) if tile else 'untiled'}, {mine[0]['chunk_size'] or '–'} |")
-    lines += ["", "Untiled reference of each variant (the same process's untiled run, the benchmark's 'before'): "
-              + "; ".join(f"{v['name']}: {fmt(median([r['untiled_flops'] for r in runs if r['variant'] == v['name']]) / 1e9 if median([r['untiled_flops'] for r in runs if r['variant'] == v['name']]) else None, '.0f')} GFLOP, "
-                          f"attainable {fmt(median([r['untiled_attainable_s'] for r in runs if r['variant'] == v['name']]))} s, "
-                          f"max |tiled - untiled| {fmt(max((r['max_abs_diff_tiled_untiled'] or 0) for r in runs if r['variant'] == v['name']), '.1e')}"
-                          for v in variants if any(r["variant"] == v["name"] for r in runs)) + "."]
+    notes = []
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v["name"]]
+        if mine:
+            flops = median([r["untiled_flops"] for r in mine])
+            notes.append(f"{v['name']}: {fmt(flops / 1e9 if flops else None, '.0f')} GFLOP, attainable "
+                         f"{fmt(median([r['untiled_attainable_s'] for r in mine]))} s, max |tiled - untiled| "
+                         f"{fmt(max((r['max_abs_diff_tiled_untiled'] or 0) for r in mine), '.1e')}")
+    lines += ["", "Untiled reference of each variant (the same process's untiled run, the benchmark's "
+              "'before'): " + "; ".join(notes) + "."]
+    bounded = [r for r in runs if r.get("attention_ratio_to_bound") is not None]
+    if bounded:  # variants whose benchmark reports each part's own bound (issue 31 on)
+        lines += ["", "Each part's time / its own bound (FLOPs at the peak GEMM or bytes at the measured memory "
+                  "bandwidth, the larger), medians: "
+                  + "; ".join(f"{v['name']}: " + ", ".join(
+                      f"{p} {fmt(median([r[f'{p}_ratio_to_bound'] for r in bounded if r['variant'] == v['name']]))}×"
+                      for p in PARTS)
+                      for v in variants if any(r["variant"] == v["name"] for r in bounded))
+                  + f"; memory bandwidth "
+                  f"{fmt(median([r['memory_bandwidth_bytes_per_s'] for r in bounded]) / 1e9)} GB/s."]
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +165,8 @@ def main() -> int:
     ap.add_argument("--previous", default=PREVIOUS, help=f"the previous main beside ('' to skip; default {PREVIOUS})")
     ap.add_argument("--pairs", type=int, default=3, help="rounds of alternating runs (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every run (default 2)")
-    ap.add_argument("--size", type=int, nargs=3, default=None, help="output volume (default: the benchmark's 240 240 160)")
+    ap.add_argument("--size", type=int, nargs=3, default=None,
+                    help="output volume (default: the benchmark's 240 240 160)")
     ap.add_argument("--weights", default=str(REPO / "bundles" / "nexus_inr" / "models" / "model.pt"))
     ap.add_argument("--workdir", default="/tmp/nexus_bench_trees", help="where the commits are unpacked")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "performance"), help="output folder")

@@ -13,7 +13,10 @@ For ONE whole output volume (default 240 x 240 x 160 at 1 mm, both contrasts) on
   (:mod:`~nexus_monai.benchmark.flops`: Conv3d, Linear, the window attention's products), per part
   (encoders, KD-Attn, MMF/SEL MLPs, decoders, rest) time, FLOPs, attainable time = FLOPs / peak
   GEMM and their ratio, the same for the whole inference, and each op kind's own rate at its real
-  shapes; the window attention's gathers / positional MLP / whole forward also timed alone;
+  shapes; the window attention's window-row gather / positional table / whole forward also timed alone;
+* each part's own bound: its FLOPs at the peak GEMM or the bytes its gathers read (KD-Attn window rows,
+  trilinear lookups) at the memory bandwidth measured in the run (a 256 MiB copy), the larger, and
+  the part's time / that bound, so a regression shows which part moved;
 * trilinear interpolation of both contrasts onto the same grid (SimpleITK), ratio and voxels/s;
 * memory: RSS before inference and the peak during the "after" inference (the kernel's high-water
   mark reset through ``/proc/self/clear_refs`` where allowed), the process peak;
@@ -34,14 +37,15 @@ the default 240 x 240 x 160, 7 mm for 32 x 32 x 24), by block averaging.
 from nexus_monai.benchmark.flops import NetworkProfile, attention_probe, module_macs
 from nexus_monai.benchmark.inputs import (DEFAULT_SIZE, benchmark_inputs, decoder_flops_per_point, decoder_linears,
                                           describe_network, load_benchmark_network, training_batch)
-from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_peak_gemm
+from nexus_monai.benchmark.machine import machine_info, measure_gemm, measure_memory_bandwidth, measure_peak_gemm
 from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
 from nexus_monai.benchmark.report import format_report
 from nexus_monai.benchmark.run import run_benchmark
 
 __all__ = [
     "DEFAULT_SIZE", "benchmark_inputs", "load_benchmark_network", "decoder_linears", "decoder_flops_per_point",
-    "describe_network", "measure_gemm", "measure_peak_gemm", "time_inference", "time_trilinear", "training_batch",
+    "describe_network", "measure_gemm", "measure_peak_gemm", "measure_memory_bandwidth", "time_inference",
+    "time_trilinear", "training_batch",
     "time_training", "machine_info", "run_benchmark", "format_report", "NetworkProfile", "attention_probe",
     "module_macs",
 ]

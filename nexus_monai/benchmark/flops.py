@@ -11,7 +11,11 @@ every call, counts multiply-adds (MACs; FLOPs = 2 x MACs) and measures the time:
   Linear layers).
 
 Normalisations, activations, softmax, gathers and interpolations are not multiply-add products and are
-not counted (their time is in the parts' times). Parts, by the module's name in the network:
+not counted as FLOPs (their time is in the parts' times); the bytes the memory-bound steps read are
+counted instead (:meth:`NetworkProfile.summary`: the KD-Attn window rows, ``points x window x 2C x 4``
+per attention call; the trilinear lookups of the rest, ``points x (maps x 8 corners x C + images x 8)
+x 4``), so each part has a bound: FLOPs / peak GEMM or bytes / memory bandwidth, the larger.
+Parts, by the module's name in the network:
 ``encoders`` (``encoders.*``), ``attention`` (``attn_*``, incl. its key projection on the key grid),
 ``fusion_mlps`` (MMF ``proj``, SEL ``seg_head`` / ``seg_fuse``, ``modality_classifier``),
 ``decoder_mlps`` (``decoders.*``), ``other`` (anything else, e.g. a positional encoding).
@@ -30,7 +34,7 @@ from torch import nn
 
 from nexus_monai.benchmark.machine import best_seconds
 
-__all__ = ["PARTS", "NetworkProfile", "part_of", "module_macs", "attention_macs", "attention_probe"]
+__all__ = ["PARTS", "NetworkProfile", "part_of", "part_row", "module_macs", "attention_macs", "attention_probe"]
 
 PARTS = ("encoders", "attention", "fusion_mlps", "decoder_mlps", "other")
 _FUSION = ("proj", "seg_head", "seg_fuse", "modality_classifier")
@@ -87,6 +91,7 @@ class NetworkProfile:
         self.net = network.module if hasattr(network, "module") else network
         self._sync = sync or (lambda: None)  # e.g. torch.cuda.synchronize: before every timer read
         self.macs = defaultdict(int)
+        self.bytes = defaultdict(int)  # bytes read by the memory-bound steps (gathers), per part
         self.part_seconds = defaultdict(float)
         self.kinds: dict[str, dict] = {}
         self.method_seconds = defaultdict(float)
@@ -108,6 +113,9 @@ class NetworkProfile:
             seconds = time.perf_counter() - self._start[id(mod)].pop()
             macs = attention_macs(mod, inputs[0]) if _is_window_attention(mod) else module_macs(mod, inputs, output)
             self.macs[part] += macs
+            if _is_window_attention(mod):  # the window's key / value rows every point reads
+                q = inputs[0]
+                self.bytes[part] += q.numel() // q.shape[-1] * len(mod.offsets) * 2 * mod.dim * 4
             entry = self.kinds.setdefault(kind, {"kind": kind, "calls": 0, "macs": 0, "seconds": 0.0})
             entry["calls"] += 1
             entry["macs"] += macs
@@ -182,8 +190,19 @@ class NetworkProfile:
         self._wrapped.clear()
 
     # -- results -------------------------------------------------------------------------------
-    def summary(self, total_seconds: float, peak_flops_per_s: float) -> dict:
-        """Per part and for the whole call: seconds, FLOPs, attainable seconds at ``peak_flops_per_s``, ratio.
+    def lookup_bytes(self) -> int:
+        """Bytes the trilinear lookups of the decoded points read (the rest's memory-bound work): per point
+        and feature map 8 corners x C floats, per LR image 8 floats (one lookup per map and point)."""
+        maps = len(getattr(self.net, "encoders", {}))
+        c = int(getattr(self.net, "features", 0))
+        images = 2 if maps else 0
+        return int(self.points * (maps * 8 * c + images * 8) * 4)
+
+    def summary(self, total_seconds: float, peak_flops_per_s: float,
+                bandwidth_bytes_per_s: float | None = None) -> dict:
+        """Per part and for the whole call: seconds, FLOPs, attainable seconds at ``peak_flops_per_s``, ratio;
+        with ``bandwidth_bytes_per_s`` also each part's bytes, its bound (the larger of FLOPs / peak and
+        bytes / bandwidth: ``bound_kind`` "gemm" or "memory") and ``ratio_to_bound``.
 
         ``attention`` time = the attention calls + the key projection on the key grid; ``other``
         time = everything of the whole call not in a listed part (lookups, concatenations, the empty
@@ -192,31 +211,48 @@ class NetworkProfile:
         seconds = {p: self.part_seconds.get(p, 0.0) for p in PARTS}
         seconds["attention"] += self.method_seconds.get("attention_keys", 0.0)
         seconds["other"] = total_seconds - sum(seconds[p] for p in PARTS if p != "other")
-
-        def row(secs: float, macs: int) -> dict:
-            flops = 2.0 * macs
-            attainable = flops / peak_flops_per_s
-            return {"seconds": secs, "flops": flops, "attainable_s": attainable,
-                    "ratio_to_attainable": secs / attainable if attainable > 0 else None}
-
-        parts = {p: row(seconds[p], self.macs.get(p, 0)) for p in PARTS}
+        nbytes = {p: self.bytes.get(p, 0) for p in PARTS}
+        nbytes["other"] += self.lookup_bytes()
+        parts = {p: part_row(seconds[p], self.macs.get(p, 0), nbytes[p], peak_flops_per_s, bandwidth_bytes_per_s)
+                 for p in PARTS}
         kinds = []
         for entry in sorted(self.kinds.values(), key=lambda e: -e["macs"]):
             flops = 2.0 * entry["macs"]
             secs = entry["seconds"] if entry["seconds"] > 0 else None
             kinds.append({**entry, "flops": flops, "flops_per_s": flops / secs if secs else None,
                           "fraction_of_peak": flops / secs / peak_flops_per_s if secs else None})
-        return {"parts": parts, "whole": row(total_seconds, sum(self.macs.values())), "op_kinds": kinds,
+        whole = part_row(total_seconds, sum(self.macs.values()), sum(nbytes.values()), peak_flops_per_s,
+                         bandwidth_bytes_per_s)
+        return {"parts": parts, "whole": whole, "op_kinds": kinds,
                 "points": int(self.points), "calls": int(self.calls), "max_rows": int(self.max_rows),
                 "method_seconds": dict(self.method_seconds)}
 
 
+def part_row(seconds: float, macs: int, nbytes: int, peak_flops_per_s: float,
+             bandwidth_bytes_per_s: float | None = None) -> dict:
+    """One part's row: time, FLOPs, attainable time at the GEMM peak and ratio; with a bandwidth also its
+    bytes, memory time, bound = max(FLOPs / peak, bytes / bandwidth), which one binds, and time / bound."""
+    flops = 2.0 * macs
+    attainable = flops / peak_flops_per_s
+    row = {"seconds": seconds, "flops": flops, "attainable_s": attainable,
+           "ratio_to_attainable": seconds / attainable if attainable > 0 else None, "bytes": int(nbytes)}
+    if bandwidth_bytes_per_s:
+        memory_s = nbytes / bandwidth_bytes_per_s
+        bound = max(attainable, memory_s)
+        row.update({"memory_s": memory_s, "bound_s": bound,
+                    "bound_kind": "memory" if memory_s > attainable else "gemm",
+                    "ratio_to_bound": seconds / bound if bound > 0 else None})
+    return row
+
+
 def attention_probe(network: nn.Module, key_shape, points: int, peak_flops_per_s: float, repeats: int = 3,
                     seed: int = 0, sync=None) -> dict | None:
-    """The window attention's own steps timed alone at a real shape: ``points`` queries into a key map
-    of ``key_shape`` (the gather of keys/values, the positional MLP, q.k + softmax + attn.v), with the
-    network's first attention module, on the module's device (``sync`` before every timer read).
-    ``None`` for a network without one."""
+    """The window attention's own steps timed alone at a real shape: ``points`` queries of a 1 mm output
+    grid into a key map of ``key_shape`` with 2 mm slabs along z (the T1 grid of the benchmark: two
+    sub-voxel phases), with the network's first attention module, on the module's device (``sync``
+    before every timer read): the window rows' gather (``index_select`` of whole key / value rows), the
+    positional table (window index, signatures, the MLP once per signature and offset) and the whole
+    forward. ``None`` for a network without one."""
     net = network.module if hasattr(network, "module") else network
     attn = next((m for m in net.modules() if _is_window_attention(m)), None)
     if attn is None:
@@ -226,23 +262,33 @@ def attention_probe(network: nn.Module, key_shape, points: int, peak_flops_per_s
     dev = attn.offsets.device
     shape = [int(s) for s in key_shape]
     key_map = torch.randn(1, c, *shape, generator=gen).to(dev)
-    index = (torch.rand(1, points, 3, generator=gen) * (torch.tensor(shape, dtype=torch.float32) - 1)).to(dev)
-    query = torch.randn(1, points, c, generator=gen).to(dev)
+    # output voxels in C order over the key map's interior: index = (x, y, z / 2 - 0.25) in the key grid
+    side = max(1, round((points / 2) ** (1 / 3)))
+    out = [min(side, max(1, shape[0] - 2)), min(side, max(1, shape[1] - 2)), max(1, points // (side * side))]
+    axes = [torch.arange(n, dtype=torch.float32) for n in out]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)[:points]
+    index = (grid * torch.tensor([1.0, 1.0, 0.5]) + torch.tensor([1.0, 1.0, 0.75]))
+    index = torch.minimum(index, torch.tensor(shape, dtype=torch.float32) - 1)[None].to(dev)
+    k = index.shape[1]
+    query = torch.randn(1, k, c, generator=gen).to(dev)
     with torch.inference_mode():
         kv = attn.project_keys(key_map)
-        flat = torch.randint(0, kv.shape[1], (1, points * w), generator=gen).to(dev)
-        gather_s = best_seconds(lambda: torch.gather(kv, 1, flat[..., None].expand(-1, -1, 2 * c)), repeats, sync)
-        rel = (torch.rand(1, points, w, 3, generator=gen) - 0.5).to(dev)
-        pos_s = best_seconds(lambda: attn.pos(rel), repeats, sync)
+        flat, rel, keys = attn.window_index(index, shape)
+        rows = flat.reshape(-1)
+        gather_s = best_seconds(lambda: kv[0].index_select(0, rows), repeats, sync)
+        table_s = best_seconds(lambda: attn.positional_table(*attn.window_index(index, shape)[1:]), repeats, sync)
+        phases = attn.positional_table(rel, keys)[0].shape[0]
         whole_s = best_seconds(lambda: attn(query, key_map, index, kv), repeats, sync)
-    pos_macs = points * w * sum(m.in_features * m.out_features for m in attn.pos.modules() if isinstance(m, nn.Linear))
-    own_macs = 2 * points * w * c
-    linear_macs = points * (c * c + c * c) + pos_macs  # to_q, out, positional MLP
+    pos_macs = phases * w * sum(m.in_features * m.out_features for m in attn.pos.modules() if isinstance(m, nn.Linear))
+    own_macs = 2 * k * w * c
+    linear_macs = k * (c * c + c * c) + pos_macs  # to_q, out, positional MLP (once per phase and offset)
+    gathered = k * w * 2 * c * 4
     return {
-        "points": int(points), "window": int(w), "dim": int(c), "heads": int(attn.heads), "key_shape": shape,
-        "gather_s": gather_s, "gather_bytes_per_s": points * w * 2 * c * 4 / gather_s,
-        "positional_mlp_s": pos_s, "positional_mlp_flops_per_s": 2 * pos_macs / pos_s,
+        "points": int(k), "window": int(w), "dim": int(c), "heads": int(attn.heads), "key_shape": shape,
+        "phases": int(phases), "gather_s": gather_s, "gather_bytes_per_s": gathered / gather_s,
+        "positional_table_s": table_s,
         "forward_s": whole_s, "forward_flops": 2.0 * (own_macs + linear_macs),
         "forward_flops_per_s": 2.0 * (own_macs + linear_macs) / whole_s,
         "forward_fraction_of_peak": 2.0 * (own_macs + linear_macs) / whole_s / peak_flops_per_s,
+        "forward_bytes_per_s": gathered / whole_s, "us_per_point": whole_s / k * 1e6,
     }

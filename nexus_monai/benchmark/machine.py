@@ -4,6 +4,8 @@
 matmul (``n x n x n``, ``2 n^3`` FLOPs, best of ``repeats``), fp32 at the thread count in use on
 CPU; on CUDA fp32 and bf16 (the autocast dtype), every timer read after a synchronize.
 :func:`measure_gemm` is the older decoder-shaped rate (``torch.addmm`` at the decoder layers' shapes).
+:func:`measure_memory_bandwidth` is the reference of the memory-bound parts (gathers, lookups): bytes
+read + written per second by a large tensor copy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from nexus_monai.benchmark.inputs import decoder_linears
 
 __all__ = ["machine_info", "rss_gib", "ru_maxrss_gib", "reset_peak_rss", "peak_rss_since_reset_gib", "best_seconds",
-           "synchronizer", "measure_gemm", "measure_peak_gemm", "cuda_info", "GIB"]
+           "synchronizer", "measure_gemm", "measure_peak_gemm", "measure_memory_bandwidth", "cuda_info", "GIB"]
 
 GIB = 1024.0**3
 
@@ -185,3 +187,16 @@ def measure_gemm(network: nn.Module, rows: int, repeats: int = 5, seed: int = 0,
         "gemm_hidden_flops_per_s": 2 * rows * square[0] * square[1] / best[square],
         "gemm_dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def measure_memory_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5, device: torch.device | str = "cpu") -> dict:
+    """Memory bandwidth: a copy of ``nbytes`` (float32, far beyond the caches) into another buffer on ``device``
+    (CPU: at the current thread count), best of ``repeats``; bytes moved = read + written = ``2 x nbytes``."""
+    device = torch.device(device)
+    n = max(1, int(nbytes) // 4)
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    with torch.inference_mode():
+        seconds = best_seconds(lambda: dst.copy_(src), repeats, synchronizer(device))
+    return {"memory_bandwidth_bytes": int(2 * 4 * n), "memory_bandwidth_s": seconds,
+            "memory_bandwidth_bytes_per_s": 2.0 * 4 * n / seconds}

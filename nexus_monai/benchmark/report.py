@@ -22,15 +22,25 @@ def _ratio(x) -> str:
     return "-" if x is None else f"{x:.2f} x"
 
 
+def _bound(row: Mapping) -> str:
+    if row.get("bound_s") is None:
+        return ""
+    kind = row.get("bound_kind", "")
+    kind = f" {kind}" if kind else ""
+    return f" | own bound {row['bound_s']:.2f} s{kind}, {_ratio(row.get('ratio_to_bound'))}"
+
+
 def _parts_rows(add, r: Mapping, indent: str = "  ") -> None:
-    add((f"{indent}part: time / FLOPs / attainable / ratio", ""))
+    add((f"{indent}part: time / FLOPs / attainable at peak GEMM / ratio | own bound (GEMM peak or memory "
+         f"bandwidth), ratio", ""))
     for name, row in r["parts"].items():
         add((f"{indent}  {_PART_NAMES.get(name, name)}", f"{row['seconds']:.2f} s / {_si(row['flops'], 'FLOP')} / "
                                                           f"{row['attainable_s']:.2f} s / "
-                                                          f"{_ratio(row['ratio_to_attainable'])}"))
+                                                          f"{_ratio(row['ratio_to_attainable'])}{_bound(row)}"))
+    whole = {"bound_s": r.get("bound_s"), "ratio_to_bound": r.get("whole_inference_ratio_to_bound")}
     add((f"{indent}  whole inference",
          f"{r['nexus_s']:.2f} s / {_si(r['flops'], 'FLOP')} / {r['attainable_s']:.2f} s / "
-                                       f"{_ratio(r['whole_inference_ratio_to_attainable'])}"))
+         f"{_ratio(r['whole_inference_ratio_to_attainable'])}{_bound(whole)}"))
 
 
 def format_report(r: Mapping) -> str:
@@ -73,6 +83,9 @@ def format_report(r: Mapping) -> str:
          _si(peak, "FLOP/s")))
     if r.get("peak_gemm_bf16_flops_per_s") and dtype == "bf16":
         add(("peak fp32 GEMM (same size, same run)", _si(r["peak_gemm_fp32_flops_per_s"], "FLOP/s")))
+    if r.get("memory_bandwidth_bytes_per_s"):
+        add(("memory bandwidth (256 MiB copy, read + write; the memory-bound parts' reference)",
+             _si(r["memory_bandwidth_bytes_per_s"], "B/s")))
     plan = r.get("plan", {})
     tiling = (f"tiles {'x'.join(str(t) for t in plan['tile_shape'])} output voxels, halo {plan['halo_voxels']}, "
               f"{plan['tiles_encoded']} encoded / {plan['tiles_skipped']} empty skipped, chunks of "
@@ -95,9 +108,9 @@ def format_report(r: Mapping) -> str:
         add(
             (
                 f"  KD-Attn alone ({a['points']:,} points, window {a['window']}, key map {tuple(a['key_shape'])})",
-                f"gather {_si(a['gather_bytes_per_s'], 'B/s')}, "
-                f"positional MLP {_si(a['positional_mlp_flops_per_s'], 'FLOP/s')}, "
-                f"whole {_si(a['forward_flops_per_s'], 'FLOP/s')} ({a['forward_fraction_of_peak']:.2f} of peak)",
+                f"window-row gather {_si(a['gather_bytes_per_s'], 'B/s')}, "
+                f"positional table ({a['phases']} phases) {a['positional_table_s'] * 1e3:.1f} ms, "
+                f"whole {a['us_per_point']:.2f} us/point, {_si(a['forward_bytes_per_s'], 'B/s')} of window rows",
             )
         )
     b = r.get("before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from nexus_monai.benchmark.fit import AUTHORS, embedded_subject, time_fit
-from nexus_monai.benchmark.flops import attention_probe
+from nexus_monai.benchmark.flops import attention_probe, part_row
 from nexus_monai.benchmark.inputs import (
     DEFAULT_SIZE,
     T1_ACQUISITION,
@@ -20,7 +21,8 @@ from nexus_monai.benchmark.inputs import (
     describe_network,
     load_benchmark_network,
 )
-from nexus_monai.benchmark.machine import (cuda_info, machine_info, measure_gemm, measure_peak_gemm, ru_maxrss_gib,
+from nexus_monai.benchmark.machine import (cuda_info, machine_info, measure_gemm, measure_memory_bandwidth,
+                                           measure_peak_gemm, ru_maxrss_gib,
                                            synchronizer)
 from nexus_monai.benchmark.probes import time_inference, time_training, time_trilinear
 from nexus_monai.engines.inr import ImplicitGridInferer
@@ -31,30 +33,34 @@ from nexus_monai.losses import NexusINRLoss
 __all__ = ["run_benchmark", "apply_peak"]
 
 
-def apply_peak(profile: Mapping, peak: float) -> dict:
-    """``profile`` (``NetworkProfile.summary``) with attainable times and ratios at the GEMM rate ``peak``."""
+def apply_peak(profile: Mapping, peak: float, bandwidth: float | None = None) -> dict:
+    """``profile`` (``NetworkProfile.summary``) with attainable times and ratios at the GEMM rate ``peak``;
+    with the memory ``bandwidth`` (bytes/s) also each part's own bound (FLOPs / peak or bytes / bandwidth,
+    the larger) and ratio to it; the whole's bound is the sum of the parts' bounds (they run in turn)."""
     out = {"parts": {}, "op_kinds": []}
-    for name, row in list(profile["parts"].items()) + [("whole", profile["whole"])]:
-        att = row["flops"] / peak
-        new = {**row, "attainable_s": att, "ratio_to_attainable": row["seconds"] / att if att > 0 else None}
-        if name == "whole":
-            out["whole"] = new
-        else:
-            out["parts"][name] = new
+    for name, row in profile["parts"].items():
+        out["parts"][name] = {**row, **part_row(row["seconds"], row["flops"] / 2.0, row.get("bytes", 0), peak,
+                                                 bandwidth)}
+    whole = profile["whole"]
+    out["whole"] = {**whole, **part_row(whole["seconds"], whole["flops"] / 2.0, whole.get("bytes", 0), peak)}
+    if bandwidth:
+        bound = sum(r["bound_s"] for r in out["parts"].values())
+        out["whole"].update({"bound_s": bound, "ratio_to_bound": whole["seconds"] / bound if bound > 0 else None})
     for k in profile["op_kinds"]:
         rate = k["flops_per_s"]
         out["op_kinds"].append({**k, "fraction_of_peak": rate / peak if rate else None})
     return out
 
 
-def _inference_fields(r: Mapping, peak: float) -> dict:
-    prof = apply_peak(r["profile"], peak)
+def _inference_fields(r: Mapping, peak: float, bandwidth: float | None = None) -> dict:
+    prof = apply_peak(r["profile"], peak, bandwidth)
     return {
         "nexus_s": r["seconds"], "encode_s": r["encode_s"], "decode_s": r["decode_s"],
         "decoder_mlp_s": r["decoder_mlp_s"], "attention_s": r["attention_s"],
         "outside_network_s": r["seconds"] - r["encode_s"] - r["decode_s"],
         "flops": prof["whole"]["flops"], "attainable_s": prof["whole"]["attainable_s"],
         "whole_inference_ratio_to_attainable": prof["whole"]["ratio_to_attainable"],
+        "bound_s": prof["whole"].get("bound_s"), "whole_inference_ratio_to_bound": prof["whole"].get("ratio_to_bound"),
         "parts": prof["parts"], "op_kinds": prof["op_kinds"], "plan": r["plan"],
         "peak_rss_gib": r["rss_peak_inference_gib"],
     }
@@ -136,8 +142,12 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
         bf16 = measure_peak_gemm(peak_gemm_n, gemm_repeats, device=dev, dtype=torch.bfloat16) \
             if (amp or dev.type == "cuda") else None
         ref = bf16 if amp else fp32
-        return {**ref, "fp32": fp32["peak_gemm_flops_per_s"], "bf16": bf16["peak_gemm_flops_per_s"] if bf16 else None}
+        bandwidth = measure_memory_bandwidth(copy_bytes, gemm_repeats, device=dev)["memory_bandwidth_bytes_per_s"]
+        return {**ref, "fp32": fp32["peak_gemm_flops_per_s"], "bf16": bf16["peak_gemm_flops_per_s"] if bf16 else None,
+                "bandwidth": bandwidth}
 
+    # the bandwidth copy: 256 MiB, far beyond the caches (32 MiB for volumes under a million voxels: the tests')
+    copy_bytes = (256 if math.prod(int(v) for v in size) >= 10**6 else 32) * 1024**2
     log(f"peak GEMM: {peak_gemm_n}^3 matmul on {dev}"
         + (f" at {torch.get_num_threads()} threads" if dev.type == "cpu" else "")
         + (", fp32 and bf16" if amp or dev.type == "cuda" else ""))
@@ -173,7 +183,10 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
                    "peak_gemm_fp32_flops_per_s": peak_fp32,
                    "peak_gemm_bf16_flops_per_s": max(p["bf16"] for p in peak_runs) if peak_runs[0]["bf16"] else None,
                    "peak_gemm_runs_flops_per_s": [p["peak_gemm_flops_per_s"] for p in peak_runs]})
-    result.update(_inference_fields(after, peak))
+    bandwidth = max(p["bandwidth"] for p in peak_runs)
+    result.update({"memory_bandwidth_bytes_per_s": bandwidth,
+                   "memory_bandwidth_runs_bytes_per_s": [p["bandwidth"] for p in peak_runs]})
+    result.update(_inference_fields(after, peak, bandwidth))
     for k in ("decoded_points", "decoder_calls", "max_points_per_call", "rss_before_inference_gib",
               "rss_peak_inference_gib",
               "rss_peak_inference_exact", "rss_increase_inference_gib"):
@@ -183,7 +196,7 @@ def run_benchmark(bundle: str | os.PathLike = "bundles/nexus_inr", overlays: Seq
     result.update({"decoded_fraction": after["decoded_points"] / v, "voxels_per_s": v / after["seconds"],
                    "decoded_points_per_s": after["decoded_points"] / after["seconds"]})
     if before is not None:
-        b = _inference_fields(before, peak)
+        b = _inference_fields(before, peak, bandwidth)
         b["decoded_points"] = before["decoded_points"]
         result["before"] = b
         result["speedup_before_to_after"] = before["seconds"] / after["seconds"]

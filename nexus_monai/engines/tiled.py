@@ -56,7 +56,8 @@ from nexus_monai.networks.tiling import (
 )
 
 __all__ = ["AUTO", "DEFAULT_MAX_MEMORY_GIB", "MIN_TILE_BUDGET_BYTES", "MAX_HALO_OVERHEAD", "CPU_FREE_FRACTION",
-           "CUDA_FREE_FRACTION", "CUDA_MAX_CHUNK", "AUTO_HALO_OVERHEAD", "AUTO_SOFT_GROWTH_GIB", "CUDA_CALL_FACTOR", "tileable", "process_rss_bytes",
+           "CUDA_FREE_FRACTION", "CUDA_MAX_CHUNK", "AUTO_HALO_OVERHEAD", "AUTO_SOFT_GROWTH_GIB", "CUDA_CALL_FACTOR",
+           "tileable", "process_rss_bytes",
            "available_memory_bytes", "memory_budget", "plan", "tiled_decode"]
 
 AUTO = "auto"  # max_memory_gib: a budget sized for the device (memory_budget)

@@ -133,7 +133,6 @@ class LocalWindowCrossAttention(nn.Module):
                 ids = inv if ids is None else ids * count + inv
             total = first[0].shape[0] * first[1].shape[0] * first[2].shape[0]
             if total <= MAX_PHASES:  # every combination (a few unused ones cost nothing)
-                u_rows = first
                 sig = ids
                 table_rel = [first[0][:, None, None, :, None, None], first[1][None, :, None, None, :, None],
                              first[2][None, None, :, None, None, :]]

@@ -29,7 +29,8 @@ POSITIVE_FIELDS = TIME_FIELDS + [
     "rss_peak_process_gib", "gemm_rows", "gemm_flops_per_s", "gemm_hidden_flops_per_s", "decoder_flops_per_point",
     "matmul_bound_s", "ratio_nexus_to_matmul_bound", "ratio_decoder_mlp_to_matmul_bound", "train_steps",
     "train_steps_per_s", "network_params", "spacing_mm", "brain_voxels", "peak_gemm_flops_per_s", "flops", "attainable_s",
-    "whole_inference_ratio_to_attainable", "peak_rss_gib", "speedup_before_to_after",
+    "whole_inference_ratio_to_attainable", "peak_rss_gib", "speedup_before_to_after", "memory_bandwidth_bytes_per_s",
+    "whole_inference_ratio_to_bound",
 ]
 OTHER_FIELDS = ["machine", "output_shape", "t1_lr_shape", "t2_lr_shape", "chunk_size", "outside_network_s", "network", "weights",
                 "rss_increase_inference_gib", "rss_peak_inference_exact", "train_batch_size", "train_patch_size",
@@ -85,6 +86,14 @@ def _check_result(r, size=TINY_SIZE, train_steps=2):
         assert _close(result["whole_inference_ratio_to_attainable"], result["nexus_s"] / result["attainable_s"])
         for p in parts.values():
             assert _close(p["attainable_s"], p["flops"] / peak)
+            # each part's own bound: the larger of its FLOPs at the GEMM peak and its bytes at the bandwidth
+            memory_s = p["bytes"] / r["memory_bandwidth_bytes_per_s"]
+            assert _close(p["bound_s"], max(p["attainable_s"], memory_s))
+            assert p["bound_kind"] == ("memory" if memory_s > p["attainable_s"] else "gemm")
+            assert _close(p["ratio_to_bound"], p["seconds"] / p["bound_s"])
+        assert parts["attention"]["bytes"] > 0 and parts["other"]["bound_kind"] == "memory"
+        assert parts["encoders"]["bytes"] == 0 and parts["encoders"]["bound_kind"] == "gemm"
+        assert _close(result["bound_s"], sum(p["bound_s"] for p in parts.values()))
         assert parts["encoders"]["flops"] > 0 and parts["attention"]["flops"] > 0 and parts["decoder_mlps"]["flops"] > 0
         assert parts["other"]["flops"] == 0
     # the untiled run computes every LR voxel; the tiled one skips background tiles and recomputes halos

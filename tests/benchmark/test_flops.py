@@ -75,3 +75,25 @@ def test_profile_of_a_small_nexus_inr_by_hand():
     assert body["macs"] == 27 * 16 * (6 * 6 * 4 + 6 * 3 * 6) and body["calls"] == 2
     assert part_of("encoders.t1_shared.body.0") == "encoders" and part_of("seg_fuse.t1.0") == "fusion_mlps"
     assert part_of("attn_t1.pos.0") == "attention" and part_of("decoders.t2.net.0") == "decoder_mlps"
+
+
+def test_bytes_and_own_bounds_by_hand():
+    """KD-Attn reads points x window x 2C floats of window rows per call; the rest's lookups points x (maps x 8 x C
+    + 2 images x 8) floats; a part's bound is the larger of FLOPs / peak and bytes / bandwidth."""
+    torch.manual_seed(0)
+    net = NexusINR(encoder="rescnn", features=4, encoder_options={"depth": 1}, decoder_hidden=8, decoder_layers=2,
+                   attn_heads=2, sel=False, pe=False).eval()
+    k = 40
+    hr = torch.eye(4, dtype=torch.float64)[None]
+    batch = dict(t1=torch.rand(1, 1, 6, 6, 4), t2=torch.rand(1, 1, 6, 3, 6), t1_affine=hr, t2_affine=hr,
+                 query_world=torch.rand(1, k, 3) * 3, query_norm=torch.rand(1, k, 3))
+    with NetworkProfile(net) as prof, torch.no_grad():
+        net(**batch, aux=False)
+    assert prof.bytes["attention"] == k * 27 * 2 * 4 * 4  # one attention (T2 from T1), C = 4
+    summary = prof.summary(2.0, peak_flops_per_s=1e9, bandwidth_bytes_per_s=1e6)
+    other = summary["parts"]["other"]
+    assert other["bytes"] == k * (4 * 8 * 4 + 2 * 8) * 4  # 4 maps (shared + specific per contrast)
+    assert other["bound_kind"] == "memory" and other["bound_s"] == other["bytes"] / 1e6
+    enc = summary["parts"]["encoders"]
+    assert enc["bound_kind"] == "gemm" and enc["bound_s"] == enc["flops"] / 1e9
+    assert enc["ratio_to_bound"] == enc["seconds"] / enc["bound_s"]
