@@ -57,7 +57,7 @@ def cmd_evaluate(args) -> int:
         }
     evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet,
                      segmenters=segmenters,
-                     method_options=options, mlflow=mlflow)
+                     method_options=options, mlflow=mlflow, counterfactual_imprint=args.counterfactual_imprint)
     print((Path(args.out) / "table1.md").read_text())
     if segmenters:
         print((Path(args.out) / "table5.md").read_text())
@@ -87,6 +87,8 @@ def _cmd_grid(args, methods: list, options: dict) -> int:
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     if args.downstream:
         raise NexusInputError(None, "--downstream is not available with a protocol grid")
+    if getattr(args, "counterfactual_imprint", False):
+        raise NexusInputError(None, "--counterfactual-imprint is not available with a protocol grid")
     run_protocol_grid(entries, methods, args.out, splits=splits, data=args.data, seed=args.seed,
                       max_subjects=args.max_subjects, max_subjects_full=args.max_subjects, method_options=options,
                       progress=not args.quiet)
@@ -117,6 +119,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="split seed when --data is a BraTS root without datalist")
     e.add_argument("--max-subjects", type=int, default=None)
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as n/a)")
+    e.add_argument("--counterfactual-imprint", action="store_true",
+                   help="lesion metric v2: also re-render each simulated subject without its T2w-only and without "
+                        "its T1w-only lesions and re-run every method on both (imprint_cf_t1 / imprint_cf_t2; three "
+                        "generator renders per subject and three extra runs of every method)")
     e.add_argument("--downstream", default="",
                    help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in "
                         "bundles/<name>/models)")
