@@ -179,6 +179,9 @@ class NetworkProfile:
         for name in ("encode", "add_attention_keys", "decode"):
             if hasattr(self.net, name):
                 self._timed_method(self.net, name, name)
+        consistency = getattr(self.net, "consistency", None)  # the any-protocol soft data-consistency step
+        if isinstance(consistency, nn.Module) and hasattr(consistency, "on_grid"):
+            self._timed_method(consistency, "on_grid", "consistency")
         return self
 
     def __exit__(self, *exc) -> None:

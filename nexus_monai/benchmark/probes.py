@@ -83,6 +83,7 @@ def time_inference(network: nn.Module, inputs: Mapping, inferer, peak_flops_per_
         "decode_s": ms.get("decode", 0.0),
         "decoder_mlp_s": profile["parts"]["decoder_mlps"]["seconds"],
         "attention_s": profile["parts"]["attention"]["seconds"],
+        "consistency_s": ms.get("consistency", 0.0),  # data-consistency step (inside "other"), 0 without one
         "decoded_points": profile["points"],
         "decoder_calls": profile["calls"],
         "max_points_per_call": profile["max_rows"],

@@ -97,6 +97,8 @@ def format_report(r: Mapping) -> str:
     add((f"inference, whole volume (after: {tiling}; {budget})", ""))
     add(("  Nexus-INR (predict_volumes)", f"{r['nexus_s']:.2f} s"))
     _parts_rows(add, r)
+    if r.get("consistency_s"):
+        add(("  of the rest: soft data-consistency step", f"{r['consistency_s']:.2f} s"))
     add(("  points decoded (skip_empty)", f"{r['decoded_points']:,} of {v:,} ({100 * r['decoded_fraction']:.1f} %), "
                                           f"{r['decoder_calls']} decoder calls of <= {r['max_points_per_call']:,}"))
     add(("  op kinds at their real shapes: calls, FLOPs, rate (fraction of peak GEMM)", ""))

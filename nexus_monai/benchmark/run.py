@@ -57,6 +57,7 @@ def _inference_fields(r: Mapping, peak: float, bandwidth: float | None = None) -
     return {
         "nexus_s": r["seconds"], "encode_s": r["encode_s"], "decode_s": r["decode_s"],
         "decoder_mlp_s": r["decoder_mlp_s"], "attention_s": r["attention_s"],
+        "consistency_s": r.get("consistency_s", 0.0),
         "outside_network_s": r["seconds"] - r["encode_s"] - r["decode_s"],
         "flops": prof["whole"]["flops"], "attainable_s": prof["whole"]["attainable_s"],
         "whole_inference_ratio_to_attainable": prof["whole"]["ratio_to_attainable"],

@@ -97,3 +97,23 @@ def test_bytes_and_own_bounds_by_hand():
     enc = summary["parts"]["encoders"]
     assert enc["bound_kind"] == "gemm" and enc["bound_s"] == enc["flops"] / 1e9
     assert enc["ratio_to_bound"] == enc["seconds"] / enc["bound_s"]
+
+
+def test_profile_times_the_consistency_step():
+    """The any-protocol soft data-consistency step (a network with ``consistency``) is timed by the profile."""
+    from monai.data import MetaTensor
+
+    from nexus_monai.engines.inr import ImplicitGridInferer
+    from nexus_monai.geometry import TargetGrid, thick_slice_affine
+
+    torch.manual_seed(0)
+    net = NexusINR(encoder="rescnn", features=4, encoder_options={"depth": 1}, decoder_hidden=8, decoder_layers=2,
+                   attn_heads=2, sel=False, pe=False, data_consistency=True).eval()
+    hr = torch.eye(4, dtype=torch.float64)
+    x = torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    t1 = MetaTensor(x[:, :, :, ::2].clone(), affine=thick_slice_affine(hr, "z", 2))
+    t2 = MetaTensor(x[:, :, ::4, :].clone(), affine=thick_slice_affine(hr, "y", 4))
+    with NetworkProfile(net) as prof:
+        ImplicitGridInferer(max_memory_gib=None, chunk_size=256)(t1, t2, net, TargetGrid((8, 8, 8), hr))
+    assert prof.method_seconds["consistency"] > 0
+    assert "on_grid" not in vars(net.consistency)  # the timer is removed on exit
