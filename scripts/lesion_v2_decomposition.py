@@ -1,26 +1,31 @@
-"""Lesion metric v2 of the shipped default on the world of docs/lesion_objective.md (synth 2.0.0, test-only family):
-raw, guarded, ibp, trilinear, with the within-slab part. LR scans made as that world made them (the nominal operator
-on the ground truth). One JSON per subject under results/lesion_v2_decomposition/ (resumable; the 2026-12-06 run, without its
-false-positive columns, which predate the top-hat condition, is in docs/results/lesion_v2_decomposition/).
+"""Lesion metric v2 of the shipped default on the world of docs/lesion_objective.md (synth 2.0.0, test-only
+family): raw, guarded, ibp, trilinear, with the within-slab part. LR scans made as that world made them (the
+nominal operator on the ground truth). One JSON per subject under results/lesion_v2_decomposition/ (resumable; the
+2026-12-06 run, without its false-positive columns, which predate the top-hat condition, is in
+docs/results/lesion_v2_decomposition/).
 
     OMP_NUM_THREADS=1 python scripts/lesion_v2_decomposition.py   # needs the cached 2.0.0 embedded dataset
 """
-import json, sys, time
+import json
+import time
 from pathlib import Path
-import numpy as np, torch
-from monai.data import MetaTensor
+
+import numpy as np
+import torch
+
 from nexus_monai.data.brats import brats_loader
-from nexus_monai.evaluation.methods import get_method, bundle_model
-from nexus_monai.engines.predict import predict_volumes
-from nexus_monai.evaluation.methods import _guarded
-from nexus_monai.geometry import TargetGrid
-from nexus_monai.metrics.lesion import lesion_fidelity_row, lesion_geometry
-from nexus_monai.metrics.image_quality import intensity_scale, psnr
-from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition
 from nexus_monai.data.datalist import default_cache_dir
+from nexus_monai.engines.predict import predict_volumes
+from nexus_monai.evaluation.methods import _guarded, bundle_model, get_method
+from nexus_monai.geometry import TargetGrid
+from nexus_monai.metrics.image_quality import intensity_scale, psnr
+from nexus_monai.metrics.lesion import lesion_fidelity_row, lesion_geometry
+from nexus_monai.transforms.acquisition import SimulateAnisotropicAcquisition
+
 root = default_cache_dir() / 'synbrats_small_n24_ta5_s0_v2.0.0'
 dl = json.loads((root / 'dataset.json').read_text())
-out = Path('results/lesion_v2_decomposition'); out.mkdir(parents=True, exist_ok=True)
+out = Path('results/lesion_v2_decomposition')
+out.mkdir(parents=True, exist_ok=True)
 network, inferer = bundle_model('bundles/nexus_inr', (), None)
 for e in dl['test_anatomy']:
     dst = out / f"{e['subject']}.json"

@@ -51,7 +51,8 @@ def _entry(tmp_path, params=True):
                             ("t2_clean", s.images["t2"], np.float32), (LESIONS, s.lesions, np.int16)):
         entry[key] = str(save_volume(vol, d / f"SynBraTS_0001_{key}.nii.gz", affine=np.eye(4), dtype=dtype))
     if params:
-        (d / "SynBraTS_0001_params.json").write_text(json.dumps({"seed": 3, "subject_index": 1, "family": "test_anatomy"}))
+        params_json = {"seed": 3, "subject_index": 1, "family": "test_anatomy"}
+        (d / "SynBraTS_0001_params.json").write_text(json.dumps(params_json))
     return entry
 
 

@@ -105,7 +105,8 @@ def _draw_shapes(rng: np.random.Generator, physics: Physics) -> list[tuple[int, 
     for klass in (LESION_T2_ONLY, LESION_T1_ONLY, LESION_BOTH):
         r = LESION_RANGES[klass]
         n_round = int(rng.integers(r["count"][0], r["count"][1] + 1))
-        n_long = int(rng.integers(r["elongated_count"][0], r["elongated_count"][1] + 1)) if "elongated_count" in r else 0
+        n_long = (int(rng.integers(r["elongated_count"][0], r["elongated_count"][1] + 1))
+                  if "elongated_count" in r else 0)
         for n in range(n_round + n_long):
             direction = rng.standard_normal(3)
             direction /= np.linalg.norm(direction)
@@ -153,7 +154,6 @@ def draw_lesions(rng: np.random.Generator, anatomy: Anatomy, physics: Physics, t
             break
     idx = np.argwhere(eligible)
     points = np.stack([axes[a][idx[:, a]] for a in range(3)], 1)
-    depth_at = depth[tuple(idx.T)]
     far_from_tumour = np.linalg.norm(points - tumour.centre, axis=1) - tumour.reach_mm - 4.0
     origin = np.array([a[0] for a in axes])
     upper = np.array(depth.shape) - 1
