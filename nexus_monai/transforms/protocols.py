@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
@@ -136,7 +136,8 @@ def protocol_grid(spec: str | Sequence[str] = "grid") -> list[GridEntry]:
     raw = ConfigParser.load_config_file(str(path)).get("grid") or []
     known = []
     for item in raw:
-        entry = GridEntry(str(item.get("name", item["protocol"])), str(item["protocol"]), str(item.get("world", "small")))
+        name, world = str(item.get("name", item["protocol"])), str(item.get("world", "small"))
+        entry = GridEntry(name, str(item["protocol"]), world)
         if entry.world not in WORLDS:
             raise NexusInputError(path, f"entry {entry.name!r}: world must be one of {WORLDS}, got {entry.world!r}")
         known.append(entry)

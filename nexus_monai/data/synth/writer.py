@@ -287,8 +287,8 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, seed: int, size:
 
 
 def ensure_embedded_dataset(
-    root: str | os.PathLike | None = None, subjects: int = 24, seed: int = 0, size: str = "small", test_anatomy: int = 5,
-    only_splits: Sequence[str] | None = None,
+    root: str | os.PathLike | None = None, subjects: int = 24, seed: int = 0, size: str = "small",
+    test_anatomy: int = 5, only_splits: Sequence[str] | None = None,
 ) -> Path:
     """The ``dataset.json`` of the embedded dataset, generating it on first use.
 
