@@ -70,14 +70,15 @@ def make_tiny_pair(d: Path) -> dict:
 def predict_args(pair, out, *grid):
     """``nexus-sr predict`` of :func:`make_tiny_pair`'s subject onto ``grid`` options, into ``out``."""
     return ["predict", "--bundle", str(BUNDLE), "--config", str(pair["overlay"]), "--weights", str(pair["weights"]),
-            "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--threads", "1", "--quiet"]
+            "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--threads", "1", "--quiet",
+            "--keep-background"]  # the phantom's background is 100, not 0
 
 
 def fit_args(pair, out, *grid):
     """``nexus-sr fit-subject`` of :func:`make_tiny_pair`'s subject with a tiny network and one epoch."""
     return ["fit-subject", "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid, "--out", str(out), "--epochs", "1",
             "--hidden", "8", "--trunk-layers", "1", "--head-hidden", "8", "--batch-size", "512", "--threads", "1",
-            "--quiet"]
+            "--quiet", "--keep-background"]  # the phantom's background is 100, not 0
 
 
 @contextlib.contextmanager

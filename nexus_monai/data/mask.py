@@ -96,4 +96,5 @@ def apply_mask(volume: MetaTensor, mask: torch.Tensor) -> MetaTensor:
     data = volume.as_subclass(torch.Tensor)
     keep = mask.as_subclass(torch.Tensor) if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
     out = torch.where(keep.to(torch.bool).reshape(data.shape), data, torch.zeros((), dtype=data.dtype))
-    return MetaTensor(out, affine=as_affine(volume.affine).clone(), meta=dict(volume.meta))
+    meta = {k: v for k, v in volume.meta.items() if k != "affine"}
+    return MetaTensor(out, affine=as_affine(volume.affine).clone(), meta=meta)

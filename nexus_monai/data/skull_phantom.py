@@ -82,5 +82,5 @@ def add_head(volumes: dict[str, MetaTensor], seed: int = 0, noise: float = 0.02)
         outside = np.sqrt((head + n1) ** 2 + n2**2)
         y = np.where(brain, x, outside)
         out[c] = MetaTensor(torch.as_tensor(y, dtype=torch.float32)[None], affine=as_affine(volumes[c].affine).clone(),
-                            meta=dict(getattr(volumes[c], "meta", {})))
+                            meta={k: v for k, v in getattr(volumes[c], "meta", {}).items() if k != "affine"})
     return out

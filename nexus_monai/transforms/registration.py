@@ -7,9 +7,11 @@ the motion and :class:`RegisterToReference` / :class:`RegisterToReferenced` (arr
 twins) write it into the moving scan's affine: the LR voxels are never resampled (resampling a
 thick-slice scan would blur it a second time).
 
-Method (SimpleITK): a rigid ``Euler3DTransform`` between the two scans' physical points, started by a moments initialiser on the two foregrounds (binary masks above 10 %
-of each scan's 99th percentile, so the two contrasts' different intensities do not pull the
-centres apart), then Mattes mutual information (32 bins) with regular-step gradient descent over
+Method (SimpleITK): a rigid ``Euler3DTransform`` between the two scans' physical points, started
+by a moments initialiser on the two foregrounds (binary masks above 10 % of each scan's 99th
+percentile, so the two contrasts' different intensities do not pull the centres apart), then
+Mattes mutual information (32 bins, 10 % of the voxels sampled on a regular grid with a fixed
+seed) with regular-step gradient descent (60 iterations per level) over
 a multi-resolution pyramid. Each level bins voxels together (``BinShrink``, an average) with
 per-axis factors that never shrink a thick axis and never make an in-plane axis coarser than the
 scan's thickest one (:func:`shrink_factors`): a 2 x 2 x 8 mm scan is shrunk to 8 x 8 x 8 mm and

@@ -186,7 +186,8 @@ def _write_subject(tmp_path, rotation=(0.0, 0.0, 0.0)):
     return paths
 
 
-TINY_CLI = ["--hidden", "16", "--trunk-layers", "2", "--head-hidden", "8", "--epochs", "2", "--batch-size", "256", "--max-minutes", "0", "--quiet"]
+TINY_CLI = ["--hidden", "16", "--trunk-layers", "2", "--head-hidden", "8", "--epochs", "2", "--batch-size", "256", "--max-minutes", "0", "--quiet",
+            "--keep-background"]
 
 
 def test_fit_subject_command_writes_both_volumes_and_log(tmp_path, capsys):

@@ -102,7 +102,8 @@ def predicted(pair, tmp_path_factory):
     def run(tag, *grid_args):
         out = tmp_path_factory.mktemp(f"predict_{tag}")
         rc = main(["predict", "--bundle", str(BUNDLE), "--config", str(pair["overlay"]), "--weights", str(pair["weights"]),
-                   "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid_args, "--out", str(out), "--threads", "1", "--quiet"])
+                   "--t1", str(pair["t1"]), "--t2", str(pair["t2"]), *grid_args, "--out", str(out), "--threads", "1", "--quiet",
+                   "--keep-background"])  # the server takes the scans as they are
         assert rc == 0
         return {c: nib.load(str(out / f"{c}w_sr.nii.gz")) for c in ("t1", "t2")}
 
