@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The measurements of one short GPU session (a machine with a CUDA torch and no internet), from the
-# repository root with .gpu_carry/ beside it (python -m nexus_monai.gpu_run pack; plus the MNI152 T1 file
+# repository root with .gpu_carry/ beside it (python -m nexus_monai.ops.gpu_run pack; plus the MNI152 T1 file
 # as .gpu_carry/data/mni152_t1.nii.gz for the benchmark):
 #   OUT=DIR bash scripts/gpu_session.sh smoke   # install, benchmark --device cuda at both widths, 4 runs x 45 s
 #   OUT=DIR BUDGET=240 LIMIT=480 bash scripts/gpu_session.sh main [PLAN ...]
 #       the plans of scripts/gpu_plans (default: all but smoke) side by side, each its trainings under BUDGET s;
 #       whatever happens, OUT/raw.tgz holds every finished per-subject row, training record and log tail, so
-#       the tables can be rebuilt elsewhere (python -m nexus_monai.gpu_run tables) if a driver ran out of time.
+#       the tables can be rebuilt elsewhere (python -m nexus_monai.ops.gpu_run tables) if a driver ran out of time.
 set -uo pipefail
 PHASE=${1:?usage: gpu_session.sh smoke|main [plan ...]}
 shift
@@ -53,7 +53,7 @@ if [ "$PHASE" = smoke ]; then
   timeout 200 python3 -m nexus_monai benchmark --device cuda --random-weights --train-steps 10 \
     --config bundles/nexus_inr/configs/paper.yaml --json "$OUT/bench_paper.json" 2>&1 | tail -25
   log "smoke plan"
-  timeout 240 python3 -m nexus_monai.gpu_run run --plan scripts/gpu_plans/smoke.yaml --data "$DATA" \
+  timeout 240 python3 -m nexus_monai.ops.gpu_run run --plan scripts/gpu_plans/smoke.yaml --data "$DATA" \
     --work /tmp/nx/smoke --out /tmp/gout/smoke --max-files 3 --grace-s 40 2>&1 | tail -20
   grep -h -E "Epoch|it/s|s/it" /tmp/nx/smoke/runs/*/train.log 2>/dev/null | tail -5
   cp /tmp/gout/smoke/timings.json "$OUT/smoke_timings.json" 2>/dev/null
@@ -68,7 +68,7 @@ PLANS=("$@")
 mkdir -p /tmp/nx /tmp/gout
 pids=()
 for p in "${PLANS[@]}"; do
-  python3 -m nexus_monai.gpu_run run --plan "scripts/gpu_plans/$p.yaml" --data "$DATA" --work "/tmp/nx/$p" \
+  python3 -m nexus_monai.ops.gpu_run run --plan "scripts/gpu_plans/$p.yaml" --data "$DATA" --work "/tmp/nx/$p" \
     --out "/tmp/gout/$p" --max-files $([ "$p" = paper_table2 ] && echo 4 || echo 3) --budget-s "$BUDGET" --grace-s 60 > "/tmp/nx/$p.log" 2>&1 &
   pids+=($!)
   log "started $p (pid $!)"
@@ -80,7 +80,7 @@ while :; do
   [ $alive = 0 ] && break
   if [ $(( $(date +%s) - T0 )) -ge "$LIMIT" ]; then
     log "limit reached: stopping the drivers"
-    pkill -f "nexus_monai.gpu_run" ; pkill -f "monai.bundle run training"; pkill -f "nexus_monai.experiments"
+    pkill -f "nexus_monai.ops.gpu_run" ; pkill -f "monai.bundle run training"; pkill -f "nexus_monai.experiments"
     sleep 3
     break
   fi

@@ -15,7 +15,7 @@ metadata with the TARGET's Python version for the markers):
 * ``full``: everything ``requirements.txt`` and ``requirements-nodeps.txt`` install (tests, MLflow,
   serving, the embedded dataset's template wheels).
 * ``run``: what ``python -m monai.bundle run training`` and the evaluation (``nexus-sr evaluate`` /
-  ``experiment`` / ``python -m nexus_monai.gpu_run``) import without MLflow tracking: monai,
+  ``experiment`` / ``python -m nexus_monai.ops.gpu_run``) import without MLflow tracking: monai,
   pytorch-ignite, nibabel, fire (``python -m monai.bundle``) and numpy, scipy, pandas, pyyaml, tqdm,
   pillow, with their dependencies. SimpleITK (a 53 MB wheel) only with ``--with-simpleitk``: without it
   trilinear / nearest run in torch with ITK's semantics, cubic is unavailable.

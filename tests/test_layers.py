@@ -6,7 +6,7 @@ Layers, low to high (a module may import its own layer and the layers below):
 1. ``data``, ``transforms``, ``networks``, ``losses``, ``metrics``, ``visualize``
 2. ``engines``
 3. ``baselines``, ``evaluation``, ``benchmark``, ``experiments``
-4. ``cli`` (the ``nexus-sr`` package), ``serving``, ``gpu_run``, ``__main__``
+4. ``cli`` (the ``nexus-sr`` package), ``serving``, ``ops``, ``__main__``
 
 Imports are read from the source with :mod:`ast` (nothing is imported), so the test also sees the
 imports inside functions that only dodge a cycle at run time.
@@ -25,7 +25,7 @@ LAYERS = (
     ("data", "transforms", "networks", "losses", "metrics", "visualize"),
     ("engines",),
     ("baselines", "evaluation", "benchmark", "experiments"),
-    ("cli", "serving", "gpu_run", "__main__"),
+    ("cli", "serving", "ops", "__main__"),
 )
 MAX_LINES = 600
 

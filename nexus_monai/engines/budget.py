@@ -2,7 +2,7 @@
 
 :class:`WallClockBudget` is an ignite handler for a bundle's ``train#handlers`` (e.g. merged in by an
 overlay ``{"+train#handlers": [{"_target_": "nexus_monai.engines.budget.WallClockBudget", "seconds": 600,
-"validator": "@validate#evaluator", "ckpt_dir": "@ckpt_dir"}]}``, as ``python -m nexus_monai.gpu_run``
+"validator": "@validate#evaluator", "ckpt_dir": "@ckpt_dir"}]}``, as ``python -m nexus_monai.ops.gpu_run``
 does). After every epoch it predicts whether one more epoch and a final validation still fit in the
 budget (from the slowest epoch and the last validation seen so far); if not, it validates the current
 weights (unless the last validation already saw them) and terminates the trainer. The

@@ -7,7 +7,7 @@ once however many subjects it scores. A missing checkpoint (``<bundle>/models/mo
 ``weights``) or one that does not match ``network_def`` is a one-line ``NexusInputError``.
 
 Device: the CPU, unless the environment variable ``NEXUS_EVAL_DEVICE`` names another (``cuda``,
-``cuda:1``, or ``auto`` = CUDA when available); ``python -m nexus_monai.gpu_run`` sets it so the
+``cuda:1``, or ``auto`` = CUDA when available); ``python -m nexus_monai.ops.gpu_run`` sets it so the
 cohort models of its evaluations run on the GPU. The outputs come back on the CPU either way.
 """
 

@@ -50,7 +50,7 @@ from nexus_monai.experiments.tables import write_tables
 from nexus_monai.paths import REPO_BUNDLES, REPO_ROOT
 from nexus_monai.transforms.protocols import load_protocol
 
-__all__ = ["TABLES", "FORMS", "parse_seeds", "plan_runs", "run_experiment", "Run"]
+__all__ = ["TABLES", "FORMS", "parse_seeds", "plan_runs", "run_experiment", "Run", "run_results", "evaluate_run"]
 
 BUNDLE = REPO_BUNDLES / "nexus_inr"
 CONFIGS = BUNDLE / "configs"
@@ -169,13 +169,13 @@ def _evaluate(run: Run, ctx: dict, run_dir: Path) -> None:
             "lpips": ctx["lpips"], "segmenters": [], "out": str(run_dir)}
     write_text_atomic(run_dir / "evaluate.json", json.dumps(spec, indent=1) + "\n")
     if ctx["jobs"] == 1:  # one run at a time: in this process (no interpreter start-up per run)
-        _evaluate_run(str(run_dir / "evaluate.json"))
+        evaluate_run(str(run_dir / "evaluate.json"))
         return
     _subprocess([sys.executable, "-m", "nexus_monai.experiments", "--evaluate-run", str(run_dir / "evaluate.json")],
                 run_dir / "evaluate.log", ctx["env"])
 
 
-def _results(run: Run, run_dir: Path) -> pd.DataFrame:
+def run_results(run: Run, run_dir: Path) -> pd.DataFrame:
     frames = []
     for split in sorted(p.parent.name for p in run_dir.glob("*/per_subject.csv")):
         for name, kind in (("per_subject.csv", "image"), ("table5_per_subject.csv", "segmentation")):
@@ -255,7 +255,7 @@ def _run_one(run: Run, ctx: dict, index: int, total: int) -> None:
     )
     _train(run, ctx, run_dir)
     _evaluate(run, ctx, run_dir)
-    results = _results(run, run_dir)
+    results = run_results(run, run_dir)
     write_text_atomic(run_dir / "results.csv", results.to_csv(index=False))
     try:
         if run.seed is not None:
@@ -335,7 +335,7 @@ def run_experiment(table: str, form: str = "default", seeds: str = "0,1,2", out:
     return written
 
 
-def _evaluate_run(spec_path: str) -> int:
+def evaluate_run(spec_path: str) -> int:
     """Subprocess entry: score one trained run (``evaluate.json``) with ``nexus-sr evaluate``'s code."""
     spec = json.loads(Path(spec_path).read_text())
     segmenters = load_segmenters(spec["segmenters"]) if spec["segmenters"] else None

@@ -69,7 +69,7 @@ def test_experiment_tables_show_ibp_and_each_row_minus_ibp(tmp_path):
 
 def test_every_trained_run_is_scored_beside_trilinear_and_ibp(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(experiments, "_evaluate_run", lambda path: seen.append(json.loads(Path(path).read_text())))
+    monkeypatch.setattr(experiments, "evaluate_run", lambda path: seen.append(json.loads(Path(path).read_text())))
     (run,) = [r for r in experiments.plan_runs("table2", "default", [0]) if r.row == "baseline"]
     ctx = {"datalist": tmp_path / "dataset.json", "splits": ["test"], "lpips": False, "jobs": 1}
     experiments._evaluate(run, ctx, tmp_path)

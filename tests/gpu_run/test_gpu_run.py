@@ -1,4 +1,4 @@
-"""The GPU run driver (``python -m nexus_monai.gpu_run``) on the CPU with tiny networks: two configurations
+"""The GPU run driver (``python -m nexus_monai.ops.gpu_run``) on the CPU with tiny networks: two configurations
 trained side by side, one ended cleanly by the wall-clock budget with a best-validation model.pt, both
 scored on validation and test with trilinear and ibp beside, tables, fp16 weight parts of at most the file
 limit that load back into the network, the timings JSON, at most 8 files out; the budget handler alone;
@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 
 from nexus_monai.engines.budget import BUDGET_RECORD, WallClockBudget
 from nexus_monai.errors import NexusInputError
-from nexus_monai.gpu_run import load_fp16_parts, load_plan, main, run_plan, save_fp16_parts
+from nexus_monai.ops.gpu_run import load_fp16_parts, load_plan, main, run_plan, save_fp16_parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,8 +3,8 @@
 Made for a GPU server without internet (``scripts/gpu_run.sh`` installs the wheelhouse first), runnable
 on any machine (the tests run it on the CPU with tiny networks)::
 
-    python -m nexus_monai.gpu_run run --plan scripts/gpu_plan.yaml --data DATASET.json --work WORK --out OUT
-    python -m nexus_monai.gpu_run pack --carry .gpu_carry      # here, with internet: what travels
+    python -m nexus_monai.ops.gpu_run run --plan scripts/gpu_plan.yaml --data DATASET.json --work WORK --out OUT
+    python -m nexus_monai.ops.gpu_run pack --carry .gpu_carry      # here, with internet: what travels
 
 ``run``:
 
@@ -15,7 +15,7 @@ on any machine (the tests run it on the CPU with tiny networks)::
    selection by the validation split only);
 2. each trained model is scored on ``validation``, ``test`` and ``test_anatomy`` (those the datalist
    has) with ``trilinear`` and back-projection ``ibp`` beside it, by the code of ``nexus-sr
-   evaluate`` / ``nexus-sr experiment`` (:func:`nexus_monai.experiments._evaluate_run`), the models on
+   evaluate`` / ``nexus-sr experiment`` (:func:`nexus_monai.experiments.evaluate_run`), the models on
    ``--device`` (``NEXUS_EVAL_DEVICE``);
 3. ``OUT`` receives at most ``--max-files`` files (default 8) of at most ``--max-file-mib`` MiB (15):
    ``results.tar.gz`` (``tables/summary.{csv,md}``, ``tables/gpu_runs.csv``, ``table2.{csv,md}`` when
@@ -160,7 +160,7 @@ def load_fp16_parts(paths: Sequence[str | os.PathLike]) -> dict:
     for p in paths:
         part = torch.load(str(p), map_location="cpu", weights_only=True)
         if not isinstance(part, dict) or part.get("format") != PART_FORMAT:
-            raise NexusInputError(p, "not an fp16 weights part of nexus_monai.gpu_run")
+            raise NexusInputError(p, "not an fp16 weights part of nexus_monai.ops.gpu_run")
         meta = meta or part
         tensors.update(part["tensors"])
     if meta is None or len(paths) != meta["parts"]:
@@ -272,7 +272,7 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     """Train, evaluate, tabulate and pack (see the module docstring); returns the timings dict."""
     import pandas as pd
 
-    from nexus_monai.experiments import Run, _evaluate_run, _results  # noqa: F401 (_evaluate_run: subprocess entry)
+    from nexus_monai.experiments import Run, run_results
     from nexus_monai.experiments.tables import ROW_LABELS, write_tables
 
     t_start = time.perf_counter()
@@ -370,9 +370,9 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
     for run in trained:
         run_dir = work / "runs" / run["name"]
         timings["runs"][run["name"]]["eval_exit"] = eval_codes[run["name"]]
-        f = _results(Run("gpu", plan["form"], run["row"], run["seed"]), run_dir)
+        f = run_results(Run("gpu", plan["form"], run["row"], run["seed"]), run_dir)
         if baselines:  # the shared baseline rows, under this run's name (paired with its subjects in the tables)
-            base = _results(Run("gpu", plan["form"], run["row"], run["seed"]), base_dir)
+            base = run_results(Run("gpu", plan["form"], run["row"], run["seed"]), base_dir)
             f = pd.concat([base, f], ignore_index=True) if len(f) else f
         if len(f):
             f.insert(0, "run", run["name"])
@@ -388,7 +388,7 @@ def run_plan(plan: dict, datalist: str | os.PathLike, work: str | os.PathLike, o
         if all(r["row"] in ROW_LABELS for r in runs):
             write_tables(str(plan.get("table", "table2")), plan["form"], frame.drop(columns=["run"]), tables, n_planned=len(runs),
                          failures=[r["name"] for r in runs if r not in trained],
-                         command="python -m nexus_monai.gpu_run run (see summary.md for the budget)")
+                         command="python -m nexus_monai.ops.gpu_run run (see summary.md for the budget)")
     # 4. fp16 weights of the best-validation runs, as many whole runs as the file count allows
     ranking = []
     for run in trained:
@@ -536,7 +536,7 @@ def _overrides(pairs: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nexus_monai.gpu_run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nexus_monai.ops.gpu_run", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the plan's configurations side by side, evaluate, pack the results")
     r.add_argument("--plan", default=str(REPO_ROOT / "scripts" / "gpu_plan.yaml"))
