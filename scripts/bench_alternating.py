@@ -112,7 +112,7 @@ def table(variants: list[dict], runs: list[dict], args) -> str:
     lines = [
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python scripts/bench_alternating.py "
         f"--pairs {args.pairs}{' --size ' + ' '.join(map(str, args.size)) if args.size else ''}` "
-        f"({args.threads} threads; {len(runs)} benchmark processes, variants alternating; medians; "
+        f"({args.threads} thread(s); {len(runs)} benchmark processes, variants alternating; medians; "
         f"load average at the runs' starts {fmt(min(r['load_average_1min'] or 0 for r in runs))}–"
         f"{fmt(max(r['load_average_1min'] or 0 for r in runs))}).",
         "",
