@@ -98,6 +98,10 @@ def test_report_lesion_columns_by_size_for_model_trilinear_and_ibp(outputs, tmp_
         r = rows.loc[with_map]
         assert r[f"{who}_n_lesions_t2_slab"] == 1 and r[f"{who}_n_lesions_t2_small"] == 0
         assert r[f"{who}_lesion_contrast_t2_slab"] == pytest.approx(r[f"{who}_lesion_contrast_t2"])
+        # metric v2 beside: uncapped ratio, within-slab part (the GT's is the same for every output), FP count
+        assert r[f"{who}_lesion_contrast_t2"] == pytest.approx(min(r[f"{who}_lesion_contrast_uncapped_t2"], 1.0))
+        assert r[f"{who}_within_slab_gt_t2"] == pytest.approx(r["model_within_slab_gt_t2"])
+        assert r[f"{who}_false_positives_t2"] >= 0 and np.isfinite(r[f"{who}_within_slab_t2"])
     # back-projection keeps more of the T2w-only lesion than trilinear
     assert rows.loc[with_map, "ibp_lesion_contrast_t2"] > rows.loc[with_map, "trilinear_lesion_contrast_t2"]
     other = next(o["subject"] for o in outputs if LESIONS not in o)
