@@ -9,12 +9,20 @@
   lines, over the exact rows only (``valid``). The LR input, not the HR, is the target: this is
   the paper's cycle, which keeps the SR output consistent with what was actually measured.
 
+A row is exact only when its slice profile lies wholly inside the patch: the Gaussian profile of
+factor ``k`` reaches ±4 sigma = ±1.7 k HR voxels from the slab centre, so a line needs about
+about ``4.5 k`` voxels along the thick axis for one exact row. At 16^3 patches the T2w scan (y ×4) has
+none, and its cycle term is 0 by construction (logged ``loss_cycle_t2 = 0``; a warning says so);
+the bundle's 32^3 patches give 4 exact rows of 8. Patches too short for a contrast's factor leave
+that contrast without a cycle term rather than scoring LR voxels against HR samples they never saw.
+
 Shapes per contrast: ``pred (B, L, n)``, ``hr (B, L, n)``, ``lr (B, L, M)``, ``operator (B, M, n)``,
 ``valid (B, M)``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
@@ -43,6 +51,7 @@ class CycleINRLoss(nn.Module):
         if rec not in ("l1", "mse"):
             raise ValueError(f"rec must be 'l1' or 'mse', got {rec!r}")
         self.rec, self.w_cycle = rec, float(w_cycle)
+        self._warned: set[str] = set()
 
     def _dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a - b).abs() if self.rec == "l1" else (a - b) ** 2
@@ -58,6 +67,11 @@ class CycleINRLoss(nn.Module):
             cyc = self._dist(redegrade(pred, batch[f"{c}_lines_operator"].to(pred)), batch[f"{c}_lines_lr"].to(pred))
             count = (valid.expand_as(cyc)).sum()
             terms[f"cycle_{c}"] = (cyc * valid).sum() / count.clamp(min=1.0)
+            if self.w_cycle and not bool(count > 0) and c not in self._warned:
+                self._warned.add(c)
+                warnings.warn(f"CycleINR: no exact {c} row in the batch (the slice profile reaches past the patch "
+                              f"along the thick axis); its cycle term is 0. Use longer patches along that axis.",
+                              stacklevel=2)
             if self.w_cycle:
                 total = total + self.w_cycle * terms[f"cycle_{c}"]
         terms["loss"] = total if isinstance(total, torch.Tensor) else torch.zeros(())

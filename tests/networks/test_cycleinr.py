@@ -63,6 +63,22 @@ def test_operator_rows_are_the_acquisition_profile(axis, factor):
     assert (op[~valid] == 0).all()
 
 
+def test_t2_cycle_term_is_zero_at_16_voxels_because_no_row_is_exact():
+    """Why `loss_cycle_t2` logs 0 at 16^3 patches: the x4 Gaussian profile (support +-4 sigma = +-6.8 HR voxels)
+    of every LR slice of a 16-voxel line reaches past it, so no row is exact; 32 voxels give 4 of 8. The loss
+    says so with a warning instead of silently scoring a zero term."""
+    offset = -(4 - 1) / (2 * 4)  # slabs aligned with the patch, as RandPairedPatchd cuts them
+    assert not thick_axis_operator(16, 4, 4, lr_offset=offset)[1].any()
+    assert int(thick_axis_operator(32, 8, 4, lr_offset=offset)[1].sum()) == 4
+    assert int(thick_axis_operator(16, 8, 2, lr_offset=-1 / 4)[1].sum()) > 0  # T1w x2 at 16 voxels: exact rows
+    loss = CycleINRLoss(w_cycle=1.0)
+    batch = {"t2_lines_hr": torch.zeros(1, 2, 16), "t2_lines_lr": torch.ones(1, 2, 4),
+             "t2_lines_operator": torch.zeros(1, 4, 16), "t2_lines_valid": torch.zeros(1, 4)}
+    with pytest.warns(UserWarning, match="no exact t2 row"):
+        terms = loss({"t2": torch.zeros(1, 2, 16)}, batch)
+    assert float(terms["cycle_t2"]) == 0.0
+
+
 @pytest.mark.parametrize("axis,factor,flip", [(2, 2, 0.0), (1, 4, 0.0), (2, 2, 1.0), (1, 4, 1.0)])
 def test_lines_reproduce_the_lr_scan_and_the_hr_volume(axis, factor, flip):
     d, full = _paired_batch({"t1": (axis, factor)}, seed=3, flip_prob=flip)
