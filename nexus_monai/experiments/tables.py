@@ -42,14 +42,6 @@ PAPER = {
     "mlp": {"psnr_avg": 33.75, "ssim_avg": 0.9669, "lpips_avg": 0.0067},
     "siren": {"psnr_avg": 33.21, "ssim_avg": 0.9639, "lpips_avg": 0.0081},
 }
-# Table 5 (Dice % / HD95 mm, U-Net | TransUNet)
-PAPER_T5 = {"Original LR": (78.80, 8.65, 79.40, 8.33), "trilinear": (82.65, 7.24, 83.11, 7.05),
-            "smore": (85.72, 6.58, 86.09, 6.31),
-            "arssr": (87.02, 5.90, 87.41, 5.64), "ssmcsr_split_head": (87.18, 5.84, 87.52, 5.61),
-            "cycleinr": (87.24, 5.79, 87.63, 5.55), "nexus_inr": (88.92, 5.03, 88.97, 4.82), "Original HR": (90.12,
-                                                                                                             4.32,
-                                                                                                             91.05,
-                                                                                                             3.97)}
 METRICS = (("psnr_t1", "PSNR T1w", 2), ("psnr_t2", "PSNR T2w", 2), ("psnr_avg", "PSNR avg", 2),
            ("ssim_avg", "SSIM avg", 4),
            ("lpips_avg", "LPIPS avg", 4), ("psnr_eroded_avg", "PSNR eroded avg", 2), ("psnr_volume_avg",
@@ -191,33 +183,6 @@ def _vs_ibp_lines(part: pd.DataFrame, rows: Sequence[str], split: str, diff_metr
     return lines
 
 
-def _table5_markdown(frame: pd.DataFrame) -> list[str]:
-    seg = frame[frame["kind"] == "segmentation"].copy()
-    if not len(seg):
-        return ["No segmentation rows (segmenters missing?)."]
-    seg["input"] = np.where(seg["form"].isin(["default", "paper_cpu"]) & (seg["input"] == "nexus_inr"),
-                            "nexus_inr (" + seg["form"] + ")", seg["input"])
-    value_cols = [c for c in seg.columns if c.startswith(("dice", "hd95")) and pd.api.types.is_numeric_dtype(seg[c])]
-    lines = []
-    for split in sorted(seg["split"].unique()):
-        part = seg[seg["split"] == split]
-        lines += [f"## Split `{split}` (mean ± std over seeds of per-seed subject means; paper: Dice / HD95 U-Net | "
-                  f"TransUNet)", "",
-                  "| Segmenter | Input | " + " | ".join(value_cols) + " | paper |",
-                  "|" + "---|" * (len(value_cols) + 3)]
-        for (segmenter, inp), g in part.groupby(["segmenter", "input"], sort=False):
-            cells = []
-            for c in value_cols:
-                per_seed = g.groupby("seed")[c].mean()
-                cells.append(_fmt(float(per_seed.mean()), float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0, 2))
-            paper = PAPER_T5.get(str(inp).split(" (")[0])
-            lines.append(
-                f"| {segmenter} | {inp} | " + " | ".join(cells) + f" | {' / '.join(map(str, paper)) if paper else ''} |"
-            )
-        lines.append("")
-    return lines
-
-
 def write_tables(table: str, form: str, frame: pd.DataFrame, out: Path, n_planned: int, failures: Sequence[str],
                  command: str) -> dict[str, Path]:
     """Write ``<out>/<table>.csv`` (every row x seed x split x subject) and ``<out>/<table>.md``."""
@@ -225,16 +190,12 @@ def write_tables(table: str, form: str, frame: pd.DataFrame, out: Path, n_planne
     csv = write_text_atomic(out / f"{table}.csv", frame.to_csv(index=False))
     rows = [r for r in ROW_LABELS if len(frame) and r in set(frame["row"])]
     n_done = frame[["form", "row", "seed"]].drop_duplicates().shape[0] if len(frame) else 0
-    head = [f"# {table.capitalize()} ({'both forms' if table == 'table5' else form + ' form'}): Nexus-INR ablation "
+    head = [f"# {table.capitalize()} ({form} form): Nexus-INR ablation "
             f"reproduced",
             "", f"Command: `{command}`. Runs finished: {n_done} of {n_planned}."]
     if failures:
         head.append("Failed runs: " + "; ".join(failures))
-    body = (
-        _table5_markdown(frame)
-        if table == "table5"
-        else (_image_markdown(table, form, frame, rows) if len(frame) else [])
-    )
+    body = _image_markdown(table, form, frame, rows) if len(frame) else []  # Table 5: experiments/table5.py
     notes = ["", "Ours: mean ± std (sample, over seeds) of each seed's mean over the split's subjects, scored with "
              "`nexus-sr evaluate`'s metric code (brain mask, GT 99.5th-percentile scale). Paper: Zhang et al., "
              "\"Nexus-INR: Diverse Knowledge-guided Arbitrary-Scale Multimodal Medical Image Super-Resolution\", 2025, "
