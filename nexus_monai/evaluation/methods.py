@@ -210,6 +210,23 @@ def nexus_inr_guarded_method(inputs: Mapping, grid: TargetGrid, bundle: str = "b
     return _guarded(predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer), inputs, grid)
 
 
+ANY_PROTOCOL_OVERLAY = "bundles/nexus_inr/configs/any_protocol.yaml"
+ANY_PROTOCOL_WEIGHTS = "bundles/nexus_inr/models_any_protocol/model.pt"
+
+
+@register_method("nexus_inr_any_protocol")
+def nexus_inr_any_protocol_method(inputs: Mapping, grid: TargetGrid, **_) -> dict:
+    """The any-protocol Nexus-INR (``configs/any_protocol.yaml``, docs/any_protocol.md): weights from
+    ``bundles/nexus_inr/models_any_protocol/model.pt`` (train that overlay first; ``NEXUS_ANY_PROTOCOL_WEIGHTS``
+    names another checkpoint); its consistency layer is its guard (raw = guarded), and it prints each scan's
+    protocol and refuses one outside its trained range."""
+    weights = os.environ.get("NEXUS_ANY_PROTOCOL_WEIGHTS") or str(bundle_folder(ANY_PROTOCOL_WEIGHTS))
+    if not Path(weights).is_file():
+        raise NexusInputError(weights, "no any-protocol checkpoint: train bundles/nexus_inr/configs/any_protocol.yaml")
+    network, inferer = bundle_model("bundles/nexus_inr", (str(bundle_folder(ANY_PROTOCOL_OVERLAY)),), weights)
+    return predict_volumes(network, inputs["t1_lr"], inputs["t2_lr"], grid, inferer)
+
+
 @register_method("nexus_inr_refined_guarded", bundle="bundles/nexus_inr")
 def nexus_inr_refined_guarded_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """``nexus-sr predict --refine S`` with its default guard: ``nexus_inr_refined``, then the guard."""

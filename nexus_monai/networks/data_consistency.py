@@ -239,5 +239,5 @@ class SoftDataConsistency(nn.Module):
                 stats: dict | None = None) -> torch.Tensor:
         """Inference form: :func:`grid_consistency` on the stitched volume; ``sigma`` from the scan when None."""
         sigma = estimate_noise_sigma(lr) if sigma is None else float(sigma)
-        lam = float(self.lam(contrast, sigma).cpu())
+        lam = float(self.lam(contrast, sigma).detach().cpu())
         return grid_consistency(f, lr, grid, lam, stats=stats)
