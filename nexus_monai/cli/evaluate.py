@@ -1,5 +1,5 @@
-"""``nexus-sr evaluate``: Table 1 (and Table 5): simulate the protocol's LR inputs, run the methods, write tables,
-panels and an MLflow run."""
+"""``nexus-sr evaluate``: Table 1: simulate the protocol's LR inputs, run the methods, write tables, panels and an
+MLflow run. (Table 5, segmentation of every method's output, has one entry point: ``nexus-sr experiment table5``.)"""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ __all__ = ["add_parser", "cmd_evaluate"]
 def cmd_evaluate(args) -> int:
     from nexus_monai.data.staging import check_output_dir
     from nexus_monai.engines.mlflow_logging import tracking_uri as project_tracking_uri
-    from nexus_monai.evaluation.downstream import load_segmenters
     from nexus_monai.evaluation.methods import check_methods
     from nexus_monai.evaluation.table1 import check_subject_files, evaluate_methods, select_subjects
     from nexus_monai.transforms.protocols import load_protocol
 
+    if args.downstream:
+        raise NexusInputError(None, "Table 5 has one entry point: nexus-sr experiment table5 [--methods ...] --out DIR "
+                                    "(--downstream was removed from evaluate)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise NexusInputError(None, "--methods is empty")
@@ -39,11 +41,9 @@ def cmd_evaluate(args) -> int:
         first = " ".join(str(err).split())[:160]
         raise NexusInputError(args.protocol, f"not a protocol YAML file ({type(err).__name__}: {first})") from None
     subjects = select_subjects(args.data, args.split, seed=args.seed, max_subjects=args.max_subjects)
-    downstream = [s.strip() for s in (args.downstream or "").split(",") if s.strip()]
-    # every check before any work: method names, checkpoints, datalist files, segmenters
+    # every check before any work: method names, checkpoints, datalist files
     check_methods(methods, options)
-    check_subject_files(subjects, ("t1", "t2", "seg") if downstream else ("t1", "t2"))
-    segmenters = load_segmenters(downstream)
+    check_subject_files(subjects, ("t1", "t2"))
     mlflow = None
     if not args.no_mlflow:
         mlflow = {
@@ -52,15 +52,11 @@ def cmd_evaluate(args) -> int:
             "experiment": args.experiment,
             "params": {"data": args.data, "split": args.split, "protocol": protocol.name, "methods": ",".join(methods),
                        "n_subjects": len(subjects), "lpips": not args.no_lpips,
-                       "downstream": ",".join(downstream) or "none",
                        **{f"{m}.{k}": v for m, o in options.items() for k, v in o.items()}},
         }
     evaluate_methods(subjects, methods, protocol, args.out, lpips=not args.no_lpips, progress=not args.quiet,
-                     segmenters=segmenters,
                      method_options=options, mlflow=mlflow, counterfactual_imprint=args.counterfactual_imprint)
     print((Path(args.out) / "table1.md").read_text())
-    if segmenters:
-        print((Path(args.out) / "table5.md").read_text())
     if mlflow is not None:
         uri = project_tracking_uri(args.tracking_uri)
         print(f"MLflow run {mlflow['run_name']!r} logged to {uri} (mlflow ui --backend-store-uri {uri})")
@@ -85,8 +81,6 @@ def _cmd_grid(args, methods: list, options: dict) -> int:
 
     entries = protocol_grid(args.protocol)  # unknown names: one line before any work
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    if args.downstream:
-        raise NexusInputError(None, "--downstream is not available with a protocol grid")
     if getattr(args, "counterfactual_imprint", False):
         raise NexusInputError(None, "--counterfactual-imprint is not available with a protocol grid")
     run_protocol_grid(entries, methods, args.out, splits=splits, data=args.data, seed=args.seed,
@@ -123,9 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="lesion metric v2: also re-render each simulated subject without its T2w-only and without "
                         "its T1w-only lesions and re-run every method on both (imprint_cf_t1 / imprint_cf_t2; three "
                         "generator renders per subject and three extra runs of every method)")
-    e.add_argument("--downstream", default="",
-                   help="segmenter bundles for Table 5, e.g. seg_unet,seg_transunet (trained weights in "
-                        "bundles/<name>/models)")
+    e.add_argument("--downstream", default="", help=argparse.SUPPRESS)  # removed: Table 5 is `experiment table5`
     e.add_argument("--weights", action="append", metavar="METHOD=CKPT",
                    help="checkpoint of a cohort method instead of bundles/<method>/models/model.pt; repeatable")
     e.add_argument("--bundle", action="append", metavar="METHOD=FOLDER",

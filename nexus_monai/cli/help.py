@@ -19,8 +19,8 @@ DESCRIPTIONS = {
     "upsample": "Interpolate a scan onto another grid (trilinear, cubic B-spline or nearest; SimpleITK).",
     "baseline": "Super-resolve one thick-slice scan: LRTV or SMORE per scan, SAINT or I3Net from a trained bundle.",
     "predict": "Super-resolve a subject's T1w + T2w low-resolution scans onto any grid with a trained INR bundle.",
-    "evaluate": ("Table 1 (and Table 5): simulate the protocol's LR inputs, run the methods, write tables, "
-                 "panels and an MLflow run."),
+    "evaluate": ("Table 1: simulate the protocol's LR inputs, run the methods, write tables, panels and an MLflow "
+                 "run (Table 5: nexus-sr experiment table5)."),
     "benchmark": "Time and measure memory of Nexus-INR whole-volume inference vs trilinear, and training steps/s.",
     "serve": "Serve trained bundles as a MONAI-Label-style REST service (GET /info/, POST /infer/{model}).",
     "fit-subject": "SSMCSR: fit a subject-specific INR on one subject's T1w + T2w LR scans, write both SR volumes.",
