@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 
+from nexus_monai.engines.inr import INRTrainStep, inr_inputs
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import as_affine, plain_tensor, spacing
-from nexus_monai.engines.inr import INRTrainStep, inr_inputs
 from nexus_monai.keys import CONTRASTS
 from nexus_monai.transforms.consistency import thick_axis_of
 

@@ -54,8 +54,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
-from nexus_monai.geometry import WorldNormalizer, as_affine, hr_affine_of_thick_slices, spacing, thick_slice_affine
-from nexus_monai.geometry import voxel_to_world
+from nexus_monai.geometry import (
+    WorldNormalizer,
+    as_affine,
+    hr_affine_of_thick_slices,
+    spacing,
+    thick_slice_affine,
+    voxel_to_world,
+)
 from nexus_monai.keys import QUERY_LABEL, QUERY_NORM, QUERY_WORLD, query_key
 from nexus_monai.networks.data_consistency import line_operator
 from nexus_monai.transforms.consistency import estimate_noise_sigma

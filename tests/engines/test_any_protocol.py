@@ -62,7 +62,8 @@ def test_one_consistency_trained_step_runs_and_trains_the_layer():
     aff = make_affine((2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     g = torch.Generator().manual_seed(0)
     sample = {c: MetaTensor(torch.rand(1, *shape, generator=g) + 0.2, affine=aff) for c in ("t1", "t2")}
-    sample.update(seg=MetaTensor(torch.zeros(1, *shape), affine=aff), brain=MetaTensor(torch.ones(1, *shape), affine=aff),
+    sample.update(seg=MetaTensor(torch.zeros(1, *shape), affine=aff),
+                  brain=MetaTensor(torch.ones(1, *shape), affine=aff),
                   world_norm=WorldNormalizer.from_grids([(shape, aff)]).to_dict())
     t = RandomProtocold(core=10, num_points=200)
     t.set_random_state(1)

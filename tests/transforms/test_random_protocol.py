@@ -86,7 +86,8 @@ def test_draws_are_independent_per_contrast_and_cover_the_range_with_whole_slab_
 def test_noise_goes_to_the_lr_only_and_the_zero_background_stays_zero():
     d, _ = _sample()
     d["t1"][:, :3] = 0.0
-    out = _transform([ProtocolDraw(2, 2.0, "boxcar", 0.8, 0.0, 0.03), ProtocolDraw(0, 1.0, "gaussian", 1.0, 0.0, 0.0)])(d)
+    draws = [ProtocolDraw(2, 2.0, "boxcar", 0.8, 0.0, 0.03), ProtocolDraw(0, 1.0, "gaussian", 1.0, 0.0, 0.0)]
+    out = _transform(draws)(d)
     lr = out["t1_lr"][0]
     assert float(lr[:3].abs().max()) == 0.0
     assert out["dc_t1_sigma"] > 0.01
