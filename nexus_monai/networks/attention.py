@@ -157,6 +157,8 @@ class LocalWindowCrossAttention(nn.Module):
         ``projected``: :meth:`project_keys` of ``key_map``, to reuse it across query chunks.
         """
         b, k, c = query.shape
+        if b * k == 0:  # no points: nothing to attend (the output keeps the query's empty shape)
+            return query + self.out(query)
         h, d = self.heads, c // self.heads
         kv = self.project_keys(key_map) if projected is None else projected
         n = kv.shape[1]

@@ -26,6 +26,7 @@ def test_attention_shape():
     attn = LocalWindowCrossAttention(8, heads=2, window=(3, 3, 3))
     query, key_map, index = _attn_inputs()
     assert attn(query, key_map, index).shape == query.shape
+    assert attn(query[:, :0], key_map, index[:, :0]).shape == (2, 0, 8)
     assert attn.project_keys(key_map).shape == (2, 5 * 4 * 3, 16)
 
 
