@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BEFORE = "5964acf"  # main just before issue 31 (KD-Attn per-point gathers, encoder-only tile plan)
+BEFORE = "af26767"  # main just before issue 31's first commit (KD-Attn per-point gathers, encoder-only tile plan)
 PREVIOUS = "732585f"  # the previous main the issue compares with (before the auto tile budget)
 PARTS = ("encoders", "attention", "fusion_mlps", "decoder_mlps", "other")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
