@@ -91,8 +91,9 @@ def report_json(report: Mapping) -> str:
 
 
 def warning_line(report: Mapping) -> str | None:
-    """One warning line when the registration was tried and NOT applied for a reason other than size."""
+    """One warning line when the registration was tried and NOT applied for a reason other than size or a
+    negligible motion."""
     reg = report.get("registration")
-    if not reg or reg.get("accepted") or str(reg.get("reason", "")).startswith("too few voxels"):
+    if not reg or reg.get("accepted") or str(reg.get("reason", "")).startswith(("too few voxels", "negligible")):
         return None
     return f"warning: T2w -> T1w registration not applied, the T2w header is kept ({reg.get('reason')})"

@@ -29,7 +29,9 @@ estimated head motion between the scans. The corrected T2w affine is ``inv(matri
 (T2w voxel -> T2w world -> T1w world). Motion is reported as the translation of the rotation
 centre (the T1w foreground's centre of mass, mm) and the rotation angle (degrees).
 
-A result is implausible (rejected: the header is kept, a warning says why) when it moves the
+A result below ``min_mm`` (0.5 mm mean displacement over the brain) is negligible: within the
+estimator's own error, so the header is kept without a warning. A result is implausible (rejected:
+the header is kept, a warning says why) when it moves the
 head more than ``max_mm`` (20) or rotates it more than ``max_deg`` (15), when the metric at the
 result is not better than at the header's alignment (Mattes MI over every voxel, lower is
 better), or when ITK fails (no overlap, too few samples).
@@ -73,7 +75,9 @@ class RegistrationOptions:
     ``levels``: pyramid shrink factors, coarse to fine (see :func:`shrink_factors`); ``iterations``
     per level; ``max_mm`` / ``max_deg``: plausibility limits (beyond: rejected); ``bins``: Mattes MI
     histogram bins; ``sampling``: share of voxels the metric samples while optimising (fixed ``seed``,
-    so a run is reproducible); ``min_voxels``: fewest voxels per axis a scan needs to be registered.
+    so a run is reproducible); ``min_voxels``: fewest voxels per axis a scan needs to be registered;
+    ``min_mm``: an estimate whose mean displacement over the brain is below this is not applied (it is
+    within the estimator's own error, docs/registration.md, and applying it costs more than it gains).
     """
 
     levels: Sequence[int] = (4, 2, 1)
@@ -84,6 +88,7 @@ class RegistrationOptions:
     sampling: float = 0.1
     seed: int = 0
     min_voxels: int = 8
+    min_mm: float = 0.5
 
 
 @dataclass
@@ -276,8 +281,11 @@ def register_rigid(fixed: MetaTensor, moving: MetaTensor,
         problems.append(f"{result.angle_deg:.1f} deg > {options.max_deg:g} deg")
     if not result.metric_after < result.metric_before:
         problems.append("no metric gain over the header's alignment")
-    result.accepted = not problems
+    result.accepted = not problems and result.mean_displacement_mm >= options.min_mm
     result.reason = "implausible: " + ", ".join(problems) if problems else ""
+    if not problems and not result.accepted:
+        result.reason = (f"negligible: mean displacement {result.mean_displacement_mm:.2f} mm < {options.min_mm:g} mm, "
+                         f"within the registration's own error")
     result.seconds = time.perf_counter() - t0
     return result
 
