@@ -179,7 +179,9 @@ class TableWriter:
             write_text_atomic(out / "table5.md", markdown5)
             names += ["table5_per_subject.csv", "table5.csv", "table5.md"]
         state.files = [out / n for n in names]  # written by THIS run (a stale table5 of an earlier run is not listed)
-        write_manifest(out, state.files + [Path(p) for p in state.panels])  # last: marks the file set as complete
+        # last: marks the file set as complete. Names relative to the folder: with a relative --out, paths
+        # like results/t1/per_subject.csv would be read as results/t1/results/t1/per_subject.csv.
+        write_manifest(out, names + [Path(p).name for p in state.panels])
 
 
 class MLflowLogger:

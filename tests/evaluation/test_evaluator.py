@@ -60,6 +60,15 @@ def test_rows_are_the_metric_code_on_the_protocol_inputs(tiny_dataset, tmp_path,
             assert got[key] == value, key
 
 
+def test_relative_output_folder(tiny_dataset, tmp_path, monkeypatch, one_torch_thread):
+    """`--out results/x` (relative, as README command (a) writes it): the manifest lists the files by name."""
+    subjects = select_subjects(tiny_dataset(tmp_path / "data", n=1), "test")
+    monkeypatch.chdir(tmp_path)
+    evaluate_methods(subjects, ["trilinear"], load_protocol("nexus"), "results/t1", lpips=False, progress=False)
+    assert set(check_manifest(tmp_path / "results" / "t1")["files"]) == {
+        "per_subject.csv", "table1.csv", "table1.md", "panel_BraTS20_Training_000.png"}
+
+
 def test_failed_input_failed_method_table5_and_manifest(tiny_dataset, tmp_path, one_torch_thread):
     data = tiny_dataset(tmp_path / "data", n=2)
     bad = "BraTS20_Training_001"
