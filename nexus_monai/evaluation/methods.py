@@ -29,6 +29,7 @@ from nexus_monai.engines.subject_fit import SubjectFitter
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import TargetGrid
 from nexus_monai.keys import CONTRASTS
+from nexus_monai.transforms.consistency import thick_axis_of
 
 __all__ = ["METHODS", "register_method", "get_method", "register_cohort_bundle", "bundle_model", "check_methods",
            "training_budget"]
@@ -60,6 +61,14 @@ def get_method(name: str) -> Callable:
     return METHODS[name]
 
 
+def _per_scan(fn: Callable, lr, grid: TargetGrid, **options):
+    """``fn(lr, grid, **options)`` for a thick-slice scan; an isotropic scan (no thick axis, e.g. a protocol's
+    T1w factor 1) has nothing for a slice-SR method to recover: it is interpolated onto ``grid`` (B-spline)."""
+    if thick_axis_of(lr)[0] is None:
+        return upsample(lr, grid, "bspline")
+    return fn(lr, grid, **options)
+
+
 @register_method("trilinear")
 def trilinear(inputs: Mapping, grid: TargetGrid, **_) -> dict:
     """Trilinear interpolation of each LR scan onto ``grid`` (SimpleITK)."""
@@ -75,7 +84,7 @@ def cubic(inputs: Mapping, grid: TargetGrid, **_) -> dict:
 @register_method("lrtv")
 def lrtv_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """LRTV (Shi et al., TMI 2015; re-implementation) of each LR scan onto ``grid``, per volume."""
-    return {c: lrtv(inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
+    return {c: _per_scan(lrtv, inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
 
 
 # --- cohort models: trained bundles, loaded once per process (nexus_monai.engines.bundle_model) ---
@@ -243,7 +252,7 @@ cycleinr_method = register_cohort_bundle("cycleinr",
 @register_method("smore")
 def smore_method(inputs: Mapping, grid: TargetGrid, **options) -> dict:
     """SMORE (Zhao et al., TMI 2021; re-implementation): self-supervised 2D SR per LR scan, no training data."""
-    return {c: smore(inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
+    return {c: _per_scan(smore, inputs[f"{c}_lr"], grid, **options) for c in CONTRASTS}
 
 
 @register_method("saint", bundle="bundles/saint")
@@ -252,7 +261,7 @@ def saint_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/saint
     """SAINT (Peng et al., CVPR 2020; re-implementation) from ``bundles/saint/models/model.pt``, one LR scan
     at a time."""
     network, _ = bundle_model(bundle, weights=weights)
-    return {c: saint(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
+    return {c: _per_scan(saint, inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
 
 @register_method("i3net", bundle="bundles/i3net")
@@ -261,7 +270,7 @@ def i3net_method(inputs: Mapping, grid: TargetGrid, bundle: str = "bundles/i3net
     """I3Net (Song et al., TMI 2024; re-implementation) from ``bundles/i3net/models/model.pt``, one LR scan
     at a time."""
     network, _ = bundle_model(bundle, weights=weights)
-    return {c: i3net(inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
+    return {c: _per_scan(i3net, inputs[f"{c}_lr"], grid, network=network, **options) for c in CONTRASTS}
 
 
 # --- SSMCSR (McGinnis et al. 2023): subject-specific INRs fitted on the fly on each subject's two LR scans ---

@@ -94,7 +94,10 @@ def test_isotropic_and_non_integer_inputs_go_through_the_methods(tiny_dataset, t
         raw = predict_volumes(tiny_net(0).eval(), prepared["t1_lr"], prepared["t2_lr"], grid, ImplicitGridInferer())
         lr = {c: prepared[f"{c}_lr"] for c in ("t1", "t2")}
         guarded = consistency_guard(raw, lr, grid, GuardOptions())[0]
-        for out in (get_method("cubic")(prepared, grid), raw, guarded):
+        cubic = get_method("cubic")(prepared, grid)
+        per_scan = get_method("lrtv")(prepared, grid, iterations=1)  # no thick axis on T1w: B-spline onto the grid
+        assert torch.allclose(per_scan["t1"].as_tensor(), cubic["t1"].as_tensor())
+        for out in (cubic, per_scan, raw, guarded):
             for c in ("t1", "t2"):
                 assert tuple(out[c].shape[-3:]) == grid.shape and torch.isfinite(out[c].as_tensor()).all()
 
