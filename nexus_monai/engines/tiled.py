@@ -67,7 +67,7 @@ MAX_HALO_OVERHEAD = 1.5  # encoder voxels computed by the tiles (halos incl.) / 
 # an "auto" budget grows (up to its cap) toward this overhead: with empty tiles skipped, no more encoder work than
 # the untiled network (issue 31: bigger tiles made the encoders faster; KD-Attn no longer slows with the tile)
 AUTO_HALO_OVERHEAD = 1.0
-AUTO_SOFT_GROWTH_GIB = 1.0  # ... by at most this much beyond the default budget (then only to meet MAX_HALO_OVERHEAD)
+AUTO_SOFT_GROWTH_GIB = 1.5  # ... by at most this much beyond the default budget (then only to meet MAX_HALO_OVERHEAD)
 # of MemAvailable: the most an "auto" CPU budget grows to (the tile memory estimate is itself an upper bound)
 CPU_FREE_FRACTION = 0.7
 CUDA_FREE_FRACTION = 0.8  # of the device's free memory: an "auto" CUDA budget

@@ -23,8 +23,8 @@ How it runs (the same values as a per-point evaluation of the formula, up to flo
   up per point instead (still one MLP evaluation per distinct signature);
 * scores ``q . (k + pos) / sqrt(d)`` for all heads at once (a block-diagonal query, one batched
   GEMM with the positional scores as its addend), softmax over the window, and the values mixed
-  with one batched GEMM; CPU inference runs this in blocks of ``BLOCK_POINTS`` points (their
-  window rows stay in cache), training and GPUs in one block.
+  with one batched GEMM; CPU inference runs this in blocks of ``BLOCK_POINTS`` points per thread
+  (their window rows stay in cache), training and GPUs in one block.
 """
 
 from __future__ import annotations
@@ -35,10 +35,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LocalWindowCrossAttention", "MAX_PHASES"]
+__all__ = ["LocalWindowCrossAttention", "MAX_PHASES", "BLOCK_POINTS", "block_points"]
 
 MAX_PHASES = 8  # distinct positional signatures above which the positional table is looked up per point
-BLOCK_POINTS = 1024  # points per block in CPU inference: a block's window rows stay in cache
+BLOCK_POINTS = 1024  # points per block and thread in CPU inference: a block's window rows stay in cache
+
+
+def block_points() -> int:
+    """Points per block of CPU inference: ``BLOCK_POINTS`` per torch thread (each thread's share stays in its
+    cache; fewer, larger parallel regions than a block per ``BLOCK_POINTS`` when several threads split it)."""
+    return BLOCK_POINTS * max(1, torch.get_num_threads())
 
 
 class LocalWindowCrossAttention(nn.Module):
@@ -180,7 +186,7 @@ class LocalWindowCrossAttention(nn.Module):
                    * eye[:, None, None, :, None]).reshape(c, u * h * w)
         rows_kv = kv.reshape(b * n, 2 * c)
         # blocks keep a block's window rows in the CPU's cache; one block when training or on a GPU (launches)
-        step = BLOCK_POINTS if query.device.type == "cpu" and not torch.is_grad_enabled() else b * k
+        step = block_points() if query.device.type == "cpu" and not torch.is_grad_enabled() else b * k
         mixed = []
         for s in range(0, b * k, step):
             e = min(s + step, b * k)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nexus_monai.networks.attention import BLOCK_POINTS
+from nexus_monai.networks.attention import block_points
 from nexus_monai.networks.encoders import channels_last_convs
 
 __all__ = [
@@ -112,14 +112,14 @@ def decode_bytes_per_point(network: nn.Module, blocked: bool = True) -> int:
 
 def decode_fixed_bytes(network: nn.Module) -> int:
     """``network.decode``'s working memory independent of the chunk (float32): one CPU block of KD-Attn
-    (its window rows, scores and weights; :data:`~nexus_monai.networks.attention.BLOCK_POINTS` points)."""
+    (its window rows, scores and weights; :func:`~nexus_monai.networks.attention.block_points` points)."""
     c = int(getattr(network, "features", 64))
     attns = [m for m in network.modules() if hasattr(m, "offsets") and hasattr(m, "window")]
     if not attns:
         return 0
     window = max(len(m.offsets) for m in attns)
     heads = max(int(m.heads) for m in attns)
-    return 2 * BLOCK_POINTS * window * (2 * c + 4 * heads) * 4
+    return 2 * block_points() * window * (2 * c + 4 * heads) * 4
 
 
 def encoder_macs_per_voxel(encoder: nn.Module) -> int:
