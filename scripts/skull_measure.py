@@ -45,6 +45,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--subject", type=int, default=0, help="index in the embedded test split")
+    p.add_argument("--runs", default=None, help="comma-separated run names to (re)do; the others' rows are kept")
+    p.add_argument("--robex-mask", default=None,
+                   help="a ROBEX mask of the head T1w scan saved earlier: adds the run 'head --mask ROBEX' (the same "
+                        "masking as --skull-strip without running ROBEX again)")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -66,9 +70,16 @@ def main() -> None:
     runs = {"stripped": ("stripped", []), "head": ("head", []), "head --skull-strip": ("head", ["--skull-strip"]),
             "head --mask": ("head", ["--mask", str(files["mask"])]),
             "head --keep-background": ("head", ["--keep-background"])}
+    if args.robex_mask:
+        runs["head --mask ROBEX"] = ("head", ["--mask", str(args.robex_mask)])
+    old = pd.read_csv(out / "skull_runs.csv") if (out / "skull_runs.csv").is_file() else pd.DataFrame({"run": []})
+    wanted = set(args.runs.split(",")) if args.runs else set(runs)
     gt = {c: data[c][0].as_subclass(torch.Tensor) for c in ("t1", "t2")}
     rows = []
     for name, (inputs, extra) in runs.items():
+        if name not in wanted and name in set(old["run"]):
+            rows.append(old[old["run"] == name].iloc[0].to_dict())
+            continue
         target = work / name.replace(" ", "_").replace("--", "")
         argv = ["predict", "--t1", str(files[f"{inputs}_t1"]), "--t2", str(files[f"{inputs}_t2"]), "--like",
                 str(files["hr"]), "--out", str(target), "--threads", "1", "--quiet", *extra]

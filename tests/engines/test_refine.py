@@ -112,7 +112,7 @@ def test_check_refine_seconds_refuses_bad_budgets(value):
 def _predict(case, out, *extra):
     return main(["predict", "--bundle", str(BUNDLE), "--config", str(case["dir"] / "tiny.yaml"), "--weights", str(case["dir"] / "w.pt"),
                  "--t1", str(case["files"]["t1"]), "--t2", str(case["files"]["t2"]), "--spacing", "1", "--out", str(out),
-                 "--threads", "1", "--quiet", "--keep-background", *extra])
+                 "--threads", "1", "--quiet", "--keep-background", "--no-register", *extra])
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "ten"])

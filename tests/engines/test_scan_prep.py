@@ -84,6 +84,9 @@ def test_the_t2w_mask_follows_the_t2w_affine():
     expected = torch.zeros(12, 12, 12, dtype=torch.bool)
     expected[1:5, 5:10, 5:8] = True  # world x = i + 2 -> i = 3..6 of the source is 1..4 here; y: j - 1
     assert torch.equal(moved, expected)
+    thick = MetaTensor(torch.zeros(1, 12, 3, 12), affine=make_affine((1.0, 4.0, 1.0), (0.0, 1.5, 0.0)))
+    slabs = mask_on_grid(src, thick)[0]  # slab j covers source rows 4j .. 4j + 3: rows 4-8 touch slabs 1 and 2
+    assert slabs[:, 0].sum() == 0 and torch.equal(slabs[:, 1], slabs[:, 2]) and torch.equal(slabs[:, 1], mask[0, :, 4])
 
 
 def test_border_share_and_the_skull_phantom():
