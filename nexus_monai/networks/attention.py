@@ -38,7 +38,7 @@ from torch import nn
 __all__ = ["LocalWindowCrossAttention", "MAX_PHASES", "BLOCK_POINTS", "block_points"]
 
 MAX_PHASES = 8  # distinct positional signatures above which the positional table is looked up per point
-BLOCK_POINTS = 1024  # points per block and thread in CPU inference: a block's window rows stay in cache
+BLOCK_POINTS = 4096  # points per block and thread in CPU inference: a block's window rows stay in cache
 
 
 def block_points() -> int:
