@@ -195,8 +195,10 @@ def main() -> int:
             if args.size:
                 cmd += ["--size", *map(str, args.size)]
             t0 = time.time()
-            print(f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.pairs}: {v['name']} ({v['sha'][:7]})",
-                  flush=True)
+            load = os.getloadavg()[0]
+            print(f"[{time.time() - t_start:7.0f} s] round {rnd + 1}/{args.pairs}: {v['name']} ({v['sha'][:7]}), "
+                  f"load {load:.2f}" + ("  WARNING: the machine is not quiet, these timings are contended"
+                                        if load > 0.5 * (os.cpu_count() or 2) else ""), flush=True)
             proc = subprocess.run(cmd, cwd=v["tree"], env=child_env(Path(v["tree"]), args.threads),
                                   capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
