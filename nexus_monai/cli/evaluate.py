@@ -31,7 +31,7 @@ def cmd_evaluate(args) -> int:
     check_output_dir(args.out, None, what="evaluate output folder")
     if args.max_subjects is not None:
         check_number("--max-subjects", args.max_subjects, 1, None, integer=True)
-    if _is_grid(args.protocol):
+    if _is_grid(args.protocol) or "," in args.split:
         return _cmd_grid(args, methods, options)
     try:
         protocol = load_protocol(args.protocol)
