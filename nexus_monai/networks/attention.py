@@ -99,7 +99,8 @@ class LocalWindowCrossAttention(nn.Module):
         """
         centre = torch.round(key_index).long()
         flat, rel, keys = None, [], []
-        exact = key_index.dtype == torch.float32
+        # traced/scripted export: no dtype-reinterpreting view there, and no data-dependent grouping to bake in
+        exact = key_index.dtype == torch.float32 and not (torch.jit.is_tracing() or torch.jit.is_scripting())
         for a, w in enumerate(self.window):
             n, r = int(shape[a]), w // 2
             c, i = centre[..., a], key_index[..., a]
