@@ -21,8 +21,14 @@ from monai.data import MetaTensor
 from nexus_monai.geometry import make_affine, rotation_matrix
 from nexus_monai.transforms import SimulateAnisotropicAcquisition
 from nexus_monai.transforms.motion import RandRigidMotiond, RigidMotion, axis_angle_rotation
-from nexus_monai.transforms.registration import (RegisterToReference, RegisterToReferenced, corrected_affine,
-                                                 euler_angles_deg, register_rigid, shrink_factors)
+from nexus_monai.transforms.registration import (
+    RegisterToReference,
+    RegisterToReferenced,
+    corrected_affine,
+    euler_angles_deg,
+    register_rigid,
+    shrink_factors,
+)
 
 NILEARN_DATA = Path(importlib.util.find_spec("nilearn").origin).parent / "datasets" / "data"
 
