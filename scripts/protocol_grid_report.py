@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from nexus_monai.data.io import write_text_atomic
-from nexus_monai.evaluation.protocol_grid import grid_summary
+from nexus_monai.evaluation.protocol_grid import grid_summary, metric_cells
 from nexus_monai.transforms.protocols import load_protocol, protocol_grid
 
 ORDER = ("trilinear", "ibp", "nexus_inr", "nexus_inr_guarded")
@@ -62,17 +62,7 @@ def protocol_table(summary: pd.DataFrame) -> str:
     lines = [head, "|" + "---|" * 11]
     for _, r in summary.iterrows():
         lines.append(
-            f"| {r['split']} | {r['method']} | {r['n']} | {_f(r['psnr_t1'], '.2f')} / {_f(r['psnr_t2'], '.2f')} "
-            f"| {_f(r['gain_psnr_t1_over_trilinear'], '+.2f')} / {_f(r['gain_psnr_t2_over_trilinear'], '+.2f')} "
-            f"({_f(r['gain_psnr_eroded_t1_over_trilinear'], '+.2f')} / "
-            f"{_f(r['gain_psnr_eroded_t2_over_trilinear'], '+.2f')}) "
-            f"| {_f(r['gain_psnr_t1_over_ibp'], '+.2f')} / {_f(r['gain_psnr_t2_over_ibp'], '+.2f')} "
-            f"| {_f(r['gain_noisy_gt_psnr_t1_over_trilinear'], '+.2f')} / "
-            f"{_f(r['gain_noisy_gt_psnr_t2_over_trilinear'], '+.2f')} "
-            f"| {_f(r['lesion_contrast_t2'], '.3f')} / {_f(r['lesion_contrast_t1'], '.3f')} "
-            f"({_f(r['lesion_contrast_uncapped_t2'], '.3f')} / {_f(r['lesion_contrast_uncapped_t1'], '.3f')}) "
-            f"| {_f(r['within_slab_t2'], '.3f')} | {_f(r['false_positives_t2'], '.1f')}, "
-            f"{_f(r['false_positives_t1'], '.1f')} | {_f(r['seconds'], '.0f')} |")
+            f"| {r['split']} | {r['method']} | {r['n']} " + metric_cells(r) + f"| {_f(r['seconds'], '.0f')} |")
     return "\n".join(lines)
 
 

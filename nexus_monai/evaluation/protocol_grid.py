@@ -42,7 +42,7 @@ from nexus_monai.metrics import subject_metric_row
 from nexus_monai.metrics.lesion import lesion_geometry
 from nexus_monai.transforms.protocols import GridEntry, load_protocol, protocol_grid
 
-__all__ = ["DERIVED", "world_datalist", "run_protocol_grid", "grid_summary", "summary_markdown"]
+__all__ = ["DERIVED", "world_datalist", "run_protocol_grid", "grid_summary", "summary_markdown", "metric_cells"]
 
 DERIVED: dict[str, tuple[str, Callable]] = {
     "ibp": ("trilinear", _guarded),
@@ -234,18 +234,7 @@ def summary_markdown(summary: pd.DataFrame, entries: Sequence[GridEntry], protoc
     for _, r in summary.iterrows():
         lines.append(
             f"| {r['protocol']} | {world.get(r['protocol'], '?')} | {r['split']} | {r['method']} | {r['n']} "
-            f"| {_f(r['psnr_t1'], '.2f')} / {_f(r['psnr_t2'], '.2f')} "
-            f"| {_f(r['gain_psnr_t1_over_trilinear'], '+.2f')} / {_f(r['gain_psnr_t2_over_trilinear'], '+.2f')} "
-            f"({_f(r['gain_psnr_eroded_t1_over_trilinear'], '+.2f')} / "
-            f"{_f(r['gain_psnr_eroded_t2_over_trilinear'], '+.2f')}) "
-            f"| {_f(r['gain_psnr_t1_over_ibp'], '+.2f')} / {_f(r['gain_psnr_t2_over_ibp'], '+.2f')} "
-            f"| {_f(r['gain_noisy_gt_psnr_t1_over_trilinear'], '+.2f')} / "
-            f"{_f(r['gain_noisy_gt_psnr_t2_over_trilinear'], '+.2f')} "
-            f"| {_f(r['lesion_contrast_t2'], '.3f')} / {_f(r['lesion_contrast_t1'], '.3f')} "
-            f"({_f(r['lesion_contrast_uncapped_t2'], '.3f')} / {_f(r['lesion_contrast_uncapped_t1'], '.3f')}) "
-            f"| {_f(r['within_slab_t2'], '.3f')} "
-            f"| {_f(r['false_positives_t2'], '.1f')}, {_f(r['false_positives_t1'], '.1f')} "
-            f"| {_f(r['seconds'], '.1f')} |")
+            + metric_cells(r) + f"| {_f(r['seconds'], '.1f')} |")
     proto = []
     for e in entries:
         c = protocols[e.name].config["contrasts"]
@@ -257,3 +246,19 @@ def summary_markdown(summary: pd.DataFrame, entries: Sequence[GridEntry], protoc
             "(contrast recovered with the ratio capped at 1, the v1 uncapped figure in brackets; within-slab part; "
             "false-positive blobs per subject; definitions in docs/evaluation_protocol.md and each entry's "
             "table1.md).\n\n" + "\n".join(proto) + "\n")
+
+
+def metric_cells(r) -> str:
+    """One summary row's metric cells, PSNR to false positives (shared by the grid summary and its report script)."""
+    return (
+        f"| {_f(r['psnr_t1'], '.2f')} / {_f(r['psnr_t2'], '.2f')} "
+        f"| {_f(r['gain_psnr_t1_over_trilinear'], '+.2f')} / {_f(r['gain_psnr_t2_over_trilinear'], '+.2f')} "
+        f"({_f(r['gain_psnr_eroded_t1_over_trilinear'], '+.2f')} / "
+        f"{_f(r['gain_psnr_eroded_t2_over_trilinear'], '+.2f')}) "
+        f"| {_f(r['gain_psnr_t1_over_ibp'], '+.2f')} / {_f(r['gain_psnr_t2_over_ibp'], '+.2f')} "
+        f"| {_f(r['gain_noisy_gt_psnr_t1_over_trilinear'], '+.2f')} / "
+        f"{_f(r['gain_noisy_gt_psnr_t2_over_trilinear'], '+.2f')} "
+        f"| {_f(r['lesion_contrast_t2'], '.3f')} / {_f(r['lesion_contrast_t1'], '.3f')} "
+        f"({_f(r['lesion_contrast_uncapped_t2'], '.3f')} / {_f(r['lesion_contrast_uncapped_t1'], '.3f')}) "
+        f"| {_f(r['within_slab_t2'], '.3f')} "
+        f"| {_f(r['false_positives_t2'], '.1f')}, {_f(r['false_positives_t1'], '.1f')} ")
