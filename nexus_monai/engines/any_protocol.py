@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 
-from nexus_monai.engines.inr import INRTrainStep, inr_inputs
+from nexus_monai.engines.inr import INRTrainStep, backward_and_step, inr_inputs
 from nexus_monai.errors import NexusInputError
 from nexus_monai.geometry import as_affine, plain_tensor, spacing
 from nexus_monai.keys import CONTRASTS
@@ -67,12 +67,7 @@ class ConsistencyTrainStep(INRTrainStep):
                 fixed.append(net.consistency.lines(c, f, y, op, sigma, dim + 1).reshape(-1))
             out[c] = torch.stack(fixed)
         terms = engine.loss_function(out, **targets)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        engine.optimizer.step()
+        backward_and_step(engine, terms, self.grad_clip)
         subject = batch.get("subject", list(range(b)))
         engine.state.output = {"subject": list(subject) if isinstance(subject, (list, tuple)) else [subject] * b,
                                "loss": float(terms["loss"].detach()),

@@ -36,7 +36,8 @@ from nexus_monai.networks.encoders import channels_last_convs
 from nexus_monai.transforms.intensity import INTENSITY_NORMS
 from nexus_monai.transforms.query import iter_query_chunks
 
-__all__ = ["inr_inputs", "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS",
+__all__ = ["inr_inputs", "backward_and_step",
+           "INRTrainStep", "ImplicitGridInferer", "INRValidationStep", "SubjectImageMetric", "CONTRASTS",
            "unnormalise", "normalised_zero"]
 
 
@@ -56,6 +57,16 @@ def inr_inputs(batch: Mapping, device: torch.device | str = "cpu") -> tuple[dict
         targets["lesion"] = plain_tensor(batch[QUERY_LESION]).to(device)
     return kwargs, targets
 
+
+
+def backward_and_step(engine, terms: dict, grad_clip: float | None) -> None:
+    """Fire LOSS_COMPLETED, back-propagate ``terms["loss"]``, fire BACKWARD_COMPLETED, clip (if set) and step."""
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    terms["loss"].backward()
+    engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), grad_clip)
+    engine.optimizer.step()
 
 class INRTrainStep:
     """``SupervisedTrainer(iteration_update=INRTrainStep())``: one optimisation step on a batch.
@@ -80,12 +91,7 @@ class INRTrainStep:
             out = engine.network(**kwargs, aux=True)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(out, **targets)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        engine.optimizer.step()
+        backward_and_step(engine, terms, self.grad_clip)
         b = kwargs["t1"].shape[0]
         subject = batch.get("subject", list(range(b)))
         # A per-item key makes MONAI's decollation turn the output into one dict per item with the
